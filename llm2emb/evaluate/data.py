@@ -1,0 +1,147 @@
+"""Loaders for the two evaluation layouts: STS pairs (TSV) and BEIR retrieval folders.
+
+Every malformed input fails with the file and line, so a user fixes the data rather than reading a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llm2emb.errors import UserError
+
+
+@dataclass
+class StsData:
+    """Sentence pairs with gold similarity scores."""
+
+    name: str
+    sentences1: list[str]
+    sentences2: list[str]
+    scores: list[float]
+
+
+@dataclass
+class BeirData:
+    """A retrieval task: documents (title and text already joined), queries of one split, graded qrels."""
+
+    name: str
+    split: str
+    doc_ids: list[str]
+    documents: list[str]
+    query_ids: list[str]
+    queries: list[str]
+    qrels: dict[str, dict[str, float]]
+    corpus_hash: str = field(default="", repr=False)
+    """sha256 of the documents in order: the corpus half of the embedding-cache key."""
+
+
+def load_sts(path: str | Path) -> StsData:
+    """Read a TSV with the header `score  sentence1  sentence2` (columns in any order; extra columns ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: STS file not found")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        needed = ("score", "sentence1", "sentence2")
+        if header is None or not set(needed) <= set(header):
+            raise UserError(f"{path}:1: expected a header with columns {', '.join(needed)}, got {header}")
+        col = {name: header.index(name) for name in needed}
+        data = StsData(f"{path.parent.name}/{path.stem}", [], [], [])
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) < len(header):
+                raise UserError(f"{path}:{line}: expected {len(header)} tab-separated columns, got {len(row)}")
+            try:
+                score = float(row[col["score"]])
+            except ValueError:
+                raise UserError(f"{path}:{line}: score {row[col['score']]!r} is not a number") from None
+            data.scores.append(score)
+            data.sentences1.append(row[col["sentence1"]])
+            data.sentences2.append(row[col["sentence2"]])
+    if len(data.scores) < 2:
+        raise UserError(f"{path}: needs at least two sentence pairs")
+    return data
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            missing = [key for key in required if key not in row]
+            if missing:
+                raise UserError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def document_text(row: dict) -> str:
+    """Title and text joined by a space, as BEIR and MTEB do (`(title + " " + text).strip()`)."""
+    title = row.get("title") or ""
+    return (title + " " + row["text"]).strip() if title else row["text"]
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, float]]:
+    """`query-id  corpus-id  score` TSV (header optional) -> {query: {doc: score}}."""
+    if not path.is_file():
+        raise UserError(f"{path}: qrels file not found")
+    qrels: dict[str, dict[str, float]] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+            if not row:
+                continue
+            if line_no == 1 and row[0] == "query-id":
+                continue
+            if len(row) != 3:
+                raise UserError(f"{path}:{line_no}: expected query-id, corpus-id, score; got {len(row)} columns")
+            try:
+                score = float(row[2])
+            except ValueError:
+                raise UserError(f"{path}:{line_no}: score {row[2]!r} is not a number") from None
+            qrels.setdefault(row[0], {})[row[1]] = score
+    return qrels
+
+
+def load_beir(directory: str | Path, split: str = "test") -> BeirData:
+    """Load a BEIR folder; keeps only the queries that appear in the split's qrels."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: BEIR folder not found")
+    qrels = read_qrels(directory / "qrels" / f"{split}.tsv")
+    corpus = _read_jsonl(directory / "corpus.jsonl", ("_id", "text"))
+    doc_ids = [str(row["_id"]) for row in corpus]
+    if len(set(doc_ids)) != len(doc_ids):
+        raise UserError(f"{directory / 'corpus.jsonl'}: duplicate _id values")
+    documents = [document_text(row) for row in corpus]
+    queries = {str(row["_id"]): row["text"] for row in _read_jsonl(directory / "queries.jsonl", ("_id", "text"))}
+    missing = sorted(set(qrels) - set(queries))
+    if missing:
+        raise UserError(f"{directory / 'queries.jsonl'}: {len(missing)} query id(s) of qrels/{split}.tsv are absent, "
+                        f"e.g. {missing[0]!r}")
+    query_ids = [q for q in queries if q in qrels]
+    digest = hashlib.sha256()
+    for doc_id, text in zip(doc_ids, documents):
+        digest.update(doc_id.encode() + b"\0" + text.encode() + b"\0")
+    return BeirData(
+        name=directory.name,
+        split=split,
+        doc_ids=doc_ids,
+        documents=documents,
+        query_ids=query_ids,
+        queries=[queries[q] for q in query_ids],
+        qrels=qrels,
+        corpus_hash=digest.hexdigest(),
+    )

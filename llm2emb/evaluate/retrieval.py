@@ -1,0 +1,80 @@
+"""Retrieval evaluation on a BEIR folder: exact search over the whole corpus, then nDCG / Recall / MRR."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from llm2emb.evaluate.cache import EmbeddingCache
+from llm2emb.evaluate.data import BeirData
+from llm2emb.evaluate.encoders import as_encoder, normalized
+from llm2emb.evaluate.metrics import DEFAULT_RETRIEVAL_METRICS, evaluated_queries, retrieval_scores
+from llm2emb.evaluate.results import TaskResult
+from llm2emb.evaluate.search import top_k
+
+
+def encode_corpus(
+    encoder: Any,
+    data: BeirData,
+    cache: EmbeddingCache | None = None,
+    fingerprint: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> tuple[Any, bool]:
+    """Document embeddings (normalised), from the cache when this model already encoded this corpus.
+
+    `settings` holds whatever else changes the vectors (max length, dimension); it joins the cache key.
+    Returns (embeddings, came_from_cache).
+    """
+    key = None
+    if cache is not None and fingerprint is not None:
+        key = EmbeddingCache.key(fingerprint, data.corpus_hash, **(settings or {}))
+        hit = cache.get(key, len(data.documents))
+        if hit is not None:
+            return hit, True
+    vectors = normalized(encoder.encode_documents(data.documents))
+    if key is not None:
+        cache.put(key, vectors)
+    return vectors, False
+
+
+def evaluate_retrieval(
+    model: Any,
+    data: BeirData,
+    query_instruction: str | None = None,
+    metrics: Sequence[str] = DEFAULT_RETRIEVAL_METRICS,
+    batch_size: int | None = None,
+    cache: EmbeddingCache | None = None,
+    fingerprint: str | None = None,
+    cache_settings: dict[str, Any] | None = None,
+    corpus_chunk: int = 16384,
+) -> TaskResult:
+    """Rank the whole corpus for every query that has a relevant document and score the rankings.
+
+    The instruction goes on queries only (documents are encoded as they are); None means the model's default.
+    """
+    encoder = as_encoder(model, batch_size)
+    start = time.perf_counter()
+    if fingerprint is None and cache is not None:
+        from llm2emb.evaluate.cache import model_fingerprint
+
+        fingerprint = model_fingerprint(encoder)
+    corpus, cached = encode_corpus(encoder, data, cache, fingerprint, cache_settings)
+    counted = set(evaluated_queries(data.qrels))
+    query_ids = [q for q in data.query_ids if q in counted]
+    texts = [t for q, t in zip(data.query_ids, data.queries) if q in counted]
+    queries = normalized(encoder.encode_queries(texts, instruction=query_instruction))
+    depth = max(int(m.partition("@")[2]) for m in metrics)
+    indices, _ = top_k(queries, corpus, depth, corpus_chunk=corpus_chunk)
+    ranking = {q: [data.doc_ids[i] for i in row] for q, row in zip(query_ids, indices)}
+    return TaskResult(
+        task=f"{data.name}/{data.split}",
+        kind="retrieval",
+        main_score=metrics[0],
+        scores=retrieval_scores(ranking, data.qrels, metrics),
+        examples=len(query_ids),
+        documents=len(data.documents),
+        seconds=time.perf_counter() - start,
+        corpus_cached=cached if cache is not None else None,
+        extra={"query_instruction": query_instruction},
+    )

@@ -1,0 +1,33 @@
+"""STS evaluation: Spearman correlation between the cosine similarity of the two embeddings and the gold score."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from llm2emb.evaluate.data import StsData
+from llm2emb.evaluate.encoders import as_encoder, normalized
+from llm2emb.evaluate.metrics import spearman
+from llm2emb.evaluate.results import TaskResult
+
+
+def evaluate_sts(model: Any, data: StsData, batch_size: int | None = None) -> TaskResult:
+    """Encode each distinct sentence once (symmetric task: no instruction) and score the pairs."""
+    encoder = as_encoder(model, batch_size)
+    start = time.perf_counter()
+    unique = list(dict.fromkeys(data.sentences1 + data.sentences2))
+    position = {text: i for i, text in enumerate(unique)}
+    vectors = normalized(encoder.encode(unique))
+    a = vectors[[position[t] for t in data.sentences1]]
+    b = vectors[[position[t] for t in data.sentences2]]
+    cosine = np.einsum("ij,ij->i", a, b)
+    return TaskResult(
+        task=data.name,
+        kind="sts",
+        main_score="spearman",
+        scores={"spearman": spearman(cosine, data.scores)},
+        examples=len(data.scores),
+        seconds=time.perf_counter() - start,
+    )

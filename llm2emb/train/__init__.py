@@ -1,0 +1,1 @@
+"""Contrastive training: recipe, data, loss, GradCache, trainer and the stage runner."""

@@ -1,0 +1,491 @@
+"""The training recipe: one YAML file, validated completely before any model or data loads.
+
+Every error names its key path (`stages[1].datasets[0].path: file not found`) and, when the key came from
+the file, the file and line, found by composing the YAML node tree. `--set key.path=value` overrides are
+applied to the raw mapping before validation, so they get the same checks. Stage keys left out inherit
+from the previous stage (NV-Embed's second stage usually changes only its data), and the resolved recipe
+that is saved next to the run spells every inherited value out.
+
+Relative dataset, evaluation and model paths resolve against the recipe file's folder; `output_dir`
+resolves against the working directory (where a user expects `runs/...` to appear).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from llm2emb.errors import UserError
+
+RESOLVED_NAME = "recipe.resolved.yaml"
+ROW_FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+# Keys a stage does not inherit from the stage before it.
+NOT_INHERITED = {"name", "datasets"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _local_path(value: str, info: ValidationInfo) -> Path:
+    """A user path: `~` expanded, relative ones taken from the recipe's folder."""
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+class ModelSpec(_Strict):
+    base: str
+    """Hub id, HF folder, .gguf file, llm2emb folder, or an alias from llm2emb.assets (e.g. smollm2-135m)."""
+    attention: Literal["bidirectional", "causal"] = "bidirectional"
+    pooling: str | dict[str, Any] | None = None
+    """A pooler name or {type: ..., args}; None: the folder's pooling for an llm2emb folder, else mean."""
+    max_length: Annotated[int, Field(gt=0)] = 512
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype at load: auto means bfloat16 on a CUDA GPU and float32 on the CPU."""
+
+    @field_validator("base")
+    @classmethod
+    def _base_exists(cls, value: str, info: ValidationInfo) -> str:
+        from llm2emb.assets import ASSETS
+
+        if value in ASSETS:
+            return value
+        path = _local_path(value, info)
+        if path.exists():
+            return str(path.resolve())
+        looks_local = value.startswith((".", "/", "~")) or path.suffix == ".gguf" or value.count("/") > 1
+        if looks_local:
+            raise ValueError(f"{value}: not found (relative paths start at the recipe's folder)")
+        return value  # a hub id, checked when the model loads
+
+    @field_validator("pooling")
+    @classmethod
+    def _known_pooling(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        """Unknown pooler names and arguments fail here, not after the model has loaded."""
+        import inspect
+
+        from llm2emb.pooling import POOLERS
+
+        if value is None:
+            return value
+        spec = {"type": value} if isinstance(value, str) else dict(value)
+        kind = spec.pop("type", None)
+        if kind not in POOLERS:
+            raise ValueError(f"unknown pooling type {kind!r}; choose one of {sorted(POOLERS)}")
+        accepted = set(inspect.signature(POOLERS[kind].__init__).parameters) - {"self", "hidden_size", "num_layers"}
+        unknown = sorted(set(spec) - accepted)
+        if unknown:
+            raise ValueError(f"{kind} pooling takes no {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
+        return value
+
+
+class LoraSpec(_Strict):
+    r: Annotated[int, Field(gt=0)] = 16
+    alpha: Annotated[float, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+
+class DatasetSpec(_Strict):
+    path: str
+    """A JSONL/CSV/TSV/parquet file, a BEIR folder, or (format: hf) anything `datasets.load_dataset` reads."""
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "beir", "scored_pairs", "hf"] = "auto"
+    split: str = "train"
+    """BEIR qrels split, or the split asked of `datasets.load_dataset`."""
+    subset: str | None = None
+    """The configuration name passed to `datasets.load_dataset` (format: hf)."""
+    columns: dict[Literal["query", "positive", "negative", "negatives", "instruction"], str] = {}
+    """Our field -> the column that holds it, e.g. {query: anchor, positive: pos}."""
+    instruction: str | None = None
+    """Put in front of every query of this dataset (a row's own `instruction` field wins)."""
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    """Batches per epoch = weight x (rows // batch_size): 2.0 sees every row twice an epoch."""
+    in_batch_negatives: bool = True
+    score_threshold: float = 4.0
+    """format: scored_pairs: rows with score >= threshold become (sentence1, sentence2) pairs."""
+    max_rows: Annotated[int, Field(gt=0)] | None = None
+    """Keep only the first N valid rows."""
+
+    @model_validator(mode="after")
+    def _resolve_format(self, info: ValidationInfo) -> DatasetSpec:
+        if self.format == "hf":
+            return self
+        path = _local_path(self.path, info)
+        if not path.exists():
+            hint = " (for a dataset from the hub set format: hf)" if self.format == "auto" else ""
+            raise _KeyError("path", f"{self.path}: file not found{hint}")
+        if self.format == "auto":
+            if path.is_dir():
+                if not (path / "corpus.jsonl").is_file():
+                    raise _KeyError("path", f"{self.path}: a folder must be BEIR-shaped (corpus.jsonl missing)")
+                self.format = "beir"
+            elif path.suffix.lower() in ROW_FILE_SUFFIXES:
+                self.format = ROW_FILE_SUFFIXES[path.suffix.lower()]
+            else:
+                raise _KeyError("path", f"{self.path}: unknown file type {path.suffix!r}; set format:")
+        elif self.format == "beir" and not path.is_dir():
+            raise _KeyError("path", f"{self.path}: format beir needs a folder")
+        elif self.format != "beir" and path.is_dir():
+            raise _KeyError("path", f"{self.path}: is a folder, format {self.format} needs a file")
+        if self.format == "beir" and not (path / "qrels" / f"{self.split}.tsv").is_file():
+            raise _KeyError("split", f"{self.split}: {path / 'qrels' / (self.split + '.tsv')} not found")
+        self.path = str(path.resolve())
+        return self
+
+
+class StageSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    max_steps: Annotated[int, Field(gt=0)]
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    """The contrastive batch across all processes: each query sees batch_size - 1 in-batch negatives."""
+    gradcache_chunk: Annotated[int, Field(gt=0)] | None = None
+    """Rows per forward pass (memory of the chunk, gradients of the batch); default: the whole batch."""
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-4
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    temperature: Annotated[float, Field(gt=0)] = 0.02
+    learnable_temperature: bool = False
+    hard_negatives: Annotated[int, Field(ge=0)] = 0
+    """k negatives per query; rows with fewer are filled deterministically (see llm2emb.train.data)."""
+    max_length: Annotated[int, Field(gt=0)] | None = None
+    """Token limit for this stage; default: model.max_length."""
+    datasets: Annotated[list[DatasetSpec], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _chunk_divides_batch(self) -> StageSpec:
+        if self.gradcache_chunk is None:
+            self.gradcache_chunk = self.batch_size
+        if self.batch_size % self.gradcache_chunk:
+            raise _KeyError("gradcache_chunk", f"{self.gradcache_chunk} must divide batch_size ({self.batch_size})")
+        if self.warmup_steps >= self.max_steps:
+            raise _KeyError("warmup_steps", f"{self.warmup_steps} must be below max_steps ({self.max_steps})")
+        for index, dataset in enumerate(self.datasets):
+            if not dataset.in_batch_negatives and self.hard_negatives == 0:
+                raise _KeyError(
+                    ("datasets", index, "in_batch_negatives"),
+                    "false with hard_negatives: 0 leaves each query one candidate (its positive): nothing to learn",
+                )
+        return self
+
+
+class StsEvalSpec(_Strict):
+    path: str
+    """TSV with the header `score  sentence1  sentence2`."""
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str, info: ValidationInfo) -> str:
+        path = _local_path(value, info)
+        if not path.is_file():
+            raise ValueError(f"{value}: file not found")
+        return str(path.resolve())
+
+
+class BeirEvalSpec(_Strict):
+    path: str
+    split: str = "test"
+    instruction: str | None = None
+
+    @model_validator(mode="after")
+    def _exists(self, info: ValidationInfo) -> BeirEvalSpec:
+        path = _local_path(self.path, info)
+        if not path.is_dir():
+            raise _KeyError("path", f"{self.path}: BEIR folder not found")
+        if not (path / "qrels" / f"{self.split}.tsv").is_file():
+            raise _KeyError("split", f"{self.split}: {path / 'qrels' / (self.split + '.tsv')} not found")
+        self.path = str(path.resolve())
+        return self
+
+
+class EvalSpec(_Strict):
+    every_steps: Annotated[int, Field(gt=0)] | None = None
+    """Evaluate every N optimizer steps of each stage; None: only before and after training."""
+    at_start: bool = True
+    at_end: bool = True
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    sts: list[StsEvalSpec] = []
+    beir: list[BeirEvalSpec] = []
+
+
+class Recipe(_Strict):
+    model: ModelSpec
+    lora: LoraSpec | None = LoraSpec()
+    """null: train every backbone weight instead of an adapter."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    output_dir: str
+    seed: Annotated[int, Field(ge=0)] = 42
+    bf16: bool = False
+    """Mixed precision (autocast) in bfloat16; needs a GPU or a CPU with bf16 support."""
+    gradient_checkpointing: bool = False
+    on_bad_rows: Literal["fail", "skip"] = "fail"
+    logging_steps: Annotated[int, Field(gt=0)] = 10
+    save_steps: Annotated[int, Field(gt=0)] = 500
+    save_total_limit: Annotated[int, Field(gt=0)] | None = 2
+    report_to: list[str] = ["tensorboard"]
+    """Trainer integrations; ones that are not installed are dropped with a note."""
+    eval: EvalSpec = EvalSpec()
+    stages: Annotated[list[StageSpec], Field(min_length=1)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_stage_keys(cls, data: Any) -> Any:
+        stages = data.get("stages") if isinstance(data, dict) else None
+        if not isinstance(stages, list):
+            return data
+        previous: dict = {}
+        for index, stage in enumerate(stages):
+            if not isinstance(stage, dict):
+                return data
+            for key, value in previous.items():
+                if key not in NOT_INHERITED:
+                    stage.setdefault(key, copy.deepcopy(value))
+            stage.setdefault("name", f"stage{index}")
+            previous = stage
+        return data
+
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute_output(cls, value: str) -> str:
+        return str(Path(value).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        names = [stage.name for stage in self.stages]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise _KeyError(("stages", index, "name"), f"{name}: stage names must be unique")
+        if self.quantization != "none" and self.lora is None:
+            raise _KeyError("quantization", f"{self.quantization} needs lora: a quantized base trains only an adapter")
+        return self
+
+
+class _KeyError(ValueError):
+    """A validation failure that belongs to a sub-key of the model that raises it."""
+
+    def __init__(self, key: str | tuple, message: str):
+        super().__init__(message)
+        self.key = (key,) if isinstance(key, str) else key
+        self.message = message
+
+
+# ---- loading, overrides, errors -------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; every problem raises one UserError listing them all."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        lines = key_lines(yaml.compose(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a mapping with model, output_dir and stages")
+    overridden = set()
+    for item in overrides:
+        overridden.add(apply_override(data, item))
+    return validate_recipe(data, base_dir=path.parent, source=path, lines=lines, overridden=overridden)
+
+
+def validate_recipe(
+    data: dict,
+    base_dir: str | Path = ".",
+    source: str | Path = "<recipe>",
+    lines: dict[tuple, int] | None = None,
+    overridden: set[tuple] = frozenset(),
+) -> Recipe:
+    """Validate a raw mapping; errors name key paths, with `source:line` where the line is known."""
+    raw = copy.deepcopy(data)
+    try:
+        return Recipe.model_validate(data, context={"base_dir": Path(base_dir).resolve()})
+    except ValidationError as exc:
+        messages = [_format_error(err, raw, source, lines or {}, overridden) for err in exc.errors()]
+        raise UserError("\n".join(dict.fromkeys(messages))) from None
+
+
+def _format_error(err: dict, raw: Any, source: Any, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+    loc = _clean_loc(err["loc"], raw)
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] not in ("value_error", "missing", "extra_forbidden") and isinstance(err.get("input"), (int, float, str)):
+        message += f" (got {err['input']!r})"
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _KeyError):
+        loc = loc + ctx_error.key
+        message = ctx_error.message
+    elif err["type"] == "extra_forbidden":
+        message = "unknown key"
+        siblings = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), siblings, n=1)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+    elif err["type"] == "missing":
+        message = "missing required key"
+    where = str(source)
+    if any(loc[: len(key)] == key for key in overridden):
+        where += " (--set)"
+    else:
+        line = _nearest_line(loc, lines)
+        if line is not None:
+            where += f":{line}"
+    return f"{where}: {format_key_path(loc) or '<top>'}: {message}"
+
+
+def _clean_loc(loc: tuple, raw: Any) -> tuple:
+    """Drop pydantic's union-member tags (`str`, `function-after[...]`) that are not keys of the data."""
+    kept: list = []
+    node = raw
+    for position, part in enumerate(loc):
+        last = position == len(loc) - 1
+        if isinstance(node, dict) and part in node:
+            kept.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            kept.append(part)
+            node = node[part]
+        elif last and isinstance(node, dict) and isinstance(part, str) and not _is_tag(part):
+            kept.append(part)
+        else:
+            node = None if not _is_tag(str(part)) else node
+    return tuple(kept)
+
+
+def _is_tag(part: str) -> bool:
+    return part in {"str", "int", "float", "bool", "list[str]", "dict[str,any]"} or "[" in part or "-" in part
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _nearest_line(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def format_key_path(loc: tuple) -> str:
+    """('stages', 1, 'datasets', 0, 'path') -> 'stages[1].datasets[0].path'."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def parse_key_path(text: str) -> tuple:
+    """'stages[1].max_steps' or 'stages.1.max_steps' -> ('stages', 1, 'max_steps')."""
+    parts: list = []
+    for piece in re.split(r"\.|(?=\[)", text):
+        if not piece:
+            raise UserError(f"--set {text}: empty key in the key path")
+        index = re.fullmatch(r"\[(\d+)\]", piece)
+        if index:
+            parts.append(int(index.group(1)))
+        elif piece.isdigit():
+            parts.append(int(piece))
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", piece):
+            parts.append(piece)
+        else:
+            raise UserError(f"--set {text}: {piece!r} is not a key or a list index")
+    return tuple(parts)
+
+
+def apply_override(data: dict, item: str) -> tuple:
+    """Apply `key.path=value` (value read as YAML) to the raw mapping; returns the key path set."""
+    key_text, sep, value_text = item.partition("=")
+    if not sep or not key_text.strip():
+        raise UserError(f"--set {item}: expected key.path=value")
+    key = parse_key_path(key_text.strip())
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {item}: value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    node: Any = data
+    for position, part in enumerate(key[:-1]):
+        where = format_key_path(key[: position + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise UserError(f"--set {item}: {where}: index {part} out of range ({size} items)")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item}: {format_key_path(key[:position]) or '<top>'} is not a mapping")
+            node = node.setdefault(part, {})
+    last = key[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise UserError(f"--set {item}: {format_key_path(key)}: index out of range")
+    elif not isinstance(node, dict):
+        raise UserError(f"--set {item}: {format_key_path(key[:-1]) or '<top>'} is not a mapping")
+    node[last] = value
+    return key
+
+
+def key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map every key path of a composed YAML document to its 1-based line."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, key_node.value)
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            path = (*prefix, index)
+            lines[path] = item.start_mark.line + 1
+            lines.update(key_lines(item, path))
+    return lines
+
+
+def save_resolved(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
+    """Write the fully resolved recipe (absolute paths, inherited keys spelled out) into the run folder."""
+    directory = Path(output_dir or recipe.output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / RESOLVED_NAME
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    tmp.replace(target)
+    return target

@@ -66,8 +66,8 @@ class SentenceTransformerEncoder:
             list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False, **kwargs
         )
 
-    def encode(self, texts, **kwargs):
-        return self._run("encode", texts, **kwargs)
+    def encode(self, texts, instruction=None):
+        return self._run("encode", texts, **({"prompt": instruction} if instruction is not None else {}))
 
     def encode_queries(self, texts, instruction=None):
         if instruction is not None:

@@ -13,13 +13,17 @@ from llm2emb.evaluate.metrics import spearman
 from llm2emb.evaluate.results import TaskResult
 
 
-def evaluate_sts(model: Any, data: StsData, batch_size: int | None = None) -> TaskResult:
-    """Encode each distinct sentence once (symmetric task: no instruction) and score the pairs."""
+def evaluate_sts(model: Any, data: StsData, instruction: str | None = None, batch_size: int | None = None) -> TaskResult:
+    """Encode each distinct sentence once and score the pairs.
+
+    STS is symmetric: both sides get the same treatment, plain text unless `instruction` is given (E5-style
+    models put it on both sentences).
+    """
     encoder = as_encoder(model, batch_size)
     start = time.perf_counter()
     unique = list(dict.fromkeys(data.sentences1 + data.sentences2))
     position = {text: i for i, text in enumerate(unique)}
-    vectors = normalized(encoder.encode(unique))
+    vectors = normalized(encoder.encode(unique, instruction=instruction) if instruction else encoder.encode(unique))
     a = vectors[[position[t] for t in data.sentences1]]
     b = vectors[[position[t] for t in data.sentences2]]
     cosine = np.einsum("ij,ij->i", a, b)
@@ -30,4 +34,5 @@ def evaluate_sts(model: Any, data: StsData, batch_size: int | None = None) -> Ta
         scores={"spearman": spearman(cosine, data.scores)},
         examples=len(data.scores),
         seconds=time.perf_counter() - start,
+        extra={"instruction": instruction},
     )

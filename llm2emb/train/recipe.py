@@ -245,23 +245,6 @@ class Recipe(_Strict):
     eval: EvalSpec = EvalSpec()
     stages: Annotated[list[StageSpec], Field(min_length=1)]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _inherit_stage_keys(cls, data: Any) -> Any:
-        stages = data.get("stages") if isinstance(data, dict) else None
-        if not isinstance(stages, list):
-            return data
-        previous: dict = {}
-        for index, stage in enumerate(stages):
-            if not isinstance(stage, dict):
-                return data
-            for key, value in previous.items():
-                if key not in NOT_INHERITED:
-                    stage.setdefault(key, copy.deepcopy(value))
-            stage.setdefault("name", f"stage{index}")
-            previous = stage
-        return data
-
     @field_validator("output_dir")
     @classmethod
     def _absolute_output(cls, value: str) -> str:
@@ -319,15 +302,38 @@ def validate_recipe(
     overridden: set[tuple] = frozenset(),
 ) -> Recipe:
     """Validate a raw mapping; errors name key paths, with `source:line` where the line is known."""
+    data = copy.deepcopy(data)
+    inherited = inherit_stage_keys(data)
     raw = copy.deepcopy(data)
     try:
         return Recipe.model_validate(data, context={"base_dir": Path(base_dir).resolve()})
     except ValidationError as exc:
-        messages = [_format_error(err, raw, source, lines or {}, overridden) for err in exc.errors()]
+        messages = [_format_error(err, raw, source, lines or {}, overridden, inherited) for err in exc.errors()]
         raise UserError("\n".join(dict.fromkeys(messages))) from None
 
 
-def _format_error(err: dict, raw: Any, source: Any, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+def inherit_stage_keys(data: Any) -> dict[tuple, tuple]:
+    """Fill each stage's missing training keys from the stage before; returns {inherited path: origin path}."""
+    stages = data.get("stages") if isinstance(data, dict) else None
+    inherited: dict[tuple, tuple] = {}
+    if not isinstance(stages, list):
+        return inherited
+    for index, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            continue
+        previous = stages[index - 1] if index and isinstance(stages[index - 1], dict) else {}
+        for key, value in previous.items():
+            if key in StageSpec.model_fields and key not in NOT_INHERITED and key not in stage:
+                stage[key] = copy.deepcopy(value)
+                origin = inherited.get(("stages", index - 1, key), ("stages", index - 1, key))
+                inherited[("stages", index, key)] = origin
+        stage.setdefault("name", f"stage{index}")
+    return inherited
+
+
+def _format_error(
+    err: dict, raw: Any, source: Any, lines: dict[tuple, int], overridden: set[tuple], inherited: dict[tuple, tuple]
+) -> str:
     loc = _clean_loc(err["loc"], raw)
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] not in ("value_error", "missing", "extra_forbidden") and isinstance(err.get("input"), (int, float, str)):
@@ -345,13 +351,18 @@ def _format_error(err: dict, raw: Any, source: Any, lines: dict[tuple, int], ove
     elif err["type"] == "missing":
         message = "missing required key"
     where = str(source)
+    key_path = format_key_path(loc) or "<top>"
+    origin = inherited.get(loc[:3])
+    if origin is not None:
+        key_path += f" (inherited from {format_key_path(origin)})"
+        loc = origin + loc[3:]
     if any(loc[: len(key)] == key for key in overridden):
         where += " (--set)"
     else:
         line = _nearest_line(loc, lines)
         if line is not None:
             where += f":{line}"
-    return f"{where}: {format_key_path(loc) or '<top>'}: {message}"
+    return f"{where}: {key_path}: {message}"
 
 
 def _clean_loc(loc: tuple, raw: Any) -> tuple:

@@ -1,0 +1,192 @@
+"""Load any supported decoder as a bidirectional (or causal) backbone, and prove which one it is.
+
+Since transformers 5.2 the decoder families below read `config.is_causal`: set to False on the config
+object, their eager, sdpa, flex and flash paths all build a full (padding-only) mask, so no modeling
+code is copied or patched (llm2vec's copies broke on every transformers release). The flag must be
+set on the config object: `from_pretrained(..., is_causal=False)` raises and
+`AutoConfig.from_pretrained(..., is_causal=False)` ignores it (DESIGN.md §3).
+
+Other decoders are tried too, but every load runs `verify_attention`, a two-forward leak check, and
+refuses a model whose attention stayed causal or whose padding leaks: a silent causal fallback costs
+users of other tools weeks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from llm2emb.errors import UserError, VerificationError
+
+logger = logging.getLogger(__name__)
+
+VERIFIED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+"""Model types whose bidirectional mode was verified in eager and sdpa by tests/test_backbone.py."""
+
+ATTENTION_MODES = ("bidirectional", "causal")
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """Where a backbone's weights live: `path` for from_pretrained, plus a GGUF file name inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    @property
+    def model_kwargs(self) -> dict:
+        """GGUF weights are dequantized into a plain dense model, so it saves and trains like any other."""
+        if not self.gguf_file:
+            return {}
+        from transformers import GgufConfig
+
+        return {**self.kwargs, "quantization_config": GgufConfig(dequantize=True)}
+
+
+def resolve_base(reference: str | Path) -> BaseRef:
+    """Turn a user's `--base` (hub id, folder, .gguf file or asset alias) into a from_pretrained target."""
+    from llm2emb.assets import ASSETS, fetch_asset
+
+    text = str(reference)
+    if text in ASSETS:
+        return resolve_base(fetch_asset(text))
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"{text}: GGUF file not found")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise UserError(f"{text}: reading .gguf files needs the gguf package: pip install 'llm2emb[gguf]'") from None
+        return BaseRef(str(path.resolve().parent), path.name)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{text}: not a model folder or .gguf file")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{text}: folder has no config.json (not a transformers model folder)")
+        return BaseRef(str(path.resolve()))
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise UserError(f"{text}: no such file or folder")
+    return BaseRef(text)
+
+
+def load_config(base: BaseRef, attention: str):
+    """The base's config with attention set as asked; sliding windows cleared for embedders."""
+    if attention not in ATTENTION_MODES:
+        raise UserError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    try:
+        config = AutoConfig.from_pretrained(base.path, **base.kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{base.path}: cannot read the model config ({_first_line(exc)})") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"{base.path}: model_type {config.model_type!r} is an encoder-decoder, not a decoder")
+    if config.model_type not in VERIFIED_MODEL_TYPES:
+        logger.warning(
+            "model_type %r is not in the verified list %s; trying it, the attention check decides",
+            config.model_type,
+            VERIFIED_MODEL_TYPES,
+        )
+    config.is_causal = attention == "causal"
+    # Mistral's eager/sdpa and flash paths disagree on the window edge (DESIGN.md §3); embedders see the whole text.
+    if getattr(config, "sliding_window", None) is not None:
+        config.sliding_window = None
+    if hasattr(config, "use_sliding_window"):
+        config.use_sliding_window = False
+    return config
+
+
+def load_backbone(
+    base: BaseRef,
+    attention: str = "bidirectional",
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """The headless decoder (`AutoModel`) with the attention mode applied, on `device`, in eval mode."""
+    config = load_config(base, attention)
+    kwargs = dict(base.model_kwargs)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModel.from_pretrained(base.path, config=config, dtype=dtype or "auto", **kwargs)
+    except ImportError as exc:
+        raise UserError(f"{base.path}: {_first_line(exc)}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{base.path}: cannot load the model weights ({_first_line(exc)})") from None
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(source: BaseRef, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """The base's tokenizer with a pad token (EOS, else UNK) so batches can be padded."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{source.path}: cannot load the tokenizer ({_first_line(exc)})") from None
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise UserError(f"{source.path}: tokenizer has neither a pad, EOS nor UNK token to pad with")
+        tokenizer.pad_token = fallback
+    if tokenizer.eos_token is None:
+        raise UserError(f"{source.path}: tokenizer has no EOS token (needed for last-token pooling)")
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+@torch.no_grad()
+def verify_attention(model: torch.nn.Module, attention: str, vocab_size: int | None = None) -> None:
+    """Refuse a backbone whose attention is not what was asked, or whose padding leaks into real tokens.
+
+    Two cheap forwards of 8 tokens: changing the last token must change the first position's hidden
+    state when bidirectional (and must not when causal); changing what sits under padding must change
+    nothing. Runs on every load, on the model's own device and dtype.
+    """
+    device = next(model.parameters()).device
+    vocab = vocab_size or model.config.vocab_size
+    # Ordinary tokens from the upper vocabulary: reserved special tokens often share one embedding.
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab // 4, vocab, (1, 9), generator=generator).to(device)
+    ids, replacement = ids[:, :8], ids[0, 8]
+    changed = ids.clone()
+    changed[0, -1] = replacement if replacement != ids[0, -1] else (replacement + 1) % vocab
+    mask = torch.ones_like(ids)
+    first = model(input_ids=torch.cat([ids, changed]), attention_mask=torch.cat([mask, mask])).last_hidden_state
+    first = first.float()
+    scale = first[0, 0].abs().max().clamp_min(1e-6)
+    moved = ((first[0, 0] - first[1, 0]).abs().max() / scale).item()
+    name = model.config.model_type
+    if attention == "bidirectional" and moved < 1e-5:
+        raise VerificationError(
+            f"model_type {name!r} stayed causal with is_causal=False (its attention ignores the flag); "
+            f"use attention: causal, or a verified type {VERIFIED_MODEL_TYPES}"
+        )
+    if attention == "causal" and moved > 1e-3:
+        raise VerificationError(f"model_type {name!r} leaks future tokens although attention is causal")
+
+    padded = torch.cat([ids, ids], dim=1)
+    other = padded.clone()
+    other[0, 8:] = other[0, 8:].flip(0)
+    pad_mask = torch.cat([mask, torch.zeros_like(mask)], dim=1)
+    out = model(input_ids=torch.cat([padded, other]), attention_mask=torch.cat([pad_mask, pad_mask]))
+    out = out.last_hidden_state.float()[:, :8]
+    leak = ((out[0] - out[1]).abs().max() / out[0].abs().max().clamp_min(1e-6)).item()
+    if leak > 1e-3:
+        raise VerificationError(
+            f"model_type {name!r} leaks padding into real tokens (relative change {leak:.2e}); "
+            "its attention mask is ignored in this attention implementation"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,199 @@
+"""The `llm2emb` command line: argument parsing and error display only; each command calls the library.
+
+Each command has an `add_<name>` function that declares its arguments and a `run_<name>` that calls
+the library. User errors (`UserError`) print one line and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from llm2emb.errors import UserError
+
+EXIT_USAGE = 2
+
+
+def _pooling_arg(text: str):
+    """`mean` or a JSON object like `{"type": "latent_attention", "num_latents": 64}`."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"--pooling: not valid JSON ({exc.msg})") from None
+    return text
+
+
+# ---------------------------------------------------------------- convert
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="turn a decoder into a bidirectional embedding model folder")
+    p.add_argument("--base", required=True, help="hub id, HF folder, .gguf file, or an asset alias (smollm2-135m)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--pooling", default="mean", type=_pooling_arg,
+                   help="mean | last_token | weighted_mean | latent_attention | multi_layer, or a JSON object")
+    p.add_argument("--attention", default="bidirectional", choices=["bidirectional", "causal"])
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--query-instruction", help="default instruction for queries")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args) -> None:
+    from llm2emb.convert import convert
+
+    embedder = convert(
+        args.base, args.out, pooling=args.pooling, attention=args.attention, dtype=args.dtype,
+        max_length=args.max_length, query_instruction=args.query_instruction, overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out}: {embedder.config.attention} {embedder.pooler.name} pooling, dim {embedder.dim}")
+
+
+# ---------------------------------------------------------------- encode
+def add_encode(sub) -> None:
+    p = sub.add_parser("encode", help="embed a text file (one text per line) into a .npy matrix")
+    p.add_argument("model", help="llm2emb folder, or a base model with --pooling")
+    p.add_argument("--input", required=True, help="text file, one text per line ('-' for stdin)")
+    p.add_argument("--output", required=True, help=".npy file to write")
+    p.add_argument("--instruction", help="instruction for every line (query template)")
+    p.add_argument("--documents", action="store_true", help="encode as documents (document template)")
+    p.add_argument("--pooling", type=_pooling_arg, help="pooling when MODEL is a base model")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dim", type=int, help="keep the first DIM components (Matryoshka)")
+    p.set_defaults(run=run_encode)
+
+
+def run_encode(args) -> None:
+    import numpy as np
+
+    from llm2emb.model import Embedder
+
+    texts = _read_lines(args.input)
+    embedder = Embedder.from_pretrained(args.model, pooling=args.pooling)
+    encode = embedder.encode_documents if args.documents else embedder.encode
+    vectors = encode(texts, instruction=args.instruction, batch_size=args.batch_size, dim=args.dim)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.partial.npy")
+    np.save(staging, vectors)
+    os.replace(staging, output)
+    print(f"wrote {output}: {vectors.shape[0]} x {vectors.shape[1]} float32")
+
+
+def _read_lines(source: str) -> list[str]:
+    if source == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"{source}: input file not found")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise UserError(f"{source}: input has no text lines")
+    return texts
+
+
+# ---------------------------------------------------------------- info
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe an llm2emb model folder")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args) -> None:
+    from llm2emb.info import describe
+
+    info = describe(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+
+
+# ---------------------------------------------------------------- eval
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate on STS files (Spearman) and BEIR folders (nDCG@10, Recall@100, MRR@10)")
+    p.add_argument("model", help="llm2emb folder, base model with --pooling, or sentence-transformers folder")
+    p.add_argument("--sts", action="append", default=[], metavar="FILE",
+                   help="TSV with header score/sentence1/sentence2 (repeatable)")
+    p.add_argument("--beir", action="append", default=[], metavar="DIR",
+                   help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv (repeatable)")
+    p.add_argument("--split", default="test", help="qrels split of the BEIR folders (default: test)")
+    p.add_argument("--query-instruction", help="instruction for retrieval queries (default: the model's own)")
+    p.add_argument("--sts-instruction", help="instruction for both STS sentences (default: none)")
+    p.add_argument("--pooling", type=_pooling_arg, help="pooling when MODEL is a base model")
+    p.add_argument("--attention", choices=["bidirectional", "causal"], help="attention when MODEL is a base model")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's)")
+    p.add_argument("--cache-dir", help="corpus embedding cache (default: $LLM2EMB_CACHE/embeddings)")
+    p.add_argument("--no-cache", action="store_true", help="always re-encode the corpus")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom modules of an exported sentence-transformers folder")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> None:
+    from llm2emb.evaluate import format_table, write_json
+    from llm2emb.evaluate.runner import run_eval as evaluate
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    report = evaluate(
+        args.model, pooling=args.pooling, attention=args.attention, max_length=args.max_length,
+        trust_remote_code=args.trust_remote_code, sts=args.sts, beir=args.beir, split=args.split,
+        query_instruction=args.query_instruction, sts_instruction=args.sts_instruction,
+        batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+    )
+    print(format_table(report.results))
+    if args.json:
+        write_json(args.json, report.results, model=report.model, settings=report.settings,
+                   environment=report.environment, load_seconds=report.load_seconds)
+        print(f"wrote {args.json}")
+
+
+# ---------------------------------------------------------------- main
+COMMANDS = [add_convert, add_encode, add_info, add_eval]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm2emb", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        args.run(args)
+    except UserError as exc:
+        print(f"llm2emb {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"llm2emb {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""`llm2emb convert`: a base decoder becomes a self-contained bidirectional model folder (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm2emb.errors import UserError
+from llm2emb.model import Embedder
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def convert(
+    base: str,
+    out: str | Path,
+    pooling: str | dict[str, Any] = "mean",
+    attention: str = "bidirectional",
+    dtype: str = "auto",
+    max_length: int = 512,
+    query_instruction: str | None = None,
+    query_template: str | None = None,
+    overwrite: bool = False,
+) -> Embedder:
+    """Load `base`, make it bidirectional (verified), attach the pooler and write the folder.
+
+    The folder's config.json carries `is_causal: false`, so plain `AutoModel.from_pretrained` reloads it
+    bidirectional too, and PEFT adapters trained on top load onto it unchanged.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: folder exists and is not empty (use --overwrite to replace it)")
+    embedder = Embedder.from_pretrained(base, pooling=pooling, attention=attention, torch_dtype=DTYPES[dtype])
+    embedder.config.max_length = max_length
+    embedder.config.default_query_instruction = query_instruction
+    if query_template is not None:
+        embedder.config.query_template = query_template
+    embedder.save_pretrained(out, overwrite=overwrite)
+    return embedder

@@ -1,0 +1,190 @@
+"""`llm2emb eval`: load one model (llm2emb folder, base model, or sentence-transformers folder) and run every task.
+
+The same function backs the CLI and the benchmark scripts, so a number in benchmarks/RESULTS.md is exactly what a
+user's `llm2emb eval` prints.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm2emb.errors import UserError
+from llm2emb.evaluate.cache import EmbeddingCache, model_fingerprint
+from llm2emb.evaluate.data import BeirData, StsData, load_beir, load_sts
+from llm2emb.evaluate.encoders import as_encoder
+from llm2emb.evaluate.metrics import DEFAULT_RETRIEVAL_METRICS
+from llm2emb.evaluate.results import TaskResult
+from llm2emb.evaluate.retrieval import evaluate_retrieval
+from llm2emb.evaluate.sts import evaluate_sts
+
+
+@dataclass
+class EvalReport:
+    """All results of one model, with what is needed to reproduce and compare them."""
+
+    model: str
+    results: list[TaskResult]
+    settings: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    load_seconds: float = 0.0
+
+
+def is_sentence_transformers_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "modules.json").is_file() and not (path / "llm2emb.json").is_file()
+
+
+def load_model(
+    model: str | Path,
+    pooling: str | dict[str, Any] | None = None,
+    attention: str | None = None,
+    max_length: int | None = None,
+    torch_dtype: Any = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """An Embedder for llm2emb folders and base models; a SentenceTransformer for exported / ST folders."""
+    if is_sentence_transformers_folder(model):
+        if pooling is not None or attention is not None:
+            raise UserError(f"{model}: a sentence-transformers folder fixes its own pooling and attention")
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            st = SentenceTransformer(str(model), device="cpu", trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise UserError(f"{model}: uses custom modules; pass --trust-remote-code to load them") from None
+            raise
+        if max_length is not None:
+            st.max_seq_length = max_length
+        return st
+    from llm2emb.model import Embedder
+
+    embedder = Embedder.from_pretrained(model, pooling=pooling, attention=attention, torch_dtype=torch_dtype)
+    if max_length is not None:
+        if max_length < 2:
+            raise UserError(f"max_length must be at least 2, got {max_length}")
+        embedder.config.max_length = max_length
+    return embedder
+
+
+def environment() -> dict[str, Any]:
+    """Machine, date and library versions, recorded next to every measured number."""
+    import importlib.metadata as md
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    versions = {}
+    for package in ("llm2emb", "torch", "transformers", "peft", "sentence-transformers", "mteb", "numpy"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    import torch
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def evaluate_model(
+    model: Any,
+    sts: Sequence[str | Path | StsData] = (),
+    beir: Sequence[str | Path | BeirData] = (),
+    split: str = "test",
+    query_instruction: str | None = None,
+    sts_instruction: str | None = None,
+    batch_size: int = 32,
+    metrics: Sequence[str] = DEFAULT_RETRIEVAL_METRICS,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    name: str | None = None,
+    progress: Any = None,
+) -> EvalReport:
+    """Evaluate a loaded model (Embedder, SentenceTransformer, or any TextEncoder) on STS files and BEIR folders.
+
+    Data is loaded (and validated) before any encoding, so a typo in the last path fails in a second, not after an
+    hour. `progress`, when given, is called with each TaskResult as it completes.
+    """
+    if not sts and not beir:
+        raise UserError("nothing to evaluate: give at least one --sts FILE or --beir DIR")
+    sts_data = [item if isinstance(item, StsData) else load_sts(item) for item in sts]
+    beir_data = [item if isinstance(item, BeirData) else load_beir(item, split) for item in beir]
+    encoder = as_encoder(model, batch_size)
+    cache = EmbeddingCache(cache_dir) if use_cache else None
+    fingerprint = model_fingerprint(model) if cache is not None and beir_data else None
+    results = []
+    for data in sts_data:
+        results.append(evaluate_sts(encoder, data, instruction=sts_instruction))
+        if progress:
+            progress(results[-1])
+    for data in beir_data:
+        results.append(
+            evaluate_retrieval(
+                encoder, data, query_instruction=query_instruction, metrics=metrics,
+                cache=cache, fingerprint=fingerprint, cache_settings=_model_settings(model),
+            )
+        )
+        if progress:
+            progress(results[-1])
+    settings = {
+        "split": split,
+        "query_instruction": query_instruction,
+        "sts_instruction": sts_instruction,
+        "batch_size": batch_size,
+        **_model_settings(model),
+    }
+    return EvalReport(model=name or type(model).__name__, results=results, settings=settings,
+                      environment=environment())
+
+
+def _model_settings(model: Any) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "pooling"):
+        return {"attention": config.attention, "pooling": config.pooling, "max_length": config.max_length,
+                "default_query_instruction": config.default_query_instruction}
+    if hasattr(model, "max_seq_length"):
+        return {"max_length": model.max_seq_length}
+    return {}
+
+
+def run_eval(
+    model: str | Path,
+    pooling: str | dict[str, Any] | None = None,
+    attention: str | None = None,
+    max_length: int | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> EvalReport:
+    """Load `model` and evaluate it (see `evaluate_model` for the task arguments)."""
+    split = kwargs.pop("split", "test")
+    sts = [load_sts(path) for path in kwargs.pop("sts", ())]  # data errors surface before the slow model load
+    beir = [load_beir(path, split) for path in kwargs.pop("beir", ())]
+    if not sts and not beir:
+        raise UserError("nothing to evaluate: give at least one --sts FILE or --beir DIR")
+    start = time.perf_counter()
+    loaded = load_model(model, pooling=pooling, attention=attention, max_length=max_length,
+                        trust_remote_code=trust_remote_code)
+    load_seconds = time.perf_counter() - start
+    report = evaluate_model(loaded, sts=sts, beir=beir, split=split, name=str(model), **kwargs)
+    report.load_seconds = load_seconds
+    return report

@@ -1,0 +1,89 @@
+"""Two CPU processes (gloo) with DDP give the single-process loss and gradients of the same global batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from llm2emb.train.gradcache import gradcache_backward
+from llm2emb.train.losses import InfoNCELoss
+
+B, K, DIM = 5, 2, 8
+SPLIT = [3, 2]  # rank 0 holds queries 0-2, rank 1 queries 3-4: unequal, like a short last batch
+FLAGS = [True, False]  # rank 1's dataset turns in-batch negatives off
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, DIM))
+
+
+def global_batch():
+    torch.manual_seed(1)
+    queries = torch.randn(B, DIM)
+    documents = torch.randn(B * (1 + K), DIM)
+    query_ids = torch.tensor([0, 1, 2, 0, 4])  # query 3 repeats query 0
+    document_ids = 100 + torch.arange(B * (1 + K))
+    document_ids[4] = 100  # positive of query 4 is the same text as positive of query 0
+    flags = torch.tensor([FLAGS[0]] * SPLIT[0] + [FLAGS[1]] * SPLIT[1])
+    return queries, documents, query_ids, document_ids, flags
+
+
+def local_batch(rank: int):
+    queries, documents, query_ids, document_ids, _ = global_batch()
+    start = sum(SPLIT[:rank])
+    rows = list(range(start, start + SPLIT[rank]))
+    doc_rows = rows + [B + i * K + j for i in rows for j in range(K)]
+    return queries[rows], documents[doc_rows], query_ids[rows], document_ids[doc_rows], FLAGS[rank]
+
+
+def step(model, loss_module, batch, chunk_size, no_sync):
+    queries, documents, query_ids, document_ids, flags = batch
+
+    def loss_fn(embs):
+        return loss_module(embs[0], embs[1], query_ids, document_ids, flags)
+
+    def embed(chunk):
+        return model(chunk["x"])
+
+    loss = gradcache_backward(embed, [{"x": queries}, {"x": documents}], loss_fn, chunk_size, no_sync=no_sync)
+    params = [p.grad.clone() for p in model.parameters()] + [
+        loss_module.temperature.log_temperature.grad.clone()
+    ]
+    model.zero_grad()
+    loss_module.zero_grad()
+    return loss, params
+
+
+def worker(rank: int, init_file: str, out_dir: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = DistributedDataParallel(make_model())
+        loss_module = InfoNCELoss(temperature=0.1, learnable_temperature=True)
+        results = {
+            chunk: step(model, loss_module, local_batch(rank), chunk, model.no_sync) for chunk in (None, 2)
+        }
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_single_process(tmp_path):
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+
+    model = make_model()
+    loss_module = InfoNCELoss(temperature=0.1, learnable_temperature=True)
+    want_loss, want_grads = step(model, loss_module, global_batch(), None, None)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for chunk, (loss, grads) in results.items():
+            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6), (rank, chunk)
+            for got, want in zip(grads, want_grads):
+                assert want.abs().sum() > 0
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

@@ -125,9 +125,10 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _resolve_format(self, info: ValidationInfo) -> DatasetSpec:
-        if self.format == "hf":
-            return self
         path = _local_path(self.path, info)
+        if self.format == "hf":  # a local folder or script for load_dataset, else a hub id
+            self.path = str(path.resolve()) if path.exists() else self.path
+            return self
         if not path.exists():
             hint = " (for a dataset from the hub set format: hf)" if self.format == "auto" else ""
             raise _KeyError("path", f"{self.path}: file not found{hint}")

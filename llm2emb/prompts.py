@@ -35,15 +35,13 @@ def render(template: str, text: str, instruction: str | None) -> Prompt:
 
 @dataclass(frozen=True)
 class Prompts:
-    """The query and document templates and default instructions of one model folder."""
+    """The query and document templates of one model folder (default instructions are the caller's)."""
 
     query_template: str
     document_template: str = "{text}"
-    default_query_instruction: str | None = None
-    default_document_instruction: str | None = None
 
     def query(self, text: str, instruction: str | None = None) -> Prompt:
-        return render(self.query_template, text, instruction or self.default_query_instruction)
+        return render(self.query_template, text, instruction)
 
     def document(self, text: str, instruction: str | None = None) -> Prompt:
-        return render(self.document_template, text, instruction or self.default_document_instruction)
+        return render(self.document_template, text, instruction)

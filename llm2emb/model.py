@@ -35,12 +35,6 @@ class Embedder(nn.Module):
         self.pooler = pooler
         self.tokenizer = tokenizer
         self.config = config
-        self.prompts = Prompts(
-            config.query_template,
-            config.document_template,
-            config.default_query_instruction,
-            config.default_document_instruction,
-        )
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -111,6 +105,10 @@ class Embedder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
+
+    @property
+    def prompts(self) -> Prompts:
+        return Prompts(self.config.query_template, self.config.document_template)
 
     @property
     def dim(self) -> int:

@@ -16,6 +16,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from llm2emb.backbone import VERIFIED_MODEL_TYPES
+
 CORPUS = [
     "A man is playing a guitar on the street.",
     "A woman is slicing an onion in the kitchen.",
@@ -26,7 +28,7 @@ CORPUS = [
     "0123456789 !?.,;:'\"()[]{}<>-_/\\@#$%^&*+=~`|",
 ] * 20
 
-ARCHITECTURES = ["qwen2", "qwen3", "llama", "mistral"]
+ARCHITECTURES = VERIFIED_MODEL_TYPES  # every verified type gets a tiny model and the per-architecture tests
 
 
 def build_tokenizer(directory: Path | None = None) -> PreTrainedTokenizerFast:

@@ -4,10 +4,8 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from llm2emb.backbone import BaseRef, load_backbone, resolve_base, verify_attention
+from llm2emb.backbone import VERIFIED_MODEL_TYPES, BaseRef, load_backbone, resolve_base, verify_attention
 from llm2emb.errors import UserError, VerificationError
-
-from conftest import ARCHITECTURES
 
 
 def first_position_moves(model) -> float:
@@ -19,7 +17,7 @@ def first_position_moves(model) -> float:
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", VERIFIED_MODEL_TYPES)
 def test_bidirectional_and_causal_per_architecture(tiny_models, arch, implementation):
     base = BaseRef(str(tiny_models[arch]))
     bidirectional = load_backbone(base, "bidirectional", torch.float32, implementation)

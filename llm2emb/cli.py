@@ -138,6 +138,8 @@ def add_eval(sub) -> None:
     p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's)")
     p.add_argument("--cache-dir", help="corpus embedding cache (default: $LLM2EMB_CACHE/embeddings)")
     p.add_argument("--no-cache", action="store_true", help="always re-encode the corpus")
+    p.add_argument("--corpus-sample", type=int, metavar="N",
+                   help="quick run: keep N corpus documents (every relevant one plus random others, seed 0)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom modules of an exported sentence-transformers folder")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
@@ -155,6 +157,7 @@ def run_eval(args) -> None:
         trust_remote_code=args.trust_remote_code, sts=args.sts, beir=args.beir, split=args.split,
         query_instruction=args.query_instruction, sts_instruction=args.sts_instruction,
         batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+        corpus_sample=args.corpus_sample,
     )
     print(format_table(report.results))
     if args.json:

@@ -115,6 +115,13 @@ def read_qrels(path: Path) -> dict[str, dict[str, float]]:
     return qrels
 
 
+def corpus_hash(doc_ids: list[str], documents: list[str]) -> str:
+    digest = hashlib.sha256()
+    for doc_id, text in zip(doc_ids, documents):
+        digest.update(doc_id.encode() + b"\0" + text.encode() + b"\0")
+    return digest.hexdigest()
+
+
 def load_beir(directory: str | Path, split: str = "test") -> BeirData:
     """Load a BEIR folder; keeps only the queries that appear in the split's qrels."""
     directory = Path(directory)
@@ -132,9 +139,6 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
         raise UserError(f"{directory / 'queries.jsonl'}: {len(missing)} query id(s) of qrels/{split}.tsv are absent, "
                         f"e.g. {missing[0]!r}")
     query_ids = [q for q in queries if q in qrels]
-    digest = hashlib.sha256()
-    for doc_id, text in zip(doc_ids, documents):
-        digest.update(doc_id.encode() + b"\0" + text.encode() + b"\0")
     return BeirData(
         name=directory.name,
         split=split,
@@ -143,5 +147,25 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
         query_ids=query_ids,
         queries=[queries[q] for q in query_ids],
         qrels=qrels,
-        corpus_hash=digest.hexdigest(),
+        corpus_hash=corpus_hash(doc_ids, documents),
     )
+
+
+def subsample_corpus(data: BeirData, size: int, seed: int = 0) -> BeirData:
+    """A smaller retrieval task: every document relevant to a query of the split, plus seeded random others.
+
+    For quick comparisons on slow hardware. Scores are higher than on the full corpus (fewer distractors), so
+    compare only numbers measured on the same subsample.
+    """
+    import random
+
+    wanted = {doc for judged in data.qrels.values() for doc, rel in judged.items() if rel > 0}
+    keep = [i for i, doc in enumerate(data.doc_ids) if doc in wanted]
+    if size < len(keep):
+        raise UserError(f"corpus sample of {size} is smaller than the {len(keep)} relevant documents")
+    others = [i for i in range(len(data.doc_ids)) if data.doc_ids[i] not in wanted]
+    keep = sorted(keep + random.Random(seed).sample(others, min(size - len(keep), len(others))))
+    doc_ids = [data.doc_ids[i] for i in keep]
+    documents = [data.documents[i] for i in keep]
+    return BeirData(f"{data.name}[{len(keep)} docs, seed {seed}]", data.split, doc_ids, documents,
+                    data.query_ids, data.queries, data.qrels, corpus_hash(doc_ids, documents))

@@ -17,7 +17,7 @@ from typing import Any
 
 from llm2emb.errors import UserError
 from llm2emb.evaluate.cache import EmbeddingCache, model_fingerprint
-from llm2emb.evaluate.data import BeirData, StsData, load_beir, load_sts
+from llm2emb.evaluate.data import BeirData, StsData, load_beir, load_sts, subsample_corpus
 from llm2emb.evaluate.encoders import as_encoder
 from llm2emb.evaluate.metrics import DEFAULT_RETRIEVAL_METRICS
 from llm2emb.evaluate.results import TaskResult
@@ -173,12 +173,19 @@ def run_eval(
     attention: str | None = None,
     max_length: int | None = None,
     trust_remote_code: bool = False,
+    corpus_sample: int | None = None,
     **kwargs: Any,
 ) -> EvalReport:
-    """Load `model` and evaluate it (see `evaluate_model` for the task arguments)."""
+    """Load `model` and evaluate it (see `evaluate_model` for the task arguments).
+
+    `corpus_sample` shrinks each BEIR corpus to that many documents (all relevant ones kept; see
+    `subsample_corpus`) for quick runs on slow machines.
+    """
     split = kwargs.pop("split", "test")
     sts = [load_sts(path) for path in kwargs.pop("sts", ())]  # data errors surface before the slow model load
     beir = [load_beir(path, split) for path in kwargs.pop("beir", ())]
+    if corpus_sample:
+        beir = [subsample_corpus(data, corpus_sample) for data in beir]
     if not sts and not beir:
         raise UserError("nothing to evaluate: give at least one --sts FILE or --beir DIR")
     start = time.perf_counter()
@@ -187,4 +194,5 @@ def run_eval(
     load_seconds = time.perf_counter() - start
     report = evaluate_model(loaded, sts=sts, beir=beir, split=split, name=str(model), **kwargs)
     report.load_seconds = load_seconds
+    report.settings["corpus_sample"] = corpus_sample
     return report

@@ -368,13 +368,12 @@ class ContrastiveCollator:
             raise ValueError("a training batch must come from one dataset (use StageData.batch_sampler)")
         documents = [item["positive"] for item in items] + [n for item in items for n in item["negatives"]]
         queries = [item["query"] for item in items]
+        instructions = [item["instruction"] for item in items]
+        query_batch = dict(self.embedder.tokenize(queries, instructions=instructions, max_length=self.max_length))
+        document_batch = dict(self.embedder.tokenize(documents, max_length=self.max_length, kind="document"))
         return {
-            "queries": dict(
-                self.embedder.tokenize(
-                    queries, instructions=[item["instruction"] for item in items], max_length=self.max_length
-                )
-            ),
-            "documents": dict(self.embedder.tokenize(documents, max_length=self.max_length, kind="document")),
+            "queries": query_batch,
+            "documents": document_batch,
             "query_ids": torch.tensor([text_id(text) for text in queries], dtype=torch.long),
             "document_ids": torch.tensor([text_id(text) for text in documents], dtype=torch.long),
             "in_batch_negatives": bool(items[0]["in_batch_negatives"]),

@@ -166,8 +166,29 @@ def run_eval(args) -> None:
         print(f"wrote {args.json}")
 
 
+# ---------------------------------------------------------------- train
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an embedder from a YAML recipe (LoRA, contrastive, multi-stage)")
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a recipe key, e.g. --set stages[0].max_steps=10 (value read as YAML); repeatable")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--check", action="store_true", help="validate the recipe and load its data, then stop")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> None:
+    from llm2emb.train.runner import check_recipe, train
+
+    if args.check:
+        print(check_recipe(args.recipe, args.overrides))
+        return
+    summary = train(args.recipe, args.overrides, resume=args.resume)
+    print(summary.format())
+
+
 # ---------------------------------------------------------------- main
-COMMANDS = [add_convert, add_encode, add_info, add_eval]
+COMMANDS = [add_convert, add_encode, add_info, add_eval, add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

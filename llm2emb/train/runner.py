@@ -1,0 +1,602 @@
+"""`llm2emb train recipe.yaml`: validate, load the data, load the model, apply LoRA, then run the stages in order.
+
+The order matters for users: the recipe and every dataset are checked before the (slow) model load, so a typo
+in the last dataset fails in seconds. Each stage is one `ContrastiveTrainer.train()` call with its own
+optimizer, schedule and checkpoints under `stages/<i>-<name>/`, starting from the weights the stage before
+left in memory; a finished stage leaves a model folder in `stages/<i>-<name>/final`, which is what `--resume`
+loads to skip it. The last stage's weights are saved as the run's model folder, `<output_dir>/model`.
+
+Run folder:
+    recipe.resolved.yaml   the recipe with every default and inherited key spelled out
+    stages/0-<name>/checkpoint-N/, final/
+    model/                 the trained model (Embedder.from_pretrained, or plain PEFT on the converted base)
+    metrics.jsonl          one line per log event (loss, learning rate, throughput, evaluation scores)
+    summary.json, loss.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from llm2emb.errors import UserError
+from llm2emb.train.data import ContrastiveCollator, StageData, build_stage_data
+from llm2emb.train.errors import NonFiniteLossError
+from llm2emb.train.recipe import RESOLVED_NAME, Recipe, StageSpec, format_key_path, load_recipe, save_resolved
+
+logger = logging.getLogger(__name__)
+# Raised inside transformers/peft for every step's checkpointing query: noise for users of this runner.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+TRAINER_STATE = "trainer_state.json"
+RESUME_IGNORED_KEYS = {"eval", "logging_steps", "report_to", "save_total_limit"}
+"""Keys a resumed run may change: they do not affect the weights."""
+
+
+@dataclass
+class TrainSummary:
+    """What a finished run reports: where the model is, and how fast and how big the run was."""
+
+    output_dir: str
+    model_dir: str
+    steps: int = 0
+    seconds: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    peak_memory_mb: float = 0.0
+    stages: list[dict] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_second": self.tokens_per_second,
+                "samples_per_second": self.samples_per_second}
+
+    def format(self) -> str:
+        return (f"trained {self.steps} steps in {self.seconds:.0f}s: {self.samples_per_second:.1f} samples/s, "
+                f"{self.tokens_per_second:.0f} tokens/s, peak memory {self.peak_memory_mb:.0f} MiB -> {self.model_dir}")
+
+
+# ---- entry points --------------------------------------------------------------------------------------------
+
+
+def train(
+    recipe_path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: bool = False,
+    callbacks: list[TrainerCallback] | tuple = (),
+) -> TrainSummary:
+    """Validate the recipe (with `--set` overrides) and run it; see `run_recipe`."""
+    return run_recipe(load_recipe(recipe_path, overrides), resume=resume, callbacks=callbacks)
+
+
+def check_recipe(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """Validate the recipe and load every dataset, without loading a model: a dry run for `--check`."""
+    recipe = load_recipe(recipe_path, overrides)
+    lines = [f"{recipe_path}: valid; output_dir {recipe.output_dir}"]
+    for index, stage in enumerate(recipe.stages):
+        data = build_stage_data(stage, index, recipe.on_bad_rows, recipe.seed)
+        sizes = ", ".join(f"{Path(p.spec.path).name} {len(p.rows)} rows" + (f" ({p.skipped} skipped)" if p.skipped else "")
+                          for p in data.parts)
+        lines.append(f"stages[{index}] {stage.name}: {stage.max_steps} steps of {stage.batch_size}, "
+                     f"{len(data.batch_sampler)} batches per epoch; {sizes}")
+    Evaluator.from_recipe(recipe)
+    return "\n".join(lines)
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, callbacks: list[TrainerCallback] | tuple = ()) -> TrainSummary:
+    """Train every stage of a validated recipe; with `resume`, continue a run from its last checkpoint."""
+    check_hardware(recipe)
+    root = Path(recipe.output_dir)
+    _prepare_output(recipe, root, resume)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    stage_data = [
+        build_stage_data(stage, index, recipe.on_bad_rows, recipe.seed, world_size)
+        for index, stage in enumerate(recipe.stages)
+    ]
+    evaluator = Evaluator.from_recipe(recipe)  # loads evaluation data: its errors also come before the model
+    set_seed(recipe.seed)  # LoRA and trainable poolers initialise from the seed
+    embedder = load_embedder(recipe)
+    summary = TrainSummary(output_dir=str(root), model_dir=str(root / "model"))
+    log = MetricsLog(root / METRICS_NAME, enabled=_is_main_process())
+    if evaluator and recipe.eval.at_start and not resume:
+        summary.evaluations.append(evaluator.run(embedder, log, stage="start", step=0))
+    started = time.perf_counter()
+    weights_from: Path | None = None
+    for index, (stage, data) in enumerate(zip(recipe.stages, stage_data)):
+        stage_dir = root / "stages" / f"{index}-{stage.name}"
+        final = stage_dir / "final"
+        if (final / "llm2emb.json").is_file():
+            weights_from = final  # finished in an earlier run: skip it, keep its weights for the next stage
+            continue
+        if weights_from is not None:
+            load_trained_weights(embedder, weights_from)
+            weights_from = None
+        checkpoint = last_checkpoint(stage_dir) if resume else None
+        stats = run_stage(recipe, index, stage, data, embedder, stage_dir, checkpoint, log, evaluator, callbacks)
+        summary.stages.append(stats)
+        if _is_main_process():
+            embedder.save_pretrained(final, overwrite=True)
+    if weights_from is not None:
+        load_trained_weights(embedder, weights_from)
+    summary.seconds = time.perf_counter() - started
+    summary.steps = sum(s["steps"] for s in summary.stages)
+    summary.samples = sum(s["samples"] for s in summary.stages)
+    summary.tokens = sum(s["tokens"] for s in summary.stages)
+    summary.peak_memory_mb = peak_memory_mb()
+    if _is_main_process():
+        embedder.save_pretrained(root / "model", overwrite=True)
+        if evaluator and recipe.eval.at_end:
+            summary.evaluations.append(evaluator.run(embedder, log, stage="end", step=summary.steps))
+        (root / SUMMARY_NAME).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        plot_loss(root / METRICS_NAME, root / "loss.png")
+    return summary
+
+
+# ---- setup -------------------------------------------------------------------------------------------------------
+
+
+def check_hardware(recipe: Recipe) -> None:
+    """Fail in one line, before any loading, when the recipe needs hardware this machine lacks."""
+    if recipe.quantization != "none" and not torch.cuda.is_available():
+        raise UserError(f"quantization: {recipe.quantization} (QLoRA through bitsandbytes) needs a CUDA GPU; "
+                        "none is visible (set quantization: none to train on the CPU)")
+    if recipe.bf16 and not torch.cuda.is_available() and not _cpu_supports_bf16():
+        raise UserError("bf16: this CPU has no bfloat16 support; set bf16: false")
+
+
+def _cpu_supports_bf16() -> bool:
+    try:
+        torch.zeros(1, dtype=torch.bfloat16) @ torch.zeros(1, 1, dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _prepare_output(recipe: Recipe, root: Path, resume: bool) -> None:
+    """A fresh run refuses a folder holding another run; a resumed one refuses a recipe that changed."""
+    saved = root / RESOLVED_NAME
+    if resume and saved.is_file():
+        before = yaml.safe_load(saved.read_text())
+        now = recipe.model_dump(mode="json")
+        changed = [key for key in _diff(before, now) if key[0] not in RESUME_IGNORED_KEYS]
+        if changed:
+            keys = ", ".join(format_key_path(key) for key in changed[:5])
+            raise UserError(f"{root}: the recipe changed since this run started ({keys}); "
+                            "resuming would not reproduce it: use a new output_dir")
+    elif not resume and root.exists() and (saved.is_file() or (root / "stages").exists()):
+        raise UserError(f"output_dir: {root} already holds a run; pass --resume to continue it or choose another")
+    if _is_main_process():
+        save_resolved(recipe, root)
+
+
+def _diff(a: Any, b: Any, prefix: tuple = ()) -> list[tuple]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [key for name in dict.fromkeys([*a, *b]) for key in _diff(a.get(name), b.get(name), (*prefix, name))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [key for i, (x, y) in enumerate(zip(a, b)) for key in _diff(x, y, (*prefix, i))]
+    return [] if a == b else [prefix]
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def load_embedder(recipe: Recipe):
+    """The Embedder of `model:`, with LoRA (and a 4/8-bit base for QLoRA) applied as the recipe says."""
+    from llm2emb.model import Embedder
+
+    spec = recipe.model
+    dtype = spec.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    if recipe.quantization != "none":
+        embedder = _load_quantized(recipe, dtype)
+    else:
+        embedder = Embedder.from_pretrained(spec.base, pooling=spec.pooling, attention=spec.attention,
+                                            torch_dtype=getattr(torch, dtype))
+    embedder.config.max_length = spec.max_length
+    if recipe.lora is not None:
+        apply_lora(embedder, recipe)
+    if recipe.gradient_checkpointing:
+        embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if recipe.lora is not None:
+            embedder.backbone.enable_input_require_grads()
+    embedder.pooler.requires_grad_(embedder.pooler.trainable)
+    return embedder.train()
+
+
+def _load_quantized(recipe: Recipe, dtype: str):
+    """A 4/8-bit base for QLoRA. Embedder.from_pretrained has no quantization argument yet, so the backbone is
+    loaded here from the core's own pieces and assembled the way Embedder does it."""
+    from transformers import AutoModel
+
+    from llm2emb.backbone import load_config, load_tokenizer, resolve_base
+    from llm2emb.config import EmbedderConfig
+    from llm2emb.model import Embedder
+
+    spec = recipe.model
+    base = resolve_base(spec.base)
+    config = EmbedderConfig(base=spec.base, attention=spec.attention)
+    if spec.pooling is not None:
+        config.pooling = {"type": spec.pooling} if isinstance(spec.pooling, str) else dict(spec.pooling)
+    backbone = AutoModel.from_pretrained(
+        base.path, config=load_config(base, spec.attention), dtype=getattr(torch, dtype),
+        quantization_config=_bnb_config(recipe.quantization, dtype), **base.kwargs,
+    )
+    tokenizer = load_tokenizer(base, config.padding_side)
+    return Embedder._assemble(backbone, tokenizer, config, weights_dir=None)
+
+
+def _bnb_config(quantization: str, dtype: str):
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError:  # pragma: no cover - transformers always ships it
+        raise UserError("quantization needs transformers' BitsAndBytesConfig") from None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("quantization: install bitsandbytes (pip install 'llm2emb[gpu]')") from None
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=getattr(torch, dtype))
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def apply_lora(embedder, recipe: Recipe) -> None:
+    """Wrap the backbone in a PEFT LoRA model; with a quantized base, prepare it for k-bit training first."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lora = recipe.lora
+    backbone = embedder.backbone
+    if recipe.quantization != "none":
+        backbone = prepare_model_for_kbit_training(
+            backbone, use_gradient_checkpointing=recipe.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, bias="none")
+    try:
+        embedder.backbone = get_peft_model(backbone, config)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules: {exc}") from None
+
+
+def load_trained_weights(embedder, folder: Path) -> None:
+    """Put a finished stage's adapter (or full weights) and pooler weights into the live model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from llm2emb.config import POOLING_WEIGHTS_NAME
+    from llm2emb.model import is_peft
+
+    if is_peft(embedder.backbone):
+        state = load_file(str(folder / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(embedder.backbone, state)
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"{folder}: adapter does not fit this model ({result.unexpected_keys[:3]})")
+    else:
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        if (folder / "model.safetensors").is_file():
+            embedder.backbone.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+        else:
+            load_sharded_checkpoint(embedder.backbone, str(folder))
+    if embedder.pooler.trainable:
+        embedder.pooler.load_state_dict(load_file(str(folder / POOLING_WEIGHTS_NAME)))
+
+
+def last_checkpoint(stage_dir: Path) -> str | None:
+    """The newest complete checkpoint: a crash mid-save leaves a folder without trainer_state.json, skipped here."""
+    if not stage_dir.is_dir():
+        return None
+    complete = [
+        path for path in stage_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.name.rpartition("-")[2].isdigit() and (path / TRAINER_STATE).is_file()
+    ]
+    return str(max(complete, key=lambda p: int(p.name.rpartition("-")[2]))) if complete else None
+
+
+# ---- one stage ---------------------------------------------------------------------------------------------------
+
+
+def training_arguments(recipe: Recipe, stage: StageSpec, stage_dir: Path, world_size: int) -> TrainingArguments:
+    """The HF TrainingArguments of one stage (checked against transformers 5.23's signature)."""
+    return TrainingArguments(
+        output_dir=str(stage_dir),
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.batch_size // world_size,
+        learning_rate=stage.learning_rate,
+        lr_scheduler_type=stage.lr_scheduler,
+        warmup_steps=stage.warmup_steps,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        bf16=recipe.bf16,
+        logging_steps=recipe.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        seed=recipe.seed,
+        report_to=[name for name in available_reporters(recipe.report_to) if name != "tensorboard"] or ["none"],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # a recipe's batch_size is the global contrastive batch: each process gets a slice of the same batch
+        accelerator_config={"split_batches": True},
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+
+
+def available_reporters(wanted: list[str]) -> list[str]:
+    """Trainer integrations that are installed; tensorboard is optional."""
+    import importlib.util
+
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+    kept = [name for name in wanted if name != "none" and importlib.util.find_spec(modules.get(name, name)) is not None]
+    for name in set(wanted) - set(kept) - {"none"}:
+        logger.warning("report_to: %s is not installed; not reporting to it", name)
+    return kept
+
+
+def run_stage(
+    recipe: Recipe, index: int, stage: StageSpec, data: StageData, embedder, stage_dir: Path,
+    checkpoint: str | None, log: MetricsLog, evaluator: Evaluator | None, callbacks,
+) -> dict:
+    """Train one stage (from `checkpoint` when resuming); returns its step, sample and token counts."""
+    from llm2emb.train.losses import InfoNCELoss
+    from llm2emb.train.trainer import ContrastiveTrainer
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = training_arguments(recipe, stage, stage_dir, world_size)
+    collator = ContrastiveCollator(embedder, max_length=stage.max_length or recipe.model.max_length)
+    trainer = ContrastiveTrainer(
+        model=embedder,
+        args=args,
+        train_dataset=data,
+        data_collator=collator,
+        loss=InfoNCELoss(stage.temperature, learnable_temperature=stage.learnable_temperature),
+        gradcache_chunk=stage.gradcache_chunk,
+    )
+    trainer.remove_callback(PrinterCallback)  # Trainer picks it when the log level is quiet: dicts, no bar
+    trainer.remove_callback(ProgressCallback)
+    progress = StageProgress(stage.name, index, len(recipe.stages))
+    trainer.add_callback(progress)
+    trainer.add_callback(MetricsCallback(log, stage.name))
+    if "tensorboard" in available_reporters(recipe.report_to):
+        trainer.add_callback(tensorboard_callback(Path(recipe.output_dir) / "tensorboard" / f"{index}-{stage.name}"))
+    if evaluator and recipe.eval.every_steps:
+        trainer.add_callback(EvalCallback(evaluator, embedder, log, stage.name, recipe.eval.every_steps))
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    start_step, start_tokens = 0, 0
+    if checkpoint is not None:
+        state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+        start_step, start_tokens = state["global_step"], state.get("num_input_tokens_seen", 0)
+        logger.warning("stage %s: resuming from %s", stage.name, checkpoint)
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteLossError as exc:  # the trainer's message names the intact checkpoint; add which stage
+        raise NonFiniteLossError(f"stages[{index}] ({stage.name}): {exc}") from None
+    finally:
+        progress.close()
+    steps = trainer.state.global_step - start_step
+    return {
+        "name": stage.name,
+        "steps": steps,
+        "samples": steps * stage.batch_size,
+        "tokens": trainer.state.num_input_tokens_seen - start_tokens,
+        "seconds": time.perf_counter() - started,
+        "final_loss": _last_loss(trainer.state.log_history),
+    }
+
+
+def _last_loss(history: list[dict]) -> float | None:
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    return losses[-1] if losses else None
+
+
+# ---- progress, metrics, evaluation ------------------------------------------------------------------------
+
+
+class StageProgress(ProgressCallback):
+    """Trainer's progress bar, with loss, learning rate and throughput in the bar instead of printed dicts."""
+
+    def __init__(self, name: str, index: int, count: int):
+        super().__init__()
+        self.label = f"stage {index + 1}/{count} {name}"
+        self.throughput = Throughput()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.label)
+        self.throughput.start(state)
+
+    def close(self) -> None:
+        """End the bar when training stops early (on_train_end, which closes it otherwise, never comes)."""
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is None or not logs or "loss" not in logs:
+            return
+        self.training_bar.set_postfix(
+            loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}",
+            tok_s=f"{self.throughput.tokens_per_second(state):.0f}",
+        )
+
+
+class Throughput:
+    """Tokens per second since this `train()` call began (a resumed call counts from its own start)."""
+
+    def start(self, state) -> None:
+        self.time, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def tokens_per_second(self, state) -> float:
+        return (state.num_input_tokens_seen - self.tokens) / max(time.perf_counter() - self.time, 1e-9)
+
+
+def tensorboard_callback(log_dir: Path) -> TrainerCallback:
+    """HF's TensorBoard callback writing under the run folder, minus the model-config text it would try to render
+    (it calls `model.config.to_json_string()`, which an Embedder's config, not a transformers config, lacks)."""
+    from transformers.integrations import TensorBoardCallback
+
+    class EmbedderTensorBoard(TensorBoardCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            kwargs.pop("model", None)
+            super().on_train_begin(args, state, control, **kwargs)
+
+    callback = EmbedderTensorBoard()
+    callback.logging_dir = str(log_dir)
+    return callback
+
+
+class MetricsLog:
+    """Append-only JSONL of log events; a resumed run appends after the interrupted one's lines."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+class MetricsCallback(TrainerCallback):
+    """Every Trainer log event, with its stage, step and throughput, into metrics.jsonl."""
+
+    def __init__(self, log: MetricsLog, stage: str):
+        self.log, self.stage, self.throughput = log, stage, Throughput()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.throughput.start(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        record = {"stage": self.stage, "step": state.global_step, "time": time.time(), **logs}
+        if "loss" in logs:
+            record["tokens_per_second"] = self.throughput.tokens_per_second(state)
+        self.log.write(record)
+
+
+@dataclass
+class Evaluator:
+    """STS files and BEIR folders of `eval:`, loaded once, scored with llm2emb.evaluate."""
+
+    sts: list
+    beir: list
+    batch_size: int
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Evaluator | None:
+        if not recipe.eval.sts and not recipe.eval.beir:
+            return None
+        from llm2emb.evaluate import load_beir, load_sts
+
+        return cls(
+            sts=[load_sts(spec.path) for spec in recipe.eval.sts],
+            beir=[(load_beir(spec.path, spec.split), spec.instruction) for spec in recipe.eval.beir],
+            batch_size=recipe.eval.batch_size,
+        )
+
+    def run(self, embedder, log: MetricsLog, stage: str, step: int) -> dict:
+        from llm2emb.evaluate import evaluate_retrieval, evaluate_sts
+
+        results = [evaluate_sts(embedder, data, batch_size=self.batch_size) for data in self.sts]
+        results += [evaluate_retrieval(embedder, data, query_instruction=instruction, batch_size=self.batch_size)
+                    for data, instruction in self.beir]
+        scores = {f"eval/{r.task}/{r.main_score}": round(r.main, 2) for r in results}
+        record = {"stage": stage, "step": step, "time": time.time(), **scores}
+        log.write(record)
+        print(f"eval ({stage}, step {step}): " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in scores.items()),
+              file=sys.stderr)
+        return record
+
+
+class EvalCallback(TrainerCallback):
+    """Evaluation every N optimizer steps of a stage (main process only; encode restores training mode)."""
+
+    def __init__(self, evaluator: Evaluator, embedder, log: MetricsLog, stage: str, every: int):
+        self.evaluator, self.embedder, self.log, self.stage, self.every = evaluator, embedder, log, stage, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.is_world_process_zero:
+            self.evaluator.run(self.embedder, self.log, self.stage, state.global_step)
+
+
+# ---- the end of a run ----------------------------------------------------------------------------------------
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by torch, or on the CPU the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def plot_loss(metrics: Path, target: Path) -> Path | None:
+    """The loss curve of every stage (matplotlib is optional: without it, no picture)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no loss curve (pip install 'llm2emb[plot]')")
+        return None
+    if not metrics.is_file():
+        return None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    curves: dict[str, dict[int, float]] = {}
+    for record in records:
+        if "loss" in record and math.isfinite(record["loss"]):
+            curves.setdefault(record["stage"], {})[record["step"]] = record["loss"]  # a resumed step replaces
+    if not curves:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for stage, points in curves.items():
+        steps = sorted(points)
+        axis.plot([offset + s for s in steps], [points[s] for s in steps], label=stage)
+        offset += steps[-1]
+    axis.set_xlabel("optimizer step (all stages)")
+    axis.set_ylabel("contrastive loss")
+    axis.legend()
+    figure.tight_layout()
+    tmp = target.with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, target)
+    return target
+

@@ -1,0 +1,93 @@
+"""`llm2emb train` on the command line: a run, --check, and each refusal as one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm2emb.cli import main
+
+RECIPE = """\
+    model: {base: BASE, max_length: 24}
+    lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
+    output_dir: OUT
+    logging_steps: 1
+    stages:
+      - name: pairs
+        max_steps: 2
+        batch_size: 4
+        learning_rate: 1.0e-3
+        datasets: [{path: DATA}]
+"""
+
+
+def write_recipe(directory: Path, base: Path, data: str = "pairs.jsonl") -> Path:
+    rows = [{"query": f"where is the {w}?", "positive": f"The {w} is here."}
+            for w in ["cat", "dog", "man", "chef", "mat", "street", "enzyme", "protein"]]
+    (directory / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = directory / "recipe.yaml"
+    text = textwrap.dedent(RECIPE).replace("BASE", str(base)).replace("OUT", str(directory / "run"))
+    path.write_text(text.replace("DATA", data))
+    return path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("llm2emb train: error: "), err
+    return lines[0]
+
+
+def test_train_prints_the_summary_and_writes_the_model(tiny_qwen2, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, tiny_qwen2)
+    assert main(["train", str(recipe), "--set", "stages[0].max_steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("trained 1 steps in ") and out.strip().endswith(str(tmp_path / "run" / "model"))
+    assert (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()
+    assert main(["train", str(recipe), "--set", "stages[0].max_steps=1"]) == 2
+    assert "already holds a run; pass --resume" in one_line_error(capsys)
+
+
+def test_check_prints_the_data_summary_without_training(tiny_qwen2, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, tiny_qwen2)
+    assert main(["train", str(recipe), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"{recipe}: valid; output_dir {tmp_path / 'run'}" in out
+    assert "stages[0] pairs: 2 steps of 4, 2 batches per epoch; pairs.jsonl 8 rows" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_is_one_line_naming_the_key(tiny_qwen2, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, tiny_qwen2, data="missing.jsonl")
+    assert main(["train", str(recipe)]) == 2
+    assert one_line_error(capsys) == (
+        f"llm2emb train: error: {recipe}:10: stages[0].datasets[0].path: missing.jsonl: file not found "
+        "(for a dataset from the hub set format: hf)"
+    )
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("stages[0].batch_size=16", "stages[0].datasets[0]: 8 usable rows, fewer than stages[0].batch_size (16)"),
+    ("stages[0].gradcache_chunk=3", "stages[0].gradcache_chunk: 3 must divide batch_size (4)"),
+    ("lora.target_modules=[nope]", "lora.target_modules: "),
+])
+def test_bad_settings_are_one_line(tiny_qwen2, tmp_path, capsys, override, fragment):
+    recipe = write_recipe(tmp_path, tiny_qwen2)
+    assert main(["train", str(recipe), "--set", override]) == 2
+    assert fragment in one_line_error(capsys)
+
+
+def test_quantization_on_cpu_is_a_clear_error(tiny_qwen2, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the machine has a GPU")
+    recipe = write_recipe(tmp_path, tiny_qwen2)
+    assert main(["train", str(recipe), "--set", "quantization=4bit"]) == 2
+    line = one_line_error(capsys)
+    assert "quantization: 4bit (QLoRA through bitsandbytes) needs a CUDA GPU" in line
+    assert not (tmp_path / "run").exists()

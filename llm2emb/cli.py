@@ -64,6 +64,10 @@ def add_encode(sub) -> None:
     p.add_argument("--pooling", type=_pooling_arg, help="pooling when MODEL is a base model")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dim", type=int, help="keep the first DIM components (Matryoshka)")
+    p.add_argument("--layers", type=int, help="run only the first LAYERS transformer layers (Matryoshka layers)")
+    p.add_argument("--max-tokens", type=int, help="token budget per batch (texts are sorted by length first)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "padded", "packed", "flash_attn", "varlen_attn"],
+                   help="padded batches, or packed rows with a varlen kernel (auto: the fastest available)")
     p.set_defaults(run=run_encode)
 
 
@@ -73,9 +77,10 @@ def run_encode(args) -> None:
     from llm2emb.model import Embedder
 
     texts = _read_lines(args.input)
-    embedder = Embedder.from_pretrained(args.model, pooling=args.pooling)
+    embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, attention_backend=args.attention_backend)
     encode = embedder.encode_documents if args.documents else embedder.encode
-    vectors = encode(texts, instruction=args.instruction, batch_size=args.batch_size, dim=args.dim)
+    vectors = encode(texts, instruction=args.instruction, batch_size=args.batch_size, dim=args.dim,
+                     layers=args.layers, max_tokens=args.max_tokens)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.partial.npy")

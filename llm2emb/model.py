@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from llm2emb.attention import resolve_backend, use_varlen_attention
 from llm2emb.backbone import BaseRef, load_backbone, load_tokenizer, resolve_base, verify_attention
 from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
+from llm2emb.packing import pack, token_budget_batches, unpack
 from llm2emb.pooling import Pooler, build_pooler, pooler_spec
 from llm2emb.prompts import Prompt, Prompts
 
@@ -35,6 +38,9 @@ class Embedder(nn.Module):
         self.pooler = pooler
         self.tokenizer = tokenizer
         self.config = config
+        self.attention_backend = "auto"
+        """auto | padded | packed | flash_attn | varlen_attn (llm2emb.attention); a runtime choice, not saved."""
+        self._resolved: tuple[tuple, str] | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -46,23 +52,28 @@ class Embedder(nn.Module):
         torch_dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         attn_implementation: str | None = None,
+        attention_backend: str = "auto",
         **pooling_kwargs: Any,
     ) -> Embedder:
         """Load an llm2emb folder, or make an Embedder from a base (hub id, HF folder, .gguf, asset alias).
 
-        Every load verifies the attention mode (see `backbone.verify_attention`).
+        Every load verifies the attention mode (see `backbone.verify_attention`). `attention_backend` picks padded
+        or packed batches (see `set_attention_backend`); a choice that cannot run here fails at load.
         """
         if pooling_kwargs:
             pooling = {"type": pooling or "mean", **pooling_kwargs} if not isinstance(pooling, dict) else pooling
         if is_model_folder(path_or_id):
-            return cls._load_folder(Path(path_or_id), pooling, attention, torch_dtype, device, attn_implementation)
-        base = resolve_base(path_or_id)
-        config = EmbedderConfig(base=str(path_or_id), attention=attention or "bidirectional")
-        if pooling is not None:
-            config.pooling = {"type": pooling} if isinstance(pooling, str) else dict(pooling)
-        backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device)
-        tokenizer = load_tokenizer(base, config.padding_side)
-        return cls._assemble(backbone, tokenizer, config, weights_dir=None)
+            embedder = cls._load_folder(Path(path_or_id), pooling, attention, torch_dtype, device, attn_implementation)
+        else:
+            base = resolve_base(path_or_id)
+            config = EmbedderConfig(base=str(path_or_id), attention=attention or "bidirectional")
+            if pooling is not None:
+                config.pooling = {"type": pooling} if isinstance(pooling, str) else dict(pooling)
+            backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device)
+            tokenizer = load_tokenizer(base, config.padding_side)
+            embedder = cls._assemble(backbone, tokenizer, config, weights_dir=None)
+        embedder.set_attention_backend(attention_backend)
+        return embedder
 
     @classmethod
     def _load_folder(cls, folder, pooling, attention, torch_dtype, device, attn_implementation) -> Embedder:
@@ -114,6 +125,61 @@ class Embedder(nn.Module):
     def dim(self) -> int:
         return self.pooler.output_dim
 
+    @property
+    def num_layers(self) -> int:
+        """Transformer layers of the backbone (the largest `layers=` value)."""
+        return len(_decoder(self.backbone).layers)
+
+    # ------------------------------------------------------------------ attention backend
+    def set_attention_backend(self, backend: str = "auto") -> None:
+        """Choose how `forward` and `encode` batch texts: padded rows, or one packed row and a varlen kernel.
+
+        auto: a CUDA varlen kernel (flash-attn, else torch's varlen_attn) when usable, else padded.
+        packed: the best packed kernel here, the sdpa one on a CPU. flash_attn / varlen_attn: that kernel or a
+        one-line UserError saying why not. Checked now for the current device and dtype, and again whenever the
+        model has moved since (auto then re-chooses).
+        """
+        self._resolved = None
+        self._kernel(backend)
+        self.attention_backend = backend
+
+    def _kernel(self, backend: str | None = None) -> str:
+        """`padded` or the packed kernel for the current device and dtype; switches the backbone when packed."""
+        backend = backend or self.attention_backend
+        parameter = next(self.backbone.parameters())
+        key = (backend, parameter.device, parameter.dtype)
+        if self._resolved is None or self._resolved[0] != key:
+            implementation = _base_model(self.backbone).config._attn_implementation
+            kernel = resolve_backend(backend, parameter.device, parameter.dtype, implementation)
+            if kernel != "padded":
+                use_varlen_attention(self.backbone)
+            self._resolved = (key, kernel)
+        return self._resolved[1]
+
+    @contextlib.contextmanager
+    def _first_layers(self, layers: int | None) -> Iterator[None]:
+        """Run only the first `layers` transformer layers (Matryoshka layers): the rest are not computed.
+
+        The decoder's layer list is swapped for its first `layers` entries for the duration of the call; the
+        final norm still runs on the last computed layer, so the result equals a checkpoint loaded with
+        `num_hidden_layers=layers` (the Starbucks / 2D Matryoshka recipe). Not thread-safe across concurrent
+        calls on the same Embedder; under DDP the skipped layers get no gradient (use find_unused_parameters).
+        """
+        if layers is None or layers == self.num_layers:
+            yield
+            return
+        if not 1 <= layers <= self.num_layers:
+            raise UserError(f"layers must be between 1 and {self.num_layers}, got {layers}")
+        if self.pooler.needs_all_layers:
+            raise UserError(f"pooling {self.pooler.name!r} reads every layer; it cannot run with layers={layers}")
+        decoder = _decoder(self.backbone)
+        full = decoder.layers
+        decoder.layers = nn.ModuleList(list(full)[:layers])
+        try:
+            yield
+        finally:
+            decoder.layers = full
+
     # ------------------------------------------------------------------ tokenisation
     def tokenize(
         self,
@@ -126,14 +192,17 @@ class Embedder(nn.Module):
 
         `kind` picks the template the instruction goes through: "query" or "document".
         """
+        return self._pad(self._rows(texts, instructions, max_length, kind))
+
+    def _rows(self, texts, instructions, max_length, kind) -> list[tuple[list[int], list[int]]]:
+        """(ids, pool mask) per text, unpadded."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not a single string")
         if instructions is None or isinstance(instructions, str):
             instructions = [instructions] * len(texts)
         render = self.prompts.query if kind == "query" else self.prompts.document
         prompts = [render(text, instruction) for text, instruction in zip(texts, instructions, strict=True)]
-        rows = [self._tokenize_prompt(p, max_length or self.config.max_length) for p in prompts]
-        return self._pad(rows)
+        return [self._tokenize_prompt(p, max_length or self.config.max_length) for p in prompts]
 
     def _tokenize_prompt(self, prompt: Prompt, max_length: int) -> tuple[list[int], list[int]]:
         needs_eos = self.pooler.needs_eos
@@ -170,23 +239,53 @@ class Embedder(nn.Module):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask}
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled vectors (B, d), not normalised, with gradients: the training path."""
+    def forward(self, batch: dict[str, torch.Tensor], layers: int | None = None) -> torch.Tensor:
+        """Pooled vectors (B, d), not normalised, with gradients: the training path.
+
+        `layers=k` runs only the first k transformer layers (Matryoshka layers, see `_first_layers`). With a
+        packed attention backend the batch's padding is dropped before the backbone and restored after it, so
+        the pooler sees the same (B, T, d) states either way.
+        """
         attention_mask = batch["attention_mask"].to(self.device)
+        input_ids = batch["input_ids"].to(self.device)
+        kernel = self._kernel()
+        with self._first_layers(layers):
+            if kernel == "padded":
+                hidden, all_layers = self._padded_states(input_ids, attention_mask)
+            else:
+                hidden, all_layers = self._packed_states(input_ids, attention_mask, kernel)
+        pooler_dtype = next(self.pooler.parameters(), torch.empty(0)).dtype
+        if all_layers is not None:
+            all_layers = tuple(h.to(pooler_dtype) for h in all_layers)
+        pool_mask = batch["pool_mask"].to(self.device)
+        return self.pooler(hidden.to(pooler_dtype), pool_mask, all_layers)
+
+    def _padded_states(self, input_ids, attention_mask):
         # Positions count real tokens only, so left padding gives the same positions as right padding.
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
         out = self.backbone(
-            input_ids=batch["input_ids"].to(self.device),
+            input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             output_hidden_states=self.pooler.needs_all_layers,
         )
-        pooler_dtype = next(self.pooler.parameters(), torch.empty(0)).dtype
+        all_layers = out.hidden_states[1:] if self.pooler.needs_all_layers else None
+        return out.last_hidden_state, all_layers
+
+    def _packed_states(self, input_ids, attention_mask, kernel):
+        """One row of real tokens through the backbone; `cu_seq_lens_*` reach llm2emb.attention's varlen kernel."""
+        packed = pack(input_ids, attention_mask)
+        out = self.backbone(
+            input_ids=packed.input_ids,
+            position_ids=packed.position_ids,
+            output_hidden_states=self.pooler.needs_all_layers,
+            llm2emb_kernel=kernel,
+            **packed.attention_kwargs(),
+        )
         all_layers = None
         if self.pooler.needs_all_layers:
-            all_layers = tuple(h.to(pooler_dtype) for h in out.hidden_states[1:])
-        pool_mask = batch["pool_mask"].to(self.device)
-        return self.pooler(out.last_hidden_state.to(pooler_dtype), pool_mask, all_layers)
+            all_layers = tuple(unpack(h, packed) for h in out.hidden_states[1:])
+        return unpack(out.last_hidden_state, packed), all_layers
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
@@ -199,30 +298,37 @@ class Embedder(nn.Module):
         dim: int | None = None,
         show_progress_bar: bool | None = None,
         kind: str = "query",
+        max_tokens: int | None = None,
+        layers: int | None = None,
     ) -> np.ndarray:
         """Embeddings (n, d) as float32 numpy, L2-normalised, in the order of `texts`.
 
-        Texts are sorted by length before batching so each batch pads little. `dim` keeps the first
-        `dim` components (Matryoshka truncation) before normalising.
+        Texts are tokenized, sorted by token count (longest first) and grouped so each batch pads little:
+        `batch_size` caps the rows of a batch and `max_tokens` (optional) its tokens — rows x longest text when
+        padded, the sum of lengths when packed — so short texts travel in large batches and long ones in small.
+        `dim` keeps the first `dim` components (Matryoshka truncation) before normalising; `layers` runs only the
+        first `layers` transformer layers.
         """
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings, not a single string")
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        if max_tokens is not None and max_tokens < 1:
+            raise UserError(f"max_tokens must be at least 1, got {max_tokens}")
         if dim is not None and not 0 < dim <= self.dim:
             raise UserError(f"dim must be between 1 and {self.dim}, got {dim}")
         normalize = self.config.normalize if normalize is None else normalize
         if show_progress_bar is None:
             show_progress_bar = len(texts) >= PROGRESS_BAR_MIN_TEXTS
+        rows = self._rows(texts, instruction, None, kind)
+        lengths = [len(ids) for ids, _ in rows]
+        order = np.argsort([-n for n in lengths], kind="stable")
+        packed = self._kernel() != "padded"
+        groups = list(token_budget_batches([lengths[i] for i in order], max_tokens, batch_size, packed))
         was_training = self.training
         self.eval()
-        order = np.argsort([-len(t) for t in texts], kind="stable")
         result = np.zeros((len(texts), dim or self.dim), dtype=np.float32)
-        starts = range(0, len(texts), batch_size)
-        for start in tqdm(starts, disable=not show_progress_bar, desc="encode", unit="batch"):
-            index = order[start : start + batch_size]
-            batch = self.tokenize([texts[i] for i in index], instruction, kind=kind)
-            vectors = self.forward(batch).float()
+        for group in tqdm(groups, disable=not show_progress_bar, desc="encode", unit="batch"):
+            index = order[group]
+            vectors = self.forward(self._pad([rows[i] for i in index]), layers=layers).float()
             if dim is not None:
                 vectors = vectors[:, :dim]
             if normalize:
@@ -287,8 +393,21 @@ def is_peft(module: nn.Module) -> bool:
     return isinstance(module, PeftModel)
 
 
+def _base_model(backbone: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel (or the backbone itself)."""
+    return backbone.get_base_model() if is_peft(backbone) else backbone
+
+
 def _base_config(backbone: nn.Module):
-    return backbone.get_base_model().config if is_peft(backbone) else backbone.config
+    return _base_model(backbone).config
+
+
+def _decoder(backbone: nn.Module) -> nn.Module:
+    """The module holding the transformer layer list (`AutoModel` is the decoder itself for these families)."""
+    model = _base_model(backbone)
+    if not isinstance(getattr(model, "layers", None), nn.ModuleList):
+        raise UserError(f"model_type {model.config.model_type!r} has no `layers` list; layers= is unsupported")
+    return model
 
 
 def resolve_adapter_base(folder: Path, base: str | None) -> BaseRef:

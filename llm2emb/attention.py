@@ -1,0 +1,156 @@
+"""Attention backends: padded batches, or packed rows attended per text by a varlen kernel.
+
+Packed rows (llm2emb.packing) need attention that stays inside each text: transformers' bidirectional
+mask ignores packing, so `position_ids` alone leak attention across texts (DESIGN.md §3). We register one
+attention function, `llm2emb_varlen`, through transformers' AttentionInterface (with sdpa's mask
+function in the AttentionMaskInterface). When the model call carries `cu_seq_lens_q` it runs a varlen
+kernel with `causal` taken from the config (False for embedders); otherwise it is plain sdpa, so a
+backbone switched to it behaves exactly as before for padded batches. The choice lives in the call's
+keyword arguments, not in a temporarily swapped config, so gradient-checkpoint recomputation replays
+the same kernel.
+
+Kernels: `flash_attn` (flash-attn's `flash_attn_varlen_func`), `varlen_attn` (torch >= 2.9's
+`torch.nn.attention.varlen_attn`), both CUDA with float16/bfloat16; `sdpa` runs anywhere (the CPU
+path and the reference): only the attention is re-padded per text, every linear layer sees real tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from llm2emb.errors import UserError
+from llm2emb.packing import segment_ids
+
+IMPLEMENTATION = "llm2emb_varlen"
+"""The attention implementation name a backbone is switched to for packed batches."""
+
+BACKENDS = ("auto", "padded", "packed", "flash_attn", "varlen_attn")
+"""`attention_backend` values: auto picks the fastest available; packed the best packed kernel here."""
+
+KERNELS = ("flash_attn", "varlen_attn", "sdpa")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _flash_attn(query, key, value, cu_seqlens, max_length, scale, dropout, causal):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        query, key, value, cu_seqlens, cu_seqlens, max_length, max_length,
+        dropout_p=dropout, softmax_scale=scale, causal=causal,
+    )
+
+
+def _torch_varlen(query, key, value, cu_seqlens, max_length, scale, dropout, causal):
+    from torch.nn.attention.varlen import varlen_attn
+
+    if dropout:
+        raise UserError("attention backend varlen_attn has no attention dropout; use flash_attn or padded")
+    return varlen_attn(
+        query, key, value, cu_seqlens, cu_seqlens, max_length, max_length, scale=scale,
+        window_size=(-1, 0) if causal else (-1, -1), enable_gqa=key.shape[1] != query.shape[1],
+    )
+
+
+def _sdpa_per_text(query, key, value, cu_seqlens, max_length, scale, dropout, causal):
+    """Re-pad q, k, v to (texts, heads, longest, dim) for sdpa with a key mask, then gather real tokens back."""
+    text, position = segment_ids(cu_seqlens)
+    lengths = cu_seqlens.diff().long()
+
+    def repad(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(lengths.numel(), max_length, *x.shape[1:])
+        out[text, position] = x
+        return out.transpose(1, 2)
+
+    q, k, v = repad(query), repad(key), repad(value)
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    slots = torch.arange(max_length, device=query.device)
+    # Every text keeps at least one key, so rows of an empty text stay finite (and are never gathered).
+    mask = (slots[None, :] < lengths.clamp_min(1)[:, None])[:, None, None, :]
+    if causal:
+        mask = mask & (slots[:, None] >= slots[None, :])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return out.transpose(1, 2)[text, position]
+
+
+_KERNEL_FUNCTIONS = {"flash_attn": _flash_attn, "varlen_attn": _torch_varlen, "sdpa": _sdpa_per_text}
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """AttentionInterface entry: a varlen kernel for packed calls, sdpa for padded ones."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects one packed row, got a batch of {query.shape[0]}")
+    kernel = _KERNEL_FUNCTIONS[kwargs.get("llm2emb_kernel", "sdpa")]
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    # transformers hands (1, heads, N, dim); varlen kernels take (N, heads, dim).
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    out = kernel(q, k, v, cu_seqlens, int(kwargs["max_length_q"]), scaling, dropout, causal)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(IMPLEMENTATION, varlen_attention_forward)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+# ---------------------------------------------------------------- choosing a backend
+def kernel_problem(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `kernel` cannot run for weights of `dtype` on `device`, or None when it can."""
+    if kernel == "sdpa":
+        return None
+    if kernel == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
+        return "attention backend flash_attn needs the flash-attn package: pip install flash-attn (CUDA only)"
+    if kernel == "varlen_attn" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return f"attention backend varlen_attn needs torch >= 2.9 (this is {torch.__version__})"
+    if device.type != "cuda":
+        return f"attention backend {kernel} runs on CUDA only (the model is on {device.type})"
+    if dtype not in HALF_DTYPES:
+        return f"attention backend {kernel} needs float16 or bfloat16 weights (the model is {dtype}); load with torch_dtype=bfloat16"
+    return None
+
+
+def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype, implementation: str | None) -> str:
+    """`padded`, or the packed kernel to run (one of KERNELS); a one-line UserError when the request cannot run.
+
+    auto: a CUDA varlen kernel when one is usable (flash-attn first), else padded: without a varlen kernel the
+    packed path re-pads inside attention, and length-sorted padded batches already pad little.
+    packed: flash_attn, else varlen_attn, else the sdpa kernel (any device).
+    """
+    requested = requested or "auto"
+    if requested not in BACKENDS:
+        raise UserError(f"attention_backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "padded":
+        return "padded"
+    if implementation not in ("sdpa", IMPLEMENTATION):
+        if requested == "auto":
+            return "padded"
+        raise UserError(
+            f"attention backend {requested} replaces sdpa, but the backbone was loaded with "
+            f"attn_implementation={implementation!r}; load it without attn_implementation"
+        )
+    if requested in ("flash_attn", "varlen_attn"):
+        problem = kernel_problem(requested, device, dtype)
+        if problem:
+            raise UserError(problem)
+        return requested
+    for kernel in ("flash_attn", "varlen_attn"):
+        if kernel_problem(kernel, device, dtype) is None:
+            return kernel
+    return "sdpa" if requested == "packed" else "padded"
+
+
+def use_varlen_attention(model) -> None:
+    """Switch a transformers model (or the base of a PeftModel) to IMPLEMENTATION; idempotent."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation != IMPLEMENTATION:
+        base.set_attn_implementation(IMPLEMENTATION)

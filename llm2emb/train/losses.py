@@ -1,13 +1,24 @@
-"""InfoNCE over in-batch and hard negatives, the loss of E5, BGE and NV-Embed.
+"""InfoNCE over in-batch and hard negatives, the loss of E5, BGE and NV-Embed, with the literature's options.
 
 Each query is scored (cosine / temperature) against a set of candidate documents and trained to pick its own
 positive. The candidates are: its positive, its k hard negatives, and — when in-batch negatives are on — every
 other document of the (possibly multi-device) batch. Document layout follows docs/CONTRACTS.md: B positives,
 then B*k hard negatives, row B + i*k + j being the j-th negative of query i.
 
-The computation is split in three steps so later options plug in without a rewrite:
-``similarity`` (Matryoshka would call it once per truncated dimension), ``candidate_mask`` (false-negative
-margin masking would AND in a score-based mask) and ``logits`` (hardness weighting would add log-weights).
+Options (each off by default, each leaving the plain loss unchanged when off):
+
+- ``hardness_weight`` α (KaLM-Embedding-V2, RzenEmbed; Robinson et al. 2021): every negative n of query i is
+  weighted by w_in = |N_i| * softmax_n(α * s_in), computed without gradient. The weights average 1 over a query's
+  negatives, so α = 0 is plain InfoNCE and α > 0 moves the softmax mass (and the gradient) onto hard negatives.
+  They enter as log-weights added to the logits: w * exp(s / τ) = exp(s / τ + log w).
+- ``false_negative_margin`` m: a negative whose score is >= m x the positive's score is masked out (the
+  positive-aware rule of NV-Retriever), applied to in-batch and hard negatives alike.
+- a guide (GISTEmbed): with ``guide_queries``/``guide_documents`` (a frozen model's embeddings of the same
+  batch), a negative the guide scores above the query's positive is masked out.
+- Matryoshka views: ``views`` lists (segment, dim) pairs; the loss is the sum of the loss over every view, where
+  a view takes embedding segment ``segment`` (packed side by side, see ``split_segments``) and keeps its first
+  ``dim`` components, renormalised (MRL: one segment, many dims; 2D Matryoshka/Starbucks: one segment per
+  layer count). Masks from margins and hardness weights are computed per view from that view's own scores.
 """
 
 from __future__ import annotations
@@ -77,12 +88,52 @@ def candidate_mask(
     return mask & (in_batch[:, None] | positive | own_negative)
 
 
+def positive_mask(b: int, n: int, device: torch.device | None = None) -> torch.Tensor:
+    """Bool (B, N): True at (i, i), the column of query i's own positive."""
+    return torch.eye(b, n, dtype=torch.bool, device=device)
+
+
+def margin_mask(scores: torch.Tensor, margin: float) -> torch.Tensor:
+    """Bool (B, N): False on negatives scoring at least ``margin`` x the query's positive score (likely false
+    negatives); the positive itself is always kept."""
+    b, n = scores.shape
+    positive = scores.diagonal()[:, None]
+    return (scores < margin * positive) | positive_mask(b, n, scores.device)
+
+
+def guide_mask(guide_scores: torch.Tensor) -> torch.Tensor:
+    """Bool (B, N): False on negatives the guide scores above the query's positive (GISTEmbed)."""
+    b, n = guide_scores.shape
+    return (guide_scores <= guide_scores.diagonal()[:, None]) | positive_mask(b, n, guide_scores.device)
+
+
+def hardness_log_weights(scores: torch.Tensor, mask: torch.Tensor, strength: float) -> torch.Tensor:
+    """log w (B, N) of the hardness weights w_in = |N_i| softmax_n(strength * s_in) over each query's negatives.
+
+    Zero on the positive and on masked columns (and for a query without negatives); no gradient flows through it.
+    """
+    b, n = scores.shape
+    negatives = mask & ~positive_mask(b, n, scores.device)
+    count = negatives.sum(dim=1, keepdim=True)
+    z = (strength * scores.detach()).masked_fill(~negatives, float("-inf"))
+    log_w = z - z.logsumexp(dim=1, keepdim=True) + count.clamp_min(1).log()
+    return torch.where(negatives & (count > 0), log_w, torch.zeros_like(log_w))
+
+
+def split_segments(embeddings: torch.Tensor, segments: int) -> list[torch.Tensor]:
+    """(B, S*d) -> S tensors (B, d): several embeddings of each row packed side by side (one per layer count)."""
+    if embeddings.shape[-1] % segments:
+        raise ValueError(f"embedding width {embeddings.shape[-1]} is not a multiple of {segments} segments")
+    return list(embeddings.chunk(segments, dim=-1))
+
+
 class InfoNCELoss(nn.Module):
-    """Cross-entropy of each query over its candidate documents, averaged over queries.
+    """Cross-entropy of each query over its candidate documents, averaged over queries (summed over views).
 
     Embeddings come in unnormalised (``Embedder.forward``); the loss normalises them so scores are cosines.
     Under torch.distributed the batch is gathered from every process first (see ``distributed.py``), so the
-    value is the single-process loss of the global batch on every rank.
+    value is the single-process loss of the global batch on every rank. See the module docstring for
+    ``hardness_weight``, ``false_negative_margin``, the guide and ``views``/``segments``.
     """
 
     def __init__(
@@ -90,12 +141,25 @@ class InfoNCELoss(nn.Module):
         temperature: float | Temperature = 0.02,
         learnable_temperature: bool = False,
         gather_across_devices: bool = True,
+        hardness_weight: float = 0.0,
+        false_negative_margin: float | None = None,
+        views: list[tuple[int, int | None]] | None = None,
+        segments: int = 1,
     ):
         super().__init__()
         if not isinstance(temperature, Temperature):
             temperature = Temperature(temperature, learnable=learnable_temperature)
+        if hardness_weight < 0:
+            raise ValueError(f"hardness_weight must be >= 0, got {hardness_weight}")
+        views = list(views) if views else [(0, None)]
+        if segments < 1 or any(not 0 <= seg < segments or (dim is not None and dim < 1) for seg, dim in views):
+            raise ValueError(f"views {views} do not fit {segments} segment(s) of positive dims")
         self.temperature = temperature
         self.gather_across_devices = gather_across_devices
+        self.hardness_weight = hardness_weight
+        self.false_negative_margin = false_negative_margin
+        self.views = views
+        self.segments = segments
 
     @staticmethod
     def similarity(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
@@ -105,7 +169,12 @@ class InfoNCELoss(nn.Module):
         return q @ d.T
 
     def logits(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return (scores / self.temperature()).masked_fill(~mask, float("-inf"))
+        if self.false_negative_margin is not None:
+            mask = mask & margin_mask(scores.detach(), self.false_negative_margin)
+        logits = scores / self.temperature()
+        if self.hardness_weight:
+            logits = logits + hardness_log_weights(scores, mask, self.hardness_weight)
+        return logits.masked_fill(~mask, float("-inf"))
 
     def forward(
         self,
@@ -114,13 +183,33 @@ class InfoNCELoss(nn.Module):
         query_ids: torch.Tensor,
         document_ids: torch.Tensor,
         in_batch_negatives: bool | torch.Tensor = True,
+        guide_queries: torch.Tensor | None = None,
+        guide_documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         flags = torch.as_tensor(in_batch_negatives, device=queries.device).expand(queries.shape[0])
+        guided = guide_queries is not None
+        if guided != (guide_documents is not None):
+            raise ValueError("pass both guide_queries and guide_documents, or neither")
         if self.gather_across_devices and world_size() > 1:
+            if guided:
+                guide_queries, guide_documents, *_ = gather_batch(
+                    guide_queries, guide_documents, query_ids, document_ids, flags
+                )
             queries, documents, query_ids, document_ids, flags = gather_batch(
                 queries, documents, query_ids, document_ids, flags
             )
         mask = candidate_mask(query_ids, document_ids, flags)
-        logits = self.logits(self.similarity(queries, documents), mask)
-        targets = torch.arange(queries.shape[0], device=logits.device)
-        return F.cross_entropy(logits, targets)
+        if guided:
+            mask = mask & guide_mask(self.similarity(guide_queries, guide_documents))
+        query_parts = split_segments(queries, self.segments)
+        document_parts = split_segments(documents, self.segments)
+        targets = torch.arange(queries.shape[0], device=queries.device)
+        loss = queries.new_zeros((), dtype=torch.float32)
+        for segment, dim in self.views:
+            q, d = query_parts[segment], document_parts[segment]
+            if dim is not None:
+                if dim > q.shape[-1]:
+                    raise ValueError(f"Matryoshka dim {dim} exceeds the embedding width {q.shape[-1]}")
+                q, d = q[:, :dim], d[:, :dim]
+            loss = loss + F.cross_entropy(self.logits(self.similarity(q, d), mask), targets)
+        return loss

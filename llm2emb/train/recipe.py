@@ -169,7 +169,35 @@ class StageSpec(_Strict):
     """k negatives per query; rows with fewer are filled deterministically (see llm2emb.train.data)."""
     max_length: Annotated[int, Field(gt=0)] | None = None
     """Token limit for this stage; default: model.max_length."""
+    hardness_weight: Annotated[float, Field(ge=0)] = 0.0
+    """Focal-style weights w = |N| softmax(strength x score) on each query's negatives (0: plain InfoNCE)."""
+    false_negative_margin: Annotated[float, Field(gt=0)] | None = None
+    """Mask a negative scoring >= margin x its query's positive score (e.g. 0.95); null: keep all."""
+    guide_model: str | None = None
+    """GISTEmbed: a frozen model (llm2emb folder or base, same tokenizer) whose scores mask negatives it ranks
+    above the positive."""
+    matryoshka_dims: list[Annotated[int, Field(gt=0)]] | None = None
+    """Loss summed over these leading dimensions of the embedding (MRL), e.g. [64, 128, 256, 576]."""
+    matryoshka_layers: list[tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]] | None = None
+    """2D Matryoshka (Starbucks): [[layers, dim], ...]; loss summed over the embedding of the first `layers`
+    transformer layers truncated to `dim`, for every pair (include the full model's pair to train it too)."""
     datasets: Annotated[list[DatasetSpec], Field(min_length=1)]
+
+    @field_validator("guide_model")
+    @classmethod
+    def _guide_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else ModelSpec._base_exists(value, info)
+
+    @field_validator("matryoshka_dims", "matryoshka_layers")
+    @classmethod
+    def _distinct(cls, value: list | None) -> list | None:
+        if value is not None:
+            if not value:
+                raise ValueError("an empty list; leave the key out to train one size")
+            repeated = [item for index, item in enumerate(value) if item in value[:index]]
+            if repeated:
+                raise ValueError(f"{list(repeated[0]) if isinstance(repeated[0], tuple) else repeated[0]} is listed twice")
+        return value
 
     @model_validator(mode="after")
     def _chunk_divides_batch(self) -> StageSpec:
@@ -205,6 +233,8 @@ class BeirEvalSpec(_Strict):
     path: str
     split: str = "test"
     instruction: str | None = None
+    corpus_sample: Annotated[int, Field(gt=0)] | None = None
+    """Keep N corpus documents (every relevant one plus seeded others) so evaluation during training stays quick."""
 
     @model_validator(mode="after")
     def _exists(self, info: ValidationInfo) -> BeirEvalSpec:

@@ -370,7 +370,7 @@ def run_stage(
     checkpoint: str | None, log: MetricsLog, evaluator: Evaluator | None, callbacks,
 ) -> dict:
     """Train one stage (from `checkpoint` when resuming); returns its step, sample and token counts."""
-    from llm2emb.train.losses import InfoNCELoss
+    from llm2emb.train.contrastive import trainer_options
     from llm2emb.train.trainer import ContrastiveTrainer
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -381,8 +381,8 @@ def run_stage(
         args=args,
         train_dataset=data,
         data_collator=collator,
-        loss=InfoNCELoss(stage.temperature, learnable_temperature=stage.learnable_temperature),
         gradcache_chunk=stage.gradcache_chunk,
+        **trainer_options(stage, embedder, index),  # loss with the stage's tricks, guide model, Matryoshka layers
     )
     trainer.remove_callback(PrinterCallback)  # Trainer picks it when the log level is quiet: dicts, no bar
     trainer.remove_callback(ProgressCallback)
@@ -523,10 +523,15 @@ class Evaluator:
         if not recipe.eval.sts and not recipe.eval.beir:
             return None
         from llm2emb.evaluate import load_beir, load_sts
+        from llm2emb.evaluate.data import subsample_corpus
 
+        beir = []
+        for spec in recipe.eval.beir:
+            data = load_beir(spec.path, spec.split)
+            beir.append((subsample_corpus(data, spec.corpus_sample) if spec.corpus_sample else data, spec.instruction))
         return cls(
             sts=[load_sts(spec.path) for spec in recipe.eval.sts],
-            beir=[(load_beir(spec.path, spec.split), spec.instruction) for spec in recipe.eval.beir],
+            beir=beir,
             batch_size=recipe.eval.batch_size,
         )
 
@@ -599,4 +604,3 @@ def plot_loss(metrics: Path, target: Path) -> Path | None:
     plt.close(figure)
     os.replace(tmp, target)
     return target
-

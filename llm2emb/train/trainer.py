@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from llm2emb.config import POOLING_WEIGHTS_NAME, is_model_folder
 from llm2emb.errors import UserError
 from llm2emb.train.errors import NonFiniteLossError
-from llm2emb.train.gradcache import gradcache_backward
+from llm2emb.train.gradcache import chunks, gradcache_backward
 from llm2emb.train.losses import InfoNCELoss
 
 LOSS_STATE_NAME = "contrastive_loss.safetensors"
@@ -38,13 +38,28 @@ class ContrastiveTrainer(Trainer):
 
     ``gradcache_chunk``: rows embedded at once (None: the whole batch in one forward). ``loss``: the contrastive
     loss module; its trainable parameters (a learnable temperature) join the optimizer without weight decay.
+    ``guide``: a frozen Embedder sharing the model's tokenizer (GISTEmbed); it embeds the same token ids without
+    gradient and the loss masks the negatives it scores above the positive. ``layers``: layer counts (None: all)
+    for 2D Matryoshka; each row is then embedded once per count and the embeddings are packed side by side, one
+    loss segment each (`InfoNCELoss(segments=len(layers))`), so GradCache caches them like one embedding.
     """
 
-    def __init__(self, model, args, loss: InfoNCELoss | None = None, gradcache_chunk: int | None = None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args,
+        loss: InfoNCELoss | None = None,
+        gradcache_chunk: int | None = None,
+        guide=None,
+        layers: list[int | None] | None = None,
+        **kwargs,
+    ):
         if gradcache_chunk is not None and gradcache_chunk < 1:
             raise UserError(f"gradcache_chunk must be at least 1, got {gradcache_chunk}")
         self.contrastive_loss = loss if loss is not None else InfoNCELoss()
         self.gradcache_chunk = gradcache_chunk
+        self.guide = guide.eval().requires_grad_(False) if guide is not None else None
+        self.layers = list(layers) if layers else None
         self._staging_dir: str | None = None
         super().__init__(model=model, args=args, **kwargs)
         # Trainer sets `model.config.use_cache`; on an Embedder that is llm2emb.json's config, which must not grow
@@ -52,6 +67,8 @@ class ContrastiveTrainer(Trainer):
         vars(self.model.config).pop("use_cache", None)
         self.model.backbone.config.use_cache = self.args.use_cache
         self.contrastive_loss.to(self.args.device)
+        if self.guide is not None:
+            self.guide.to(self.args.device)
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -72,8 +89,26 @@ class ContrastiveTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     # ------------------------------------------------------------------ loss and step
+    def _embed_fn(self, model):
+        """The function GradCache embeds chunks with: the model, or its per-layer-count embeddings side by side."""
+        if not self.layers:
+            return model
+        return lambda batch: torch.cat([model(batch, layers=count) for count in self.layers], dim=-1)
+
+    @torch.no_grad()
+    def _guide_embeddings(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The guide's query and document embeddings, chunk by chunk like the model's; {} without a guide."""
+        if self.guide is None:
+            return {}
+        out = {}
+        for side in ("queries", "documents"):
+            size = self.gradcache_chunk or inputs[side]["input_ids"].shape[0]
+            out[f"guide_{side}"] = torch.cat([self.guide(chunk) for chunk in chunks(inputs[side], size)])
+        return out
+
     def _loss_fn(self, inputs: dict[str, Any], scale: float = 1.0):
         """The loss of the cached (or live) query and document embeddings; stops on NaN/inf before any backward."""
+        guide = self._guide_embeddings(inputs)
 
         def loss_fn(embeddings: list[torch.Tensor]) -> torch.Tensor:
             loss = self.contrastive_loss(
@@ -82,6 +117,7 @@ class ContrastiveTrainer(Trainer):
                 inputs["query_ids"],
                 inputs["document_ids"],
                 inputs.get("in_batch_negatives", True),
+                **guide,
             )
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(self._non_finite_message(loss.item()))
@@ -99,7 +135,8 @@ class ContrastiveTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Plain (no GradCache) loss, used by evaluation; training goes through `training_step`."""
-        embeddings = [model(inputs["queries"]), model(inputs["documents"])]
+        embed = self._embed_fn(model)
+        embeddings = [embed(inputs["queries"]), embed(inputs["documents"])]
         loss = self._loss_fn(inputs)(embeddings)
         return (loss, {"queries": embeddings[0], "documents": embeddings[1]}) if return_outputs else loss
 
@@ -112,7 +149,7 @@ class ContrastiveTrainer(Trainer):
         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with self.compute_loss_context_manager():
             return gradcache_backward(
-                model,
+                self._embed_fn(model),
                 [inputs["queries"], inputs["documents"]],
                 self._loss_fn(inputs, scale),
                 self.gradcache_chunk,

@@ -102,3 +102,176 @@ def test_bf16_embeddings_give_float32_loss_and_gradients():
 def test_bad_document_count_is_rejected():
     with pytest.raises(ValueError, match="B positives"):
         InfoNCELoss()(Q, torch.cat([P, N[:1]]), ids(10, 11), ids(20, 21, 30))
+
+
+# ---- hardness weighting, false-negative masks, Matryoshka views -------------------------------------------
+
+
+def weighted_ce(pos: float, negatives: list[float], strength: float, t: float = 1.0) -> float:
+    """Hardness-weighted InfoNCE by hand: w_n = |N| exp(a s_n) / sum exp(a s_m) multiplies exp(s_n / t)."""
+    norm = sum(math.exp(strength * s) for s in negatives)
+    weights = [len(negatives) * math.exp(strength * s) / norm for s in negatives]
+    return -pos / t + math.log(math.exp(pos / t) + sum(w * math.exp(s / t) for w, s in zip(weights, negatives)))
+
+
+def test_hardness_weighting_matches_hand_computation():
+    docs, doc_ids = torch.cat([P, N]), ids(20, 21, 30, 31)
+    loss = InfoNCELoss(temperature=0.5, hardness_weight=2.0)(Q, docs, ids(10, 11), doc_ids)
+    q0 = weighted_ce(1, [R, 0, -1], 2.0, t=0.5)
+    q1 = weighted_ce(R, [0, 1, 0], 2.0, t=0.5)
+    assert loss.item() == pytest.approx((q0 + q1) / 2, rel=1e-6)
+    plain = InfoNCELoss(temperature=0.5)(Q, docs, ids(10, 11), doc_ids)
+    zero = InfoNCELoss(temperature=0.5, hardness_weight=0.0)(Q, docs, ids(10, 11), doc_ids)
+    assert zero.item() == plain.item()
+    # Weights average 1 but lean on the high scores, so the negatives' mass (and the loss) grows.
+    assert loss.item() > plain.item()
+
+
+def unit(c: float) -> list[float]:
+    """A 2-d unit vector at cosine c to e0."""
+    return [c, math.sqrt(1 - c * c)]
+
+
+def test_hardness_weighting_moves_the_gradient_onto_the_hardest_negative():
+    # q = e0; positive at cos 0.9, negatives at cos 0.5 (hard) and -0.5 (easy); |d cos / d doc| is equal for both.
+    def share_of_hardest(strength: float) -> float:
+        docs = torch.tensor([unit(0.9), unit(0.5), [-0.5, math.sqrt(0.75)]], requires_grad=True)
+        InfoNCELoss(temperature=1.0, hardness_weight=strength)(torch.tensor([[1.0, 0.0]]), docs, ids(10), ids(20, 30, 31)).backward()
+        norms = docs.grad.norm(dim=1)
+        return (norms[1] / (norms[1] + norms[2])).item()
+
+    assert share_of_hardest(0.0) < share_of_hardest(2.0) < share_of_hardest(8.0)
+
+
+def test_margin_masks_negatives_close_to_the_positive_and_they_do_not_contribute():
+    # q0 = e0; positive at cos 0.9; hard negatives at cos 0.96 (>= 0.95 x 0.9 = 0.855: masked) and cos 0.5 (kept).
+    q = torch.tensor([[1.0, 0.0]])
+    docs = torch.tensor([unit(0.9), unit(0.96), unit(0.5)], requires_grad=True)
+    fn = InfoNCELoss(temperature=1.0, false_negative_margin=0.95)
+    loss = fn(q, docs, ids(10), ids(20, 30, 31))
+    assert loss.item() == pytest.approx(ce(0.9, [0.5]), rel=1e-6)
+    loss.backward()
+    assert docs.grad[1].abs().sum() == 0 and docs.grad[2].abs().sum() > 0
+    moved = torch.tensor([unit(0.9), unit(0.99), unit(0.5)])
+    assert fn(q, moved, ids(10), ids(20, 30, 31)).item() == loss.item()
+    unmasked = InfoNCELoss(temperature=1.0)(q, docs, ids(10), ids(20, 30, 31))
+    assert unmasked.item() == pytest.approx(ce(0.9, [0.96, 0.5]), rel=1e-6)
+
+
+def test_margin_rule_applies_to_in_batch_negatives():
+    # p1 scores 0.99 for q0 (positive 1.0): an in-batch false negative under margin 0.95, kept under margin 1.0.
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.99, math.sqrt(1 - 0.99**2)]])
+    masked = InfoNCELoss(temperature=1.0, false_negative_margin=0.95)(q, p, ids(10, 11), ids(20, 21))
+    q1 = ce(math.sqrt(1 - 0.99**2), [0.0])
+    assert masked.item() == pytest.approx((ce(1, []) + q1) / 2, rel=1e-6)
+    kept = InfoNCELoss(temperature=1.0, false_negative_margin=1.0)(q, p, ids(10, 11), ids(20, 21))
+    assert kept.item() == pytest.approx((ce(1, [0.99]) + q1) / 2, rel=1e-6)
+
+
+def test_guide_masks_negatives_it_scores_above_the_positive():
+    # The student sees q0 against p0, n0, n1; the guide thinks n0 is closer to q0 than p0 is: n0 is masked.
+    q = torch.tensor([[1.0, 0.0]])
+    docs = torch.tensor([[0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]], requires_grad=True)
+    guide_q = torch.tensor([[1.0, 0.0]])
+    guide_d = torch.tensor([[0.5, 0.5], [1.0, 0.1], [0.0, 1.0]])
+    fn = InfoNCELoss(temperature=1.0)
+    loss = fn(q, docs, ids(10), ids(20, 30, 31), guide_queries=guide_q, guide_documents=guide_d)
+    assert loss.item() == pytest.approx(ce(0.6, [-0.6]), rel=1e-6)
+    loss.backward()
+    assert docs.grad[1].abs().sum() == 0 and docs.grad[2].abs().sum() > 0
+    moved = docs.detach().clone()
+    moved[1] = torch.tensor([0.9, 0.1])
+    again = fn(q, moved, ids(10), ids(20, 30, 31), guide_queries=guide_q, guide_documents=guide_d)
+    assert again.item() == loss.item()
+    unguided = fn(q, docs, ids(10), ids(20, 30, 31))
+    assert unguided.item() == pytest.approx(ce(0.6, [0.0, -0.6]), rel=1e-6)
+    with pytest.raises(ValueError, match="both"):
+        fn(q, docs, ids(10), ids(20, 30, 31), guide_queries=guide_q)
+
+
+def test_matryoshka_dims_sum_the_losses_of_truncated_embeddings():
+    torch.manual_seed(0)
+    q, d = torch.randn(4, 8), torch.randn(12, 8)
+    qid, did = torch.arange(4), 100 + torch.arange(12)
+    plain = InfoNCELoss(temperature=0.1)
+    summed = InfoNCELoss(temperature=0.1, views=[(0, 2), (0, 4), (0, 8)])(q, d, qid, did)
+    separate = sum(plain(q[:, :k], d[:, :k], qid, did) for k in (2, 4, 8))
+    assert summed.item() == pytest.approx(separate.item(), rel=1e-6)
+    assert summed.item() != pytest.approx(3 * plain(q, d, qid, did).item())
+    with pytest.raises(ValueError, match="exceeds"):
+        InfoNCELoss(views=[(0, 16)])(q, d, qid, did)
+
+
+def test_two_dimensional_matryoshka_views_take_their_own_segment():
+    torch.manual_seed(1)
+    layer_a, layer_b = torch.randn(4, 8), torch.randn(4, 8)  # queries embedded after k1 and after all layers
+    doc_a, doc_b = torch.randn(8, 8), torch.randn(8, 8)
+    qid, did = torch.arange(4), 100 + torch.arange(8)
+    fn = InfoNCELoss(temperature=0.1, views=[(0, 4), (1, 8)], segments=2)
+    got = fn(torch.cat([layer_a, layer_b], dim=1), torch.cat([doc_a, doc_b], dim=1), qid, did)
+    plain = InfoNCELoss(temperature=0.1)
+    want = plain(layer_a[:, :4], doc_a[:, :4], qid, did) + plain(layer_b, doc_b, qid, did)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="segment"):
+        InfoNCELoss(views=[(2, 4)], segments=2)
+
+
+class _Bag(torch.nn.Module):
+    """A small differentiable embedder with dropout: token-embedding mean -> dropout -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.drop = torch.nn.Dropout(0.1)
+        self.proj = torch.nn.Linear(16, 8)
+
+    def forward(self, batch):
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return self.proj(self.drop((self.embed(batch["input_ids"]) * mask).sum(1) / mask.sum(1)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"hardness_weight": 3.0},
+        {"false_negative_margin": 0.5},
+        {"views": [(0, 2), (0, 4), (0, 8)]},
+        {"views": [(0, 2), (1, 4)], "segments": 2},
+        {"guide": True},
+    ],
+    ids=["hardness", "margin", "matryoshka", "2d-matryoshka", "guide"],
+)
+def test_gradcache_with_options_equals_full_batch(options):
+    from llm2emb.train.gradcache import gradcache_backward
+
+    options = dict(options)
+    guided = options.pop("guide", False)
+    torch.manual_seed(0)
+    model = _Bag().eval()
+    segments = options.get("segments", 1)
+    embed = (lambda b: torch.cat([model(b), 2 * model(b)], dim=1)) if segments == 2 else model
+    generator = torch.Generator().manual_seed(3)
+    batches = [
+        {"input_ids": torch.randint(0, 50, (6, 5), generator=generator), "attention_mask": torch.ones(6, 5)},
+        {"input_ids": torch.randint(0, 50, (12, 5), generator=generator), "attention_mask": torch.ones(6 * 2, 5)},
+    ]
+    qid, did = torch.arange(6), 100 + torch.arange(12)
+    loss_module = InfoNCELoss(temperature=0.1, learnable_temperature=True, **options)
+    guide = _Bag().eval() if guided else None
+    extra = {"guide_queries": guide(batches[0]), "guide_documents": guide(batches[1])} if guided else {}
+
+    def loss_fn(embs):
+        return loss_module(embs[0], embs[1], qid, did, **{k: v.detach() for k, v in extra.items()})
+
+    full = loss_fn([embed(b) for b in batches])
+    full.backward()
+    named = list(model.named_parameters()) + [("tau", loss_module.temperature.log_temperature)]
+    want = {n: p.grad.clone() for n, p in named}
+    for _, p in named:
+        p.grad = None
+    cached = gradcache_backward(embed, batches, loss_fn, chunk_size=4)
+    assert cached.item() == pytest.approx(full.item(), rel=1e-6)
+    for name, p in named:
+        assert want[name].abs().sum() > 0, name
+        assert ((p.grad - want[name]).norm() / want[name].norm()).item() < 1e-5, name

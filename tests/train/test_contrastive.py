@@ -1,0 +1,132 @@
+"""A stage's loss options reach the trainer: Matryoshka plans, the guide model, and GradCache with both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import TrainingArguments
+
+from llm2emb.errors import UserError
+from llm2emb.model import Embedder
+from llm2emb.train.contrastive import matryoshka_plan, trainer_options
+from llm2emb.train.data import ContrastiveCollator, StageData, load_rows
+from llm2emb.train.losses import candidate_mask, guide_mask
+from llm2emb.train.recipe import DatasetSpec, StageSpec
+from llm2emb.train.trainer import ContrastiveTrainer
+
+SUBJECTS = ["man", "woman", "cat", "dog", "chef", "enzyme", "protein", "capital"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = [{"query": f"{s} on the street?", "positive": f"A {s} is on the street.", "negative": f"No {s} here."}
+            for s in SUBJECTS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def stage(data_file: Path, **keys) -> StageSpec:
+    return StageSpec.model_validate(
+        {"name": "s", "max_steps": 2, "datasets": [{"path": str(data_file)}], **keys},
+        context={"base_dir": data_file.parent},
+    )
+
+
+def embedder(base: Path) -> Embedder:
+    torch.manual_seed(0)
+    model = Embedder.from_pretrained(base, pooling="mean")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model.backbone = get_peft_model(model.backbone, lora)
+    return model
+
+
+def test_matryoshka_plans(tiny_qwen2, data_file):
+    model = embedder(tiny_qwen2)  # dim 64, 2 layers
+    assert matryoshka_plan(stage(data_file), model, 0) == (None, [])
+    assert matryoshka_plan(stage(data_file, matryoshka_dims=[16, 64]), model, 0) == ([(0, 16), (0, 64)], [])
+    plan = matryoshka_plan(stage(data_file, matryoshka_layers=[[1, 16], [2, 64]]), model, 0)
+    assert plan == ([(0, 16), (1, 64)], [1, None])
+    plan = matryoshka_plan(stage(data_file, matryoshka_dims=[32], matryoshka_layers=[[1, 16]]), model, 0)
+    assert plan == ([(0, 32), (1, 16)], [None, 1])
+    with pytest.raises(UserError, match=r"stages\[3\]\.matryoshka_dims: dim 128 exceeds .* 64"):
+        matryoshka_plan(stage(data_file, matryoshka_dims=[128]), model, 3)
+    with pytest.raises(UserError, match=r"matryoshka_layers: 3 layers, the model has 2"):
+        matryoshka_plan(stage(data_file, matryoshka_layers=[[3, 16]]), model, 0)
+
+
+def test_trainer_options_carry_the_recipe_keys(tiny_qwen2, data_file):
+    model = embedder(tiny_qwen2)
+    spec = stage(data_file, hardness_weight=2.0, false_negative_margin=0.9, matryoshka_dims=[8, 64],
+                 guide_model=str(tiny_qwen2))
+    options = trainer_options(spec, model, 0)
+    loss = options["loss"]
+    assert (loss.hardness_weight, loss.false_negative_margin, loss.views) == (2.0, 0.9, [(0, 8), (0, 64)])
+    assert options["layers"] is None and model.config.matryoshka_dims == [8, 64]
+    assert not any(p.requires_grad for p in options["guide"].parameters())
+
+
+def make_trainer(model, data_file, out, chunk, **options) -> ContrastiveTrainer:
+    spec = DatasetSpec.model_validate({"path": str(data_file)}, context={"base_dir": data_file.parent})
+    args = TrainingArguments(output_dir=str(out), max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    return ContrastiveTrainer(model=model, args=args, gradcache_chunk=chunk,
+                              train_dataset=StageData([load_rows(spec)], batch_size=6, hard_negatives=1, seed=3),
+                              data_collator=ContrastiveCollator(model), **options)
+
+
+def step_gradients(trainer) -> dict[str, torch.Tensor]:
+    trainer.create_optimizer()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    trainer.model.train = lambda mode=True, model=trainer.model: model  # dropout stays off in training_step
+    trainer.training_step(trainer.model, batch)
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert want and got.keys() == want.keys()
+    for name, value in want.items():
+        assert value.abs().sum() > 0, name
+        assert ((got[name] - value).norm() / value.norm()).item() < 1e-5, name
+
+
+def test_guide_masks_in_training_and_gradcache_keeps_full_batch_gradients(tiny_qwen2, data_file, tmp_path):
+    spec = stage(data_file, guide_model=str(tiny_qwen2))
+    grads = {}
+    for chunk in (None, 2):
+        model = embedder(tiny_qwen2)
+        trainer = make_trainer(model, data_file, tmp_path / str(chunk), chunk, **trainer_options(spec, model, 0))
+        grads[chunk] = step_gradients(trainer)
+    assert_same(grads[2], grads[None])
+    # The guide (the untrained base) really removes negatives from this batch, so the test is not vacuous.
+    batch = next(iter(trainer.get_train_dataloader()))
+    guide = trainer._guide_embeddings(batch)
+    scores = torch.nn.functional.normalize(guide["guide_queries"], dim=-1) @ torch.nn.functional.normalize(
+        guide["guide_documents"], dim=-1).T
+    plain = candidate_mask(batch["query_ids"], batch["document_ids"], torch.tensor(True))
+    assert (plain & ~guide_mask(scores)).any()
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"hardness_weight": -1}, r"stages\[0\]\.hardness_weight: Input should be greater than or equal to 0"),
+        ({"false_negative_margin": 0}, r"stages\[0\]\.false_negative_margin: Input should be greater than 0"),
+        ({"guide_model": "./missing"}, r"stages\[0\]\.guide_model: \./missing: not found"),
+        ({"matryoshka_dims": [64, 64]}, r"stages\[0\]\.matryoshka_dims: 64 is listed twice"),
+        ({"matryoshka_dims": []}, r"stages\[0\]\.matryoshka_dims: an empty list"),
+        ({"matryoshka_layers": [[0, 16]]}, r"stages\[0\]\.matryoshka_layers\[0\]\[0\]: Input should be greater than 0"),
+    ],
+)
+def test_recipe_rejects_bad_trick_keys(data_file, keys, message):
+    from llm2emb.train.recipe import validate_recipe
+
+    recipe = {"model": {"base": "org/model"}, "output_dir": "out",
+              "stages": [{"max_steps": 2, "datasets": [{"path": str(data_file)}], **keys}]}
+    with pytest.raises(UserError, match=message):
+        validate_recipe(recipe)

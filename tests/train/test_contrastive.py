@@ -112,6 +112,22 @@ def test_guide_masks_in_training_and_gradcache_keeps_full_batch_gradients(tiny_q
     assert (plain & ~guide_mask(scores)).any()
 
 
+def test_two_dimensional_matryoshka_step_equals_full_batch(tiny_qwen2, data_file, tmp_path):
+    spec = stage(data_file, matryoshka_layers=[[1, 16], [2, 64]])
+    grads = {}
+    for chunk in (None, 2):
+        model = embedder(tiny_qwen2)
+        options = trainer_options(spec, model, 0)
+        assert options["layers"] == [1, None]
+        trainer = make_trainer(model, data_file, tmp_path / str(chunk), chunk, **options)
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            first, full = trainer._embed_fn(model)(batch["queries"]).chunk(2, dim=-1)
+            assert torch.allclose(full, model(batch["queries"])) and not torch.allclose(first, full, atol=1e-3)
+        grads[chunk] = step_gradients(trainer)
+    assert_same(grads[2], grads[None])
+
+
 @pytest.mark.parametrize(
     ("keys", "message"),
     [

@@ -234,8 +234,25 @@ def run_mine(args) -> None:
     print(stats.format(args.out))
 
 
+# ---------------------------------------------------------------- merge
+def add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="average LoRA adapters and poolers of models trained from one base (souping)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="llm2emb adapter folders of the same base")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--weights", help="comma-separated weights, normalised to sum to 1 (default: equal)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(run=run_merge)
+
+
+def run_merge(args) -> None:
+    from llm2emb.merge import merge, parse_weights
+
+    out = merge(args.models, args.out, parse_weights(args.weights, len(args.models)), overwrite=args.overwrite)
+    print(f"merged {len(args.models)} models into {out}")
+
+
 # ---------------------------------------------------------------- main
-COMMANDS = [add_convert, add_encode, add_info, add_eval, add_train, add_mine]
+COMMANDS = [add_convert, add_encode, add_info, add_eval, add_train, add_mine, add_merge]
 
 
 def build_parser() -> argparse.ArgumentParser:

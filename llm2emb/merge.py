@@ -1,0 +1,108 @@
+"""`llm2emb merge`: model souping (KaLM-Embedding-V2, Llama-Embed-Nemotron, LM-Cocktail) of models trained from one base.
+
+The merged backbone is base + sum_i w_i * delta_i, with delta_i = s_i * B_i @ A_i the weight change of adapter i
+(s_i = alpha_i / r_i) and the weights w_i normalised to sum to 1. Averaging the A and B matrices separately would
+NOT give this (the mean of products is not the product of means), so the adapters are concatenated along the
+rank: A = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B = [B_1, B_2, ...], alpha = r = sum r_i. Then B @ A equals the
+weighted sum of the deltas exactly, and the result is still a plain PEFT adapter on the same base (of rank
+sum r_i). PEFT implements this as `add_weighted_adapter(combination_type="cat")`, which is used here.
+
+Trainable pooler weights (latent attention, multi-layer) are averaged parameter by parameter with the same
+weights; a pooler is not linear in its weights, so that part is the usual soup approximation, not an identity.
+Models with different bases, attention, pooling or templates are refused: their average means nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
+from llm2emb.errors import UserError
+
+COMPARED = ("attention", "pooling", "query_template", "document_template", "padding_side")
+"""llm2emb.json keys that must agree between merged models (besides the base)."""
+
+
+def parse_weights(text: str | None, count: int) -> list[float]:
+    """'1,3' -> [0.25, 0.75]; None -> equal weights."""
+    if text is None:
+        return [1.0 / count] * count
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--weights {text}: expected comma-separated numbers, e.g. 0.5,0.5") from None
+    if len(values) != count:
+        raise UserError(f"--weights {text}: {len(values)} weights for {count} models")
+    if any(not v > 0 for v in values):
+        raise UserError(f"--weights {text}: weights must be positive")
+    return [v / sum(values) for v in values]
+
+
+def _base_of(folder: Path, config: EmbedderConfig) -> str:
+    """The adapter's base as an absolute path when it is local (relative bases are relative to the folder)."""
+    base = config.base or ""
+    candidate = folder / base
+    if base and candidate.exists():
+        return str(candidate.resolve())
+    path = Path(base).expanduser()
+    return str(path.resolve()) if base and path.exists() else base
+
+
+def check_mergeable(folders: Sequence[Path]) -> list[EmbedderConfig]:
+    """Every folder an llm2emb adapter folder of the same base, attention, pooling and templates; else UserError."""
+    import json
+
+    configs = []
+    for folder in folders:
+        if not is_model_folder(folder):
+            raise UserError(f"{folder}: not an llm2emb model folder (no llm2emb.json)")
+        config = EmbedderConfig.load(folder)
+        if config.backbone != "adapter":
+            raise UserError(f"{folder}: holds full weights, not a LoRA adapter; merge averages adapters of one base")
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+        if adapter.get("use_dora") or adapter.get("use_rslora"):
+            raise UserError(f"{folder}: DoRA / rsLoRA adapters cannot be merged exactly by concatenation")
+        configs.append(config)
+    first, first_base = configs[0], _base_of(folders[0], configs[0])
+    for folder, config in zip(folders[1:], configs[1:]):
+        base = _base_of(folder, config)
+        if base != first_base:
+            raise UserError(f"{folder}: trained from {base}, but {folders[0]} from {first_base}; merge needs one base")
+        for key in COMPARED:
+            if getattr(config, key) != getattr(first, key):
+                raise UserError(f"{folder}: {key} {getattr(config, key)!r} differs from {folders[0]}'s "
+                                f"{getattr(first, key)!r}; only models of the same setup can be merged")
+    return configs
+
+
+def merge(models: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None,
+          overwrite: bool = False) -> Path:
+    """Write the weighted merge of `models` (llm2emb adapter folders of one base) to `out`; see the module doc."""
+    from llm2emb.model import Embedder
+
+    folders = [Path(m) for m in models]
+    if len(folders) < 2:
+        raise UserError("merge needs at least two model folders")
+    weights = list(weights) if weights is not None else [1.0 / len(folders)] * len(folders)
+    check_mergeable(folders)
+    merged = Embedder.from_pretrained(folders[0], torch_dtype=torch.float32)
+    backbone = merged.backbone
+    names = [f"merge_{i}" for i in range(len(folders))]
+    for name, folder in zip(names, folders):
+        backbone.load_adapter(str(folder), adapter_name=name)
+    backbone.set_adapter(names[0])
+    backbone.delete_adapter("default")
+    backbone.add_weighted_adapter(names, weights, adapter_name="default", combination_type="cat")
+    backbone.set_adapter("default")
+    for name in names:
+        backbone.delete_adapter(name)
+    if merged.pooler.trainable:
+        states = [load_file(str(folder / POOLING_WEIGHTS_NAME)) for folder in folders]
+        averaged = {key: sum(w * state[key].float() for w, state in zip(weights, states)) for key in states[0]}
+        merged.pooler.load_state_dict(averaged)
+    merged.config.base = _base_of(folders[0], merged.config)
+    return merged.save_pretrained(out, overwrite=overwrite)

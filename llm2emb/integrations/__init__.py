@@ -1,0 +1,1 @@
+"""Bridges to other tools: mteb's encoder protocol and the pooling module shipped in sentence-transformers exports."""

@@ -213,8 +213,67 @@ def run_export(args) -> None:
     print(f"wrote {out} ({args.format or 'merged llm2emb folder'})")
 
 
+# ---------------------------------------------------------------- mine
+def _margin_arg(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
+
+
+def add_mine(sub) -> None:
+    p = sub.add_parser("mine", help="mine hard negatives with a model (ANCE-style, false negatives filtered)")
+    p.add_argument("model", help="llm2emb folder (or a base model) to embed with")
+    p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl (_id, title, text): where negatives come from")
+    p.add_argument("--queries", help="BEIR queries.jsonl (_id, text); goes with --qrels")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--qrels", help="qrels TSV (query-id, corpus-id, score): score > 0 marks a positive")
+    source.add_argument("--pairs", help="training rows with query and positive (JSONL/CSV/TSV/parquet)")
+    p.add_argument("--out", required=True, help="JSONL to write: query, positive, negatives, instruction")
+    p.add_argument("--top-k", type=int, default=100, help="documents retrieved per query (default 100)")
+    p.add_argument("--rank-window", default=None, metavar="START:END",
+                   help="keep candidates ranked START..END-1 after removing positives (default 0:TOP_K)")
+    p.add_argument("--margin", type=_margin_arg, default=0.95,
+                   help="drop candidates scoring >= MARGIN x the positive's score (default 0.95; none: keep)")
+    p.add_argument("--num-negatives", type=int, default=7, help="negatives written per row (default 7)")
+    p.add_argument("--instruction", help="instruction for every query (written into the rows)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(run=run_mine)
+
+
+def run_mine(args) -> None:
+    from llm2emb.mine import mine, parse_window
+
+    stats = mine(
+        args.model, corpus=args.corpus, out=args.out, queries=args.queries, qrels=args.qrels, pairs=args.pairs,
+        top_k=args.top_k, rank_window=parse_window(args.rank_window) if args.rank_window else None,
+        margin=args.margin, num_negatives=args.num_negatives, instruction=args.instruction,
+        batch_size=args.batch_size,
+    )
+    print(stats.format(args.out))
+
+
+# ---------------------------------------------------------------- merge
+def add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="average LoRA adapters and poolers of models trained from one base (souping)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="llm2emb adapter folders of the same base")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--weights", help="comma-separated weights, normalised to sum to 1 (default: equal)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(run=run_merge)
+
+
+def run_merge(args) -> None:
+    from llm2emb.merge import merge, parse_weights
+
+    out = merge(args.models, args.out, parse_weights(args.weights, len(args.models)), overwrite=args.overwrite)
+    print(f"merged {len(args.models)} models into {out}")
+
+
 # ---------------------------------------------------------------- main
-COMMANDS = [add_convert, add_encode, add_info, add_eval, add_train, add_export]
+COMMANDS = [add_convert, add_encode, add_info, add_eval, add_train, add_export, add_mine, add_merge]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,9 +32,11 @@ from pydantic import (
 from llm2emb.errors import UserError
 
 RESOLVED_NAME = "recipe.resolved.yaml"
-ROW_FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+ROW_FILE_SUFFIXES = {
+    ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "text",
+}
 # Keys a stage does not inherit from the stage before it.
-NOT_INHERITED = {"name", "datasets"}
+NOT_INHERITED = {"name", "datasets", "objective"}
 
 
 class _Strict(BaseModel):
@@ -105,13 +107,14 @@ class LoraSpec(_Strict):
 
 class DatasetSpec(_Strict):
     path: str
-    """A JSONL/CSV/TSV/parquet file, a BEIR folder, or (format: hf) anything `datasets.load_dataset` reads."""
-    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "beir", "scored_pairs", "hf"] = "auto"
+    """A JSONL/CSV/TSV/parquet file, a BEIR folder, (format: hf) anything `datasets.load_dataset` reads, or
+    (objective: mntp or simcse) a .txt file of one text per line."""
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "beir", "scored_pairs", "hf", "text"] = "auto"
     split: str = "train"
     """BEIR qrels split, or the split asked of `datasets.load_dataset`."""
     subset: str | None = None
     """The configuration name passed to `datasets.load_dataset` (format: hf)."""
-    columns: dict[Literal["query", "positive", "negative", "negatives", "instruction"], str] = {}
+    columns: dict[Literal["query", "positive", "negative", "negatives", "instruction", "text"], str] = {}
     """Our field -> the column that holds it, e.g. {query: anchor, positive: pos}."""
     instruction: str | None = None
     """Put in front of every query of this dataset (a row's own `instruction` field wins)."""
@@ -153,6 +156,12 @@ class DatasetSpec(_Strict):
 
 class StageSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    objective: Literal["contrastive", "mntp", "simcse"] = "contrastive"
+    """mntp / simcse: LLM2Vec's adaptation stages on raw text (see llm2emb.train.objectives); not inherited."""
+    mask_probability: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    """objective mntp: the fraction of tokens masked."""
+    simcse_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    """objective simcse: attention dropout during the stage (the two views differ only by dropout)."""
     max_steps: Annotated[int, Field(gt=0)]
     batch_size: Annotated[int, Field(gt=0)] = 32
     """The contrastive batch across all processes: each query sees batch_size - 1 in-batch negatives."""
@@ -207,7 +216,15 @@ class StageSpec(_Strict):
             raise _KeyError("gradcache_chunk", f"{self.gradcache_chunk} must divide batch_size ({self.batch_size})")
         if self.warmup_steps >= self.max_steps:
             raise _KeyError("warmup_steps", f"{self.warmup_steps} must be below max_steps ({self.max_steps})")
+        if self.objective != "contrastive" and self.hard_negatives:
+            raise _KeyError("hard_negatives", f"objective {self.objective} trains on raw text; set 0")
         for index, dataset in enumerate(self.datasets):
+            if dataset.format == "text" and self.objective == "contrastive":
+                raise _KeyError(("datasets", index, "path"),
+                                f"{Path(dataset.path).name}: a .txt file holds raw text, for objective mntp or simcse")
+            if not dataset.in_batch_negatives and self.objective == "simcse":
+                raise _KeyError(("datasets", index, "in_batch_negatives"),
+                                "objective simcse needs in-batch negatives (they are its only negatives)")
             if not dataset.in_batch_negatives and self.hard_negatives == 0:
                 raise _KeyError(
                     ("datasets", index, "in_batch_negatives"),

@@ -34,8 +34,9 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback, Tra
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llm2emb.errors import UserError
-from llm2emb.train.data import ContrastiveCollator, StageData, build_stage_data
+from llm2emb.train.data import StageData
 from llm2emb.train.errors import NonFiniteLossError
+from llm2emb.train.objectives import build_objective_data, build_trainer
 from llm2emb.train.recipe import RESOLVED_NAME, Recipe, StageSpec, format_key_path, load_recipe, save_resolved
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def check_recipe(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     recipe = load_recipe(recipe_path, overrides)
     lines = [f"{recipe_path}: valid; output_dir {recipe.output_dir}"]
     for index, stage in enumerate(recipe.stages):
-        data = build_stage_data(stage, index, recipe.on_bad_rows, recipe.seed)
+        data = build_objective_data(stage, index, recipe.on_bad_rows, recipe.seed)
         sizes = ", ".join(f"{Path(p.spec.path).name} {len(p.rows)} rows" + (f" ({p.skipped} skipped)" if p.skipped else "")
                           for p in data.parts)
         lines.append(f"stages[{index}] {stage.name}: {stage.max_steps} steps of {stage.batch_size}, "
@@ -114,7 +115,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, callbacks: list[TrainerCall
     _prepare_output(recipe, root, resume)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     stage_data = [
-        build_stage_data(stage, index, recipe.on_bad_rows, recipe.seed, world_size)
+        build_objective_data(stage, index, recipe.on_bad_rows, recipe.seed, world_size)
         for index, stage in enumerate(recipe.stages)
     ]
     evaluator = Evaluator.from_recipe(recipe)  # loads evaluation data: its errors also come before the model
@@ -370,20 +371,10 @@ def run_stage(
     checkpoint: str | None, log: MetricsLog, evaluator: Evaluator | None, callbacks,
 ) -> dict:
     """Train one stage (from `checkpoint` when resuming); returns its step, sample and token counts."""
-    from llm2emb.train.contrastive import trainer_options
-    from llm2emb.train.trainer import ContrastiveTrainer
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = training_arguments(recipe, stage, stage_dir, world_size)
-    collator = ContrastiveCollator(embedder, max_length=stage.max_length or recipe.model.max_length)
-    trainer = ContrastiveTrainer(
-        model=embedder,
-        args=args,
-        train_dataset=data,
-        data_collator=collator,
-        gradcache_chunk=stage.gradcache_chunk,
-        **trainer_options(stage, embedder, index),  # loss with the stage's tricks, guide model, Matryoshka layers
-    )
+    # contrastive (with the stage's loss options), simcse or mntp: see llm2emb.train.objectives
+    trainer = build_trainer(stage, index, embedder, args, data, stage.max_length or recipe.model.max_length)
     trainer.remove_callback(PrinterCallback)  # Trainer picks it when the log level is quiet: dicts, no bar
     trainer.remove_callback(ProgressCallback)
     progress = StageProgress(stage.name, index, len(recipe.stages))

@@ -59,16 +59,17 @@ def timed(fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=300, help="first N pairs of STS-B test")
+    parser.add_argument("--base", default="smollm2-135m", help="base model of row (c) (default: the SmolLM2 asset)")
     args = parser.parse_args()
 
     import mteb
     from sentence_transformers import SentenceTransformer
 
-    from llm2emb import Embedder
     from llm2emb.evaluate import load_sts
     from llm2emb.evaluate.runner import environment, evaluate_model
     from llm2emb.export import export_sentence_transformers
     from llm2emb.integrations.mteb import MtebEncoder
+    from llm2emb.model import Embedder
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -77,7 +78,7 @@ def main() -> None:
         subset.write_text("\n".join(lines) + "\n", encoding="utf-8")
         data = load_sts(subset)
 
-        embedder = Embedder.from_pretrained("smollm2-135m", pooling="mean", attention="bidirectional")
+        embedder = Embedder.from_pretrained(args.base, pooling="mean", attention="bidirectional")
         embedder.save_pretrained(tmp / "model")
         exported = export_sentence_transformers(tmp / "model", tmp / "st")
         st = SentenceTransformer(str(exported), device="cpu")
@@ -101,7 +102,7 @@ def main() -> None:
             scores[name] = {"spearman": value, "seconds": seconds}
             print(f"{name}: {value:.4f} ({seconds:.0f} s)", flush=True)
 
-    record = {"row": "c", "task": f"STS-B test, first {len(data.scores)} pairs", "scores": scores,
+    record = {"row": "c", "base": args.base, "task": f"STS-B test, first {len(data.scores)} pairs", "scores": scores,
               "environment": environment(), "command": "python scripts/check_agreement.py " + " ".join(sys.argv[1:])}
     (OUT / "agreement").mkdir(parents=True, exist_ok=True)
     (OUT / "agreement" / "row-c.json").write_text(json.dumps(record, indent=2) + "\n")

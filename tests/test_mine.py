@@ -137,3 +137,57 @@ def test_mine_cli_errors_are_one_line(beir, tmp_path, capsys, extra, message):
     code = main(["mine", "unused-model", "--corpus", str(beir / "corpus.jsonl"), "--out", str(tmp_path / "o"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def recipe_with_mining(base: Path, beir: Path, out: Path, **mine_keys) -> dict:
+    return {
+        "model": {"base": str(base), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "output_dir": str(out), "report_to": [], "save_steps": 1,
+        "stages": [{
+            "name": "mined", "max_steps": 2, "batch_size": 2, "hard_negatives": 2, "datasets": [],
+            "mine": {"corpus": str(beir / "corpus.jsonl"), "queries": str(beir / "queries.jsonl"),
+                     "qrels": str(beir / "qrels" / "train.tsv"), "top_k": 5, "num_negatives": 2, **mine_keys},
+        }],
+    }
+
+
+def test_a_stage_mines_with_its_starting_weights_and_a_resume_reuses_the_file(tiny_qwen2, beir, tmp_path):
+    from llm2emb.train.recipe import validate_recipe
+    from llm2emb.train.remine import MINED_NAME, with_mined_negatives
+    from llm2emb.train.runner import build_objective_data, run_recipe
+
+    recipe = validate_recipe(recipe_with_mining(tiny_qwen2, beir, tmp_path / "run", margin=None))
+    summary = run_recipe(recipe)
+    mined = tmp_path / "run" / "stages" / "0-mined" / MINED_NAME
+    rows = [json.loads(line) for line in mined.read_text().splitlines()]
+    assert len(rows) == 4 and summary.stages[0]["steps"] == 2
+    assert all(len(r["negatives"]) == 2 and r["positive"] not in r["negatives"] for r in rows)
+
+    # Resuming: the file of the interrupted run is read back, not mined again with moved weights.
+    rows[0]["negatives"] = ["a negative only the first run wrote", "and another"]
+    mined.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage = recipe.stages[0]
+    data = with_mined_negatives(stage, 0, build_objective_data(stage, 0, "fail", 0), None, mined.parent, "fail", 0)
+    assert data.parts[-1].rows[0]["negatives"] == rows[0]["negatives"] and len(data.parts) == 1
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"qrels": None}, r"stages\[0\]\.mine\.qrels: give exactly one of qrels"),
+        ({"rank_window": [4, 9]}, r"stages\[0\]\.mine\.rank_window: \[4, 9\] must satisfy start < end <= top_k \(5\)"),
+        ({"corpus": "missing.jsonl"}, r"stages\[0\]\.mine\.corpus: missing.jsonl: file not found"),
+    ],
+)
+def test_mine_stage_keys_are_validated(tiny_qwen2, beir, tmp_path, keys, message):
+    from llm2emb.train.recipe import validate_recipe
+
+    data = recipe_with_mining(tiny_qwen2, beir, tmp_path / "run")
+    data["stages"][0]["mine"].update(keys)
+    with pytest.raises(UserError, match=message):
+        validate_recipe(data, base_dir=tmp_path)
+    data = recipe_with_mining(tiny_qwen2, beir, tmp_path / "run")
+    data["stages"][0]["hard_negatives"] = 0
+    with pytest.raises(UserError, match=r"stages\[0\]\.mine: mined negatives need .* hard_negatives >= 1"):
+        validate_recipe(data)

@@ -36,7 +36,7 @@ ROW_FILE_SUFFIXES = {
     ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "text",
 }
 # Keys a stage does not inherit from the stage before it.
-NOT_INHERITED = {"name", "datasets", "objective"}
+NOT_INHERITED = {"name", "datasets", "objective", "mine"}
 
 
 class _Strict(BaseModel):
@@ -154,6 +154,44 @@ class DatasetSpec(_Strict):
         return self
 
 
+class MineSpec(_Strict):
+    """Hard negatives mined with the stage's starting weights before it trains (see llm2emb.mine); the rows become
+    one more dataset of the stage, and a resumed stage reuses the file it mined."""
+
+    corpus: str
+    """BEIR corpus.jsonl: where negatives come from."""
+    queries: str | None = None
+    """BEIR queries.jsonl, with qrels."""
+    qrels: str | None = None
+    pairs: str | None = None
+    """Training rows with query and positive (instead of queries + qrels)."""
+    top_k: Annotated[int, Field(gt=0)] = 100
+    rank_window: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(gt=0)]] | None = None
+    """[start, end): ranks kept after the positives are removed; default [0, top_k]."""
+    margin: Annotated[float, Field(gt=0)] | None = 0.95
+    num_negatives: Annotated[int, Field(gt=0)] = 7
+    instruction: str | None = None
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    batch_size: Annotated[int, Field(gt=0)] = 32
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> MineSpec:
+        for name in ("corpus", "queries", "qrels", "pairs"):
+            value = getattr(self, name)
+            if value is not None:
+                path = _local_path(value, info)
+                if not path.is_file():
+                    raise _KeyError(name, f"{value}: file not found")
+                setattr(self, name, str(path.resolve()))
+        if (self.qrels is None) == (self.pairs is None):
+            raise _KeyError("qrels", "give exactly one of qrels (with queries) or pairs")
+        if self.qrels is not None and self.queries is None:
+            raise _KeyError("queries", "qrels needs queries (BEIR queries.jsonl)")
+        if self.rank_window is not None and not self.rank_window[0] < self.rank_window[1] <= self.top_k:
+            raise _KeyError("rank_window", f"{list(self.rank_window)} must satisfy start < end <= top_k ({self.top_k})")
+        return self
+
+
 class StageSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     objective: Literal["contrastive", "mntp", "simcse"] = "contrastive"
@@ -190,7 +228,10 @@ class StageSpec(_Strict):
     matryoshka_layers: list[tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]] | None = None
     """2D Matryoshka (Starbucks): [[layers, dim], ...]; loss summed over the embedding of the first `layers`
     transformer layers truncated to `dim`, for every pair (include the full model's pair to train it too)."""
-    datasets: Annotated[list[DatasetSpec], Field(min_length=1)]
+    mine: MineSpec | None = None
+    """Re-mine hard negatives with the weights this stage starts from; not inherited."""
+    datasets: list[DatasetSpec]
+    """At least one, unless `mine` provides the stage's data."""
 
     @field_validator("guide_model")
     @classmethod
@@ -216,6 +257,10 @@ class StageSpec(_Strict):
             raise _KeyError("gradcache_chunk", f"{self.gradcache_chunk} must divide batch_size ({self.batch_size})")
         if self.warmup_steps >= self.max_steps:
             raise _KeyError("warmup_steps", f"{self.warmup_steps} must be below max_steps ({self.max_steps})")
+        if not self.datasets and self.mine is None:
+            raise _KeyError("datasets", "a stage needs at least one dataset (or mine:)")
+        if self.mine is not None and (self.objective != "contrastive" or not self.hard_negatives):
+            raise _KeyError("mine", "mined negatives need objective contrastive and hard_negatives >= 1")
         if self.objective != "contrastive" and self.hard_negatives:
             raise _KeyError("hard_negatives", f"objective {self.objective} trains on raw text; set 0")
         for index, dataset in enumerate(self.datasets):

@@ -38,6 +38,7 @@ from llm2emb.train.data import StageData
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.objectives import build_objective_data, build_trainer
 from llm2emb.train.recipe import RESOLVED_NAME, Recipe, StageSpec, format_key_path, load_recipe, save_resolved
+from llm2emb.train.remine import with_mined_negatives
 
 logger = logging.getLogger(__name__)
 # Raised inside transformers/peft for every step's checkpointing query: noise for users of this runner.
@@ -136,6 +137,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, callbacks: list[TrainerCall
         if weights_from is not None:
             load_trained_weights(embedder, weights_from)
             weights_from = None
+        if stage.mine is not None:  # hard negatives from the weights this stage starts from
+            data = with_mined_negatives(stage, index, data, embedder, stage_dir, recipe.on_bad_rows, recipe.seed)
         checkpoint = last_checkpoint(stage_dir) if resume else None
         stats = run_stage(recipe, index, stage, data, embedder, stage_dir, checkpoint, log, evaluator, callbacks)
         summary.stages.append(stats)

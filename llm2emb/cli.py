@@ -189,7 +189,8 @@ def run_train(args) -> None:
         print(check_recipe(args.recipe, args.overrides))
         return
     summary = train(args.recipe, args.overrides, resume=args.resume)
-    print(summary.format())
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary line, not one per process
+        print(summary.format())
 
 
 # ---------------------------------------------------------------- export

@@ -124,7 +124,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, callbacks: list[TrainerCall
     embedder = load_embedder(recipe)
     summary = TrainSummary(output_dir=str(root), model_dir=str(root / "model"))
     log = MetricsLog(root / METRICS_NAME, enabled=_is_main_process())
-    if evaluator and recipe.eval.at_start and not resume:
+    if evaluator and recipe.eval.at_start and not resume and _is_main_process():
         summary.evaluations.append(evaluator.run(embedder, log, stage="start", step=0))
     started = time.perf_counter()
     weights_from: Path | None = None
@@ -191,7 +191,8 @@ def _prepare_output(recipe: Recipe, root: Path, resume: bool) -> None:
             keys = ", ".join(format_key_path(key) for key in changed[:5])
             raise UserError(f"{root}: the recipe changed since this run started ({keys}); "
                             "resuming would not reproduce it: use a new output_dir")
-    elif not resume and root.exists() and (saved.is_file() or (root / "stages").exists()):
+    elif not resume and _is_main_process() and root.exists() and (saved.is_file() or (root / "stages").exists()):
+        # only the main process checks: the others may already see the recipe it has just written
         raise UserError(f"output_dir: {root} already holds a run; pass --resume to continue it or choose another")
     if _is_main_process():
         save_resolved(recipe, root)

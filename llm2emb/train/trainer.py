@@ -194,9 +194,20 @@ class ContrastiveTrainer(Trainer):
         if not self.args.should_save:
             return
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        embedder = self.accelerator.unwrap_model(self.model)
+        if self._staging_dir is not None and Path(self._staging_dir) in output_dir.parents:
+            # A checkpoint being assembled may already hold other processes' rng_state_<rank>.pth, which
+            # save_pretrained (it replaces the whole folder) would delete: save beside it and move the files in.
+            beside = output_dir.with_name(output_dir.name + ".model")
+            embedder.save_pretrained(beside, overwrite=True)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            for item in beside.iterdir():
+                os.replace(item, output_dir / item.name)
+            beside.rmdir()
+            return
         if output_dir.is_dir() and any(output_dir.iterdir()) and not is_model_folder(output_dir):
             raise UserError(f"{output_dir}: not empty and not a model folder; save the model into a folder of its own")
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, overwrite=True)
+        embedder.save_pretrained(output_dir, overwrite=True)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -91,3 +94,20 @@ def test_quantization_on_cpu_is_a_clear_error(tiny_qwen2, tmp_path, capsys):
     line = one_line_error(capsys)
     assert "quantization: 4bit (QLoRA through bitsandbytes) needs a CUDA GPU" in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun_write_one_model_and_every_rank_state(tiny_qwen2, tmp_path):
+    """`torchrun -m llm2emb.cli train` (gloo on the CPU): one summary line, checkpoints hold both ranks' RNG."""
+    recipe = write_recipe(tmp_path, tiny_qwen2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llm2emb.cli", "train",
+               str(recipe), "--set", "save_steps=1"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = [line for line in result.stdout.splitlines() if line.startswith("trained ")]
+    assert len(summaries) == 1 and summaries[0].startswith("trained 2 steps"), result.stdout
+    checkpoint = tmp_path / "run" / "stages" / "0-pairs" / "checkpoint-2"
+    assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt"} <= {
+        p.name for p in checkpoint.iterdir()}
+    assert (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()

@@ -17,7 +17,7 @@ from llm2emb.errors import UserError
 from llm2emb.model import Embedder
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.recipe import RESOLVED_NAME, load_recipe
-from llm2emb.train.runner import check_recipe, train
+from llm2emb.train.runner import Evaluator, check_recipe, train
 
 SUBJECTS = ["man", "woman", "cat", "dog", "chef", "enzyme", "protein", "capital"]
 PLACES = ["street", "kitchen", "mat", "garden"]
@@ -33,7 +33,7 @@ RECIPE = """\
     eval:
       every_steps: 2
       sts: [{path: sts.tsv}]
-      beir: [{path: beir, instruction: Find the sentence}]
+      beir: [{path: beir, instruction: Find the sentence, corpus_sample: 36}]
     stages:
       - name: retrieval
         max_steps: 3
@@ -58,7 +58,8 @@ def write_workspace(directory: Path, base: Path) -> Path:
         f"{i % 5}\tA {s} is on the {p}.\tA {s} sits by the {p}.\n" for i, (s, p) in enumerate(pairs)))
     beir = directory / "beir"
     (beir / "qrels").mkdir(parents=True)
-    (beir / "corpus.jsonl").write_text("".join(
+    distractors = [{"_id": f"x{i}", "text": f"Nothing is on the {p} number {i}."} for i, p in enumerate(PLACES * 2)]
+    (beir / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in distractors) + "".join(
         json.dumps({"_id": f"d{i}", "text": f"A {s} is on the {p}."}) + "\n" for i, (s, p) in enumerate(pairs)))
     (beir / "queries.jsonl").write_text("".join(
         json.dumps({"_id": f"q{i}", "text": f"{s} on the {p}?"}) + "\n" for i, (s, p) in enumerate(pairs)))
@@ -199,6 +200,13 @@ def test_check_loads_data_but_no_model(converted, tmp_path):
     assert "stages[0] retrieval: 3 steps of 4, 8 batches per epoch; triplets.jsonl 32 rows" in report
     assert "stages[1] blend: 3 steps of 4" in report
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_corpus_sample_keeps_relevant_documents(converted, tmp_path):
+    recipe = load_recipe(write_workspace(tmp_path, converted))
+    (data, instruction), = Evaluator.from_recipe(recipe).beir
+    assert len(data.documents) == 36 and instruction == "Find the sentence"
+    assert {f"d{i}" for i in range(32)} <= set(data.doc_ids)  # the 32 relevant ones, plus 4 of 8 distractors
 
 
 def test_quantization_needs_a_gpu(converted, tmp_path):

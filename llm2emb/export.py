@@ -95,8 +95,6 @@ def export_sentence_transformers(model: str | Path, out: str | Path, overwrite: 
     _check_out(out, overwrite)
     embedder = merged(Embedder.from_pretrained(model, torch_dtype="auto"))
     config, pooling = embedder.config, embedder.config.pooling["type"]
-    if config.attention != "bidirectional" and pooling not in PORTABLE_POOLING:
-        raise UserError(f"{model}: only bidirectional models export custom pooling")
     portable = pooling in PORTABLE_POOLING
     if portable and pooling == "mean" and _special_prefix(embedder.tokenizer):
         raise UserError(f"{model}: the tokenizer adds a BOS token that llm2emb leaves out of mean pooling but "
@@ -109,6 +107,7 @@ def export_sentence_transformers(model: str | Path, out: str | Path, overwrite: 
         backbone.save_pretrained(str(hf))
         tokenizer = _append_eos(embedder.tokenizer) if embedder.pooler.needs_eos else copy.deepcopy(embedder.tokenizer)
         tokenizer.padding_side = "right"  # default position ids count from the row start; right padding keeps them
+        tokenizer.chat_template = None  # sentence-transformers would wrap every text in an instruct model's template
         tokenizer.save_pretrained(str(hf))
         modules = [Transformer(str(hf), max_seq_length=config.max_length)]
         if portable:

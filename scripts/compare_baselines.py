@@ -78,6 +78,7 @@ def run_row(key: str, args) -> dict:
         sts_instruction=row.get("sts_instruction"), batch_size=args.batch_size, use_cache=args.cache,
         name=name, progress=lambda r: print(format_table([r]).splitlines()[-1], flush=True),
     )
+    report.settings["corpus_sample"] = args.corpus_sample
     record = to_json(report.results, row=key, label=row["label"], model=name, settings=report.settings,
                      environment=report.environment, load_seconds=load_seconds,
                      dtype=None if row.get("minilm") else (args.dtype or "float32"),
@@ -131,13 +132,18 @@ def render() -> str:
 def notes(records: list[dict]) -> list[str]:
     """What the table's SciFact columns mean, and the harness check against the published MiniLM figure."""
     out = []
-    samples = sorted({r["settings"].get("corpus_sample") for r in records if r["settings"].get("corpus_sample")})
+    docs = {id(r): next(x for x in r["results"] if x["kind"] == "retrieval")["documents"] for r in records}
+    full_size = max(docs.values(), default=0)
+    samples = sorted({n for n in docs.values() if n < full_size})
     for size in samples:
         out.append(f"SciFact at `--corpus-sample {size}`: the corpus is cut to {size} documents, every document "
                    "relevant to a test query plus random others (seed 0); all 300 test queries are kept. Scores are "
                    "higher than on the full 5183-document corpus (fewer distractors): compare rows only at the same "
-                   "corpus size. SmolLM2 on full abstracts is too slow for the shared 2-core machine.")
-    full = [r for r in records if r["row"] == "minilm" and not r["settings"].get("corpus_sample")]
+                   "corpus size. SmolLM2 on full abstracts is too slow for the shared 2-core machine, so these rows "
+                   "also truncate every text to the max length shown (STS-B sentences are far shorter) and run "
+                   "SmolLM2 in bfloat16 (the CPU's AMX units; an aborted float32 attempt took about 2.5x longer "
+                   "per STS-B batch).")
+    full = [r for r in records if r["row"] == "minilm" and docs[id(r)] == full_size]
     for r in full:
         sts = next(x for x in r["results"] if x["kind"] == "sts")["scores"]["spearman"]
         ndcg = next(x for x in r["results"] if x["kind"] == "retrieval")["scores"]["ndcg@10"]
@@ -146,7 +152,7 @@ def notes(records: list[dict]) -> list[str]:
                    "(MTEB publishes 64.51 and 82.03).")
     out.append("Wall time is one evaluation (encoding, exact search, scoring), model loading excluded, on 2 cores "
                "shared with other jobs (load average 4 to 7 during these runs): the same MiniLM STS-B evaluation "
-               "differs several-fold between rows run at different moments, so read times as rough.")
+               "took 12 s in one run and 36 s in another, so read times as rough.")
     return [line + "\n" for line in out]
 
 
@@ -155,7 +161,7 @@ def agreement() -> list[str]:
     lines = []
     for path in sorted((OUT / "agreement").glob("*.json")):
         r = json.loads(path.read_text())
-        lines += ["", f"Same model through three harnesses, row ({r['row']}) on {r['task']} "
+        lines += ["", f"Same model through three harnesses, row ({r['row']}, float32, max length 512) on {r['task']} "
                   f"(`{r['command']}`, {r['environment']['date']}):", "",
                   "| harness | Spearman x100 | wall time |", "|---|---|---|"]
         lines += [f"| {name} | {v['spearman']:.4f} | {v['seconds']:.0f} s |" for name, v in r["scores"].items()]

@@ -37,6 +37,8 @@ def _randomize_pooler(embedder, seed):
 def make_model(base, folder, pooling, lora):
     embedder = Embedder.from_pretrained(base, pooling=pooling, torch_dtype="float32")
     embedder.config.default_query_instruction = INSTRUCTION
+    # Instruct models ship a chat template, which sentence-transformers would wrap every text in.
+    embedder.tokenizer.chat_template = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
     if embedder.pooler.trainable:
         _randomize_pooler(embedder, seed=1)
     if lora:

@@ -280,3 +280,4 @@ def test_cli_encode_layers_budget_and_backend(tiny_qwen2, tmp_path):
     expected = Embedder.from_pretrained(tiny_qwen2, pooling="mean").encode(TEXTS, layers=1)
     assert np.abs(np.load(out) - expected).max() <= 1e-5
     assert main(args[:-2] + ["--attention-backend", "flash_attn"]) == 2
+

@@ -124,7 +124,7 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
 
     auto: a CUDA varlen kernel when one is usable (flash-attn first), else padded: without a varlen kernel the
     packed path re-pads inside attention, and length-sorted padded batches already pad little (on a 2-core CPU
-    packed encoded at 0.96x the padded speed, benchmarks/RESULTS.md "Speed").
+    packed encoded at 0.96x and 1.10x the padded speed in two runs, benchmarks/RESULTS.md "Speed").
     packed: flash_attn, else varlen_attn, else the sdpa kernel (any device).
     """
     requested = requested or "auto"

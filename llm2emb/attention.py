@@ -16,7 +16,9 @@ path and the reference): only the attention is re-padded per text, every linear 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +48,33 @@ def _flash_attn(query, key, value, cu_seqlens, max_length, scale, dropout, causa
     )
 
 
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _torch_varlen(query, key, value, cu_seqlens, max_length, scale, dropout, causal):
     from torch.nn.attention.varlen import varlen_attn
 
     if dropout:
         raise UserError("attention backend varlen_attn has no attention dropout; use flash_attn or padded")
-    return varlen_attn(
-        query, key, value, cu_seqlens, cu_seqlens, max_length, max_length, scale=scale,
-        window_size=(-1, 0) if causal else (-1, -1), enable_gqa=key.shape[1] != query.shape[1],
-    )
+    # The keyword set changed between torch releases: 2.13 has enable_gqa and window_size; 2.11 has window_size but
+    # no enable_gqa, so key/value heads are repeated to the query heads (found on an H100); older ones take is_causal.
+    parameters = _varlen_parameters()
+    options = {"scale": scale}
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" in parameters:
+            options["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if "window_size" in parameters:
+        options["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        options["is_causal"] = causal
+    return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_length, max_length, **options)
 
 
 def _sdpa_per_text(query, key, value, cu_seqlens, max_length, scale, dropout, causal):

@@ -1,0 +1,102 @@
+"""GPU-only paths: the CUDA varlen kernels and QLoRA. Skipped without a GPU (CI has none); run on the device machine.
+
+    python -m pytest -q tests/test_cuda.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import yaml
+
+from llm2emb import Embedder
+from llm2emb.backbone import VERIFIED_MODEL_TYPES
+from llm2emb.convert import convert
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TEXTS = [
+    "A man is playing a guitar on the street.",
+    "The cat sat.",
+    "Proteins fold into three-dimensional structures; enzymes catalyse reactions in the cell.",
+    "Given a question, retrieve passages that answer it.",
+]
+CUDA_KERNELS = [k for k in ("flash_attn", "varlen_attn")
+                if importlib.util.find_spec("flash_attn" if k == "flash_attn" else "torch.nn.attention.varlen")]
+BF16_TOLERANCE = 2e-2
+"""Two bf16 kernels (varlen vs padded sdpa) round differently; unit vectors agree to about 1e-2."""
+
+
+def load(path, backend, pooling="mean"):
+    return Embedder.from_pretrained(path, pooling=pooling, torch_dtype=torch.bfloat16, device="cuda",
+                                    attention_backend=backend)
+
+
+def test_auto_picks_a_cuda_varlen_kernel(tiny_qwen2):
+    embedder = load(tiny_qwen2, "auto")
+    expected = "flash_attn" if "flash_attn" in CUDA_KERNELS else "varlen_attn"
+    assert embedder._kernel() == expected
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@pytest.mark.parametrize("arch", VERIFIED_MODEL_TYPES)
+@pytest.mark.parametrize("pooling", ["mean", "last_token"])
+@torch.no_grad()
+def test_cuda_kernel_packed_equals_each_text_alone(tiny_models, arch, kernel, pooling):
+    embedder = load(tiny_models[arch], kernel, pooling)
+    assert embedder._kernel() == kernel
+    together = embedder(embedder.tokenize(TEXTS, "Find a paraphrase")).float()
+    embedder.set_attention_backend("padded")
+    for i, text in enumerate(TEXTS):
+        alone = embedder(embedder.tokenize([text], "Find a paraphrase")).float()
+        assert (alone[0] - together[i]).abs().max().item() <= BF16_TOLERANCE, (arch, i)
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@torch.no_grad()
+def test_cuda_kernel_has_no_attention_across_texts(tiny_qwen2, kernel):
+    embedder = load(tiny_qwen2, kernel, "last_token")
+    batch = embedder.tokenize(TEXTS)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][1, 0] = (changed["input_ids"][1, 0] + 7) % embedder.backbone.config.vocab_size
+    before, after = embedder(batch).float(), embedder(changed).float()
+    assert (before[1] - after[1]).abs().max().item() > 1e-3
+    assert (before[[0, 2, 3]] - after[[0, 2, 3]]).abs().max().item() <= 1e-3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_qlora_trains_a_4bit_base_and_saves_a_loadable_model(tiny_qwen2, tmp_path):
+    import bitsandbytes as bnb
+
+    from llm2emb.train.recipe import load_recipe
+    from llm2emb.train.runner import load_embedder, train
+
+    base = tmp_path / "emb"
+    convert(str(tiny_qwen2), base, pooling="mean", dtype="float32")
+    rows = [{"query": f"{s} on the {p}?", "positive": f"A {s} is on the {p}.", "negative": f"A {s} is far away."}
+            for s in ("man", "cat", "dog", "chef") for p in ("street", "mat", "garden", "kitchen")]
+    (tmp_path / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {
+        "model": {"base": str(base), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "quantization": "4bit", "bf16": True, "output_dir": str(tmp_path / "run"), "report_to": ["none"],
+        "stages": [{"name": "s", "max_steps": 3, "batch_size": 8, "gradcache_chunk": 4, "learning_rate": 1e-3,
+                    "hard_negatives": 1, "datasets": [{"path": str(tmp_path / "triplets.jsonl")}]}],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    quantized = load_embedder(load_recipe(path))
+    four_bit = [m for m in quantized.backbone.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit, "the base's linear layers should be bitsandbytes 4-bit"
+    assert all(m.weight.quant_type == "nf4" for m in four_bit)
+    del quantized
+
+    summary = train(path)
+    assert all(torch.isfinite(torch.tensor(s["final_loss"])) for s in summary.stages)
+    trained = Embedder.from_pretrained(summary.model_dir, device="cuda")
+    vectors = trained.encode(TEXTS)
+    assert vectors.shape[0] == len(TEXTS) and bool((abs((vectors**2).sum(1) - 1) < 1e-3).all())

@@ -86,4 +86,6 @@ def test_two_processes_match_single_process(tmp_path):
             assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6), (rank, chunk)
             for got, want in zip(grads, want_grads):
                 assert want.abs().sum() > 0
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+                # float32 sums in another order (gloo's reduction) differ by a few ulps of the tensor's scale, not
+                # of each (possibly cancelled) element; a missing gathered negative changes gradients by far more.
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

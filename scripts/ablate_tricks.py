@@ -240,8 +240,7 @@ def plot(results: list[dict], target: Path) -> None:
         for column, key in enumerate(keys):
             axes[0, column].plot(DIMS, [_at(record[key], d) for d in DIMS], marker="o", label=record["variant"])
             if "by_layers" in record:
-                points = [_at(record["by_layers"][str(k)] if str(k) in record["by_layers"] else record["by_layers"][k],
-                              key) for k in LAYERS[:-1]]
+                points = [_at(_at(record["by_layers"], k), key) for k in LAYERS[:-1]]
                 axes[1, column].plot(LAYERS, [_at(p, DIMS[-1]) for p in points] + [_at(record[key], DIMS[-1])],
                                      marker="o", label=record["variant"])
     for column, title in enumerate(titles):
@@ -272,7 +271,7 @@ def table(results: list[dict]) -> str:
             full = _at(r[key], DIMS[-1])
             gap = f"{full - _at(baseline[key], DIMS[-1]):+.2f}" if baseline and r is not baseline else ""
             cells += [f"{full:.2f}", gap, f"{_at(r[key], 144):.2f}"]
-        ten = r.get("by_layers", {}).get("10") or r.get("by_layers", {}).get(10)
+        ten = _at(r["by_layers"], 10) if "by_layers" in r else None
         cells.append(f"{_at(ten['sts'], DIMS[-1]):.2f} / {_at(ten['scifact_ndcg10'], DIMS[-1]):.2f}" if ten else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -74,22 +74,27 @@ def add_encode(sub) -> None:
 def run_encode(args) -> None:
     import numpy as np
 
+    from llm2emb.files import atomic_path
     from llm2emb.model import Embedder
+    from llm2emb.tokenization import locate_texts
 
     texts = _read_lines(args.input)
     embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, attention_backend=args.attention_backend)
     encode = embedder.encode_documents if args.documents else embedder.encode
-    vectors = encode(texts, instruction=args.instruction, batch_size=args.batch_size, dim=args.dim,
-                     layers=args.layers, max_tokens=args.max_tokens)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.partial.npy")
-    np.save(staging, vectors)
-    os.replace(staging, output)
-    print(f"wrote {output}: {vectors.shape[0]} x {vectors.shape[1]} float32")
+    with locate_texts(lambda i: f"{_source_name(args.input)}:{i + 1}"):  # row i is line i + 1 of the input
+        vectors = encode(texts, instruction=args.instruction, batch_size=args.batch_size, dim=args.dim,
+                         layers=args.layers, max_tokens=args.max_tokens)
+    with atomic_path(args.output) as staging, staging.open("wb") as handle:
+        np.save(handle, vectors)
+    print(f"wrote {args.output}: {vectors.shape[0]} x {vectors.shape[1]} float32")
+
+
+def _source_name(source: str) -> str:
+    return "<stdin>" if source == "-" else source
 
 
 def _read_lines(source: str) -> list[str]:
+    """Every line is one text, so row i of the output is line i + 1: a blank line is refused, never dropped."""
     if source == "-":
         lines = sys.stdin.read().splitlines()
     else:
@@ -100,10 +105,14 @@ def _read_lines(source: str) -> list[str]:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
             raise UserError(f"{source}: not UTF-8 text (byte {exc.start})") from None
-    texts = [line for line in lines if line.strip()]
-    if not texts:
-        raise UserError(f"{source}: input has no text lines")
-    return texts
+    if not any(line.strip() for line in lines):
+        raise UserError(f"{_source_name(source)}: input has no text lines")
+    blank = [number for number, line in enumerate(lines, start=1) if not line.strip()]
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
+        raise UserError(f"{_source_name(source)}: blank line(s) {shown}: each line is one text and row i of the "
+                        "output is line i, so remove them (or put text on them)")
+    return lines
 
 
 # ---------------------------------------------------------------- info

@@ -16,7 +16,6 @@ BEIR loaders join them); a document whose text equals one of the query's positiv
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from llm2emb.errors import UserError
+from llm2emb.files import atomic_path
+from llm2emb.tokenization import locate_texts
 
 
 @dataclass
@@ -177,23 +178,23 @@ def mine(
     for p in found:
         positive_docs[slot[(p.query, p.instruction or instruction)]].update(by_text.get(p.positive, ()))
 
-    doc_vectors = _normalized(embedder.encode_documents(documents, batch_size=batch_size))
+    with locate_texts(lambda i: f"{corpus}: document {doc_ids[i]}"):
+        doc_vectors = _normalized(embedder.encode_documents(documents, batch_size=batch_size))
     query_vectors = np.zeros((len(keys), doc_vectors.shape[1]), dtype=np.float32)
     for instr in dict.fromkeys(k[1] for k in keys):
         rows_with = [i for i, k in enumerate(keys) if k[1] == instr]
         texts = [keys[i][0] for i in rows_with]
-        query_vectors[rows_with] = _normalized(embedder.encode(texts, instruction=instr, batch_size=batch_size))
+        with locate_texts(lambda i, texts=texts: f"query {texts[i]!r:.80}"):
+            query_vectors[rows_with] = _normalized(embedder.encode(texts, instruction=instr, batch_size=batch_size))
     positives = list(dict.fromkeys(p.positive for p in found))
-    positive_vectors = _normalized(embedder.encode_documents(positives, batch_size=batch_size))
+    with locate_texts(lambda i: f"positive {positives[i]!r:.80}"):
+        positive_vectors = _normalized(embedder.encode_documents(positives, batch_size=batch_size))
     positive_row = {text: i for i, text in enumerate(positives)}
     depth = min(len(documents), top_k + max(len(s) for s in positive_docs))
     ranked, scores = search(query_vectors, doc_vectors, depth)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial")
     stats = MiningStats(rows=0, queries=len(keys), full_rows=0, masked_by_margin=0)
-    with staging.open("w", encoding="utf-8") as handle:
+    with atomic_path(out) as staging, staging.open("w", encoding="utf-8") as handle:
         for p in found:
             i = slot[(p.query, p.instruction or instruction)]
             positive_score = float(query_vectors[i] @ positive_vectors[positive_row[p.positive]])
@@ -207,7 +208,6 @@ def mine(
             stats.rows += 1
             stats.full_rows += len(kept) == num_negatives
             stats.masked_by_margin += dropped
-    os.replace(staging, out)
     return stats
 
 

@@ -23,7 +23,8 @@ from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
 from llm2emb.packing import pack, token_budget_batches, unpack
 from llm2emb.pooling import Pooler, build_pooler, pooler_spec
-from llm2emb.prompts import Prompt, Prompts
+from llm2emb.prompts import Prompts
+from llm2emb.tokenization import PromptTokenizer, UnembeddableText
 
 PROGRESS_BAR_MIN_TEXTS = 1000
 """`encode` shows a progress bar from this many texts on, unless told otherwise."""
@@ -190,41 +191,20 @@ class Embedder(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Token ids, attention mask and pool mask (1 on the text's own tokens, plus EOS if appended).
 
-        `kind` picks the template the instruction goes through: "query" or "document".
+        `kind` picks the template the instruction goes through: "query" or "document". A prompt over `max_length`
+        loses tokens of its text only; a text left no token raises `UnembeddableText` (llm2emb.tokenization).
         """
         return self._pad(list(self._rows(texts, instructions, max_length, kind)))
 
-    def _rows(self, texts, instructions, max_length, kind) -> Iterator[tuple[list[int], list[int]]]:
-        """(ids, pool mask) per text, unpadded, one text at a time."""
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings, not a single string")
-        if instructions is None or isinstance(instructions, str):
-            instructions = [instructions] * len(texts)
-        render = self.prompts.query if kind == "query" else self.prompts.document
-        if len(instructions) != len(texts):
-            raise ValueError(f"{len(instructions)} instructions for {len(texts)} texts")
-        for text, instruction in zip(texts, instructions):
-            yield self._tokenize_prompt(render(text, instruction), max_length or self.config.max_length)
+    @property
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        """Templates, tokenizer and `max_length` under llm2emb.tokenization's rule: the text is cut, never the prompt."""
+        return PromptTokenizer(self.tokenizer, self.prompts, self.pooler.needs_eos, self.config.max_length)
 
-    def _tokenize_prompt(self, prompt: Prompt, max_length: int) -> tuple[list[int], list[int]]:
-        needs_eos = self.pooler.needs_eos
-        encoded = self.tokenizer(
-            prompt.string,
-            add_special_tokens=True,
-            truncation=True,
-            max_length=max_length - int(needs_eos),
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-        )
-        ids = list(encoded["input_ids"])
-        pool = [
-            int(not special and end > prompt.text_start and start < prompt.text_end)
-            for (start, end), special in zip(encoded["offset_mapping"], encoded["special_tokens_mask"])
-        ]
-        if needs_eos:
-            ids.append(self.tokenizer.eos_token_id)
-            pool.append(1)
-        return ids, pool
+    def _rows(self, texts, instructions, max_length, kind) -> Iterator[tuple[list[int], list[int]]]:
+        """(ids, pool mask) per text, unpadded."""
+        for row in self.prompt_tokenizer.rows(texts, instructions, max_length, kind):
+            yield row.ids, row.pool
 
     def _pad(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids, _ in rows)
@@ -251,6 +231,9 @@ class Embedder(nn.Module):
         attention_mask = batch["attention_mask"].to(self.device)
         input_ids = batch["input_ids"].to(self.device)
         pool_mask = batch["pool_mask"].to(self.device)
+        empty = (pool_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        if empty:  # a pooler would return zeros (mean) or a pad token's state: refuse, never a silent garbage vector
+            raise UnembeddableText(empty[0], "no token of the text is in the batch's pool mask")
         kernel = self._kernel()
         with self._first_layers(layers):
             if kernel == "padded":
@@ -329,15 +312,24 @@ class Embedder(nn.Module):
         was_training = self.training
         self.eval()
         result = np.zeros((len(texts), dim or self.dim), dtype=np.float32)
-        for group in tqdm(groups, disable=not show_progress_bar, desc="encode", unit="batch"):
-            index = order[group]
-            vectors = self.forward(self._pad([rows[i] for i in index]), layers=layers).float()
-            if dim is not None:
-                vectors = vectors[:, :dim]
-            if normalize:
-                vectors = torch.nn.functional.normalize(vectors, dim=-1)
-            result[index] = vectors.cpu().numpy()
-        self.train(was_training)
+        try:
+            for group in tqdm(groups, disable=not show_progress_bar, desc="encode", unit="batch"):
+                index = order[group]
+                try:
+                    vectors = self.forward(self._pad([rows[i] for i in index]), layers=layers).float()
+                except UnembeddableText as exc:
+                    raise UnembeddableText(int(index[exc.index]), exc.detail) from None
+                if dim is not None:
+                    vectors = vectors[:, :dim]
+                norms = vectors.norm(dim=-1)
+                bad = (~torch.isfinite(norms) | (norms == 0)).nonzero().flatten().tolist()
+                if bad:  # never a zero or NaN row in the result: name the text instead
+                    raise UnembeddableText(int(index[bad[0]]), f"the model gave a vector of norm {norms[bad[0]].item()}")
+                if normalize:
+                    vectors = torch.nn.functional.normalize(vectors, dim=-1)
+                result[index] = vectors.cpu().numpy()
+        finally:
+            self.train(was_training)
         return result
 
     def encode_queries(self, texts: Sequence[str], instruction: str | None = None, **kwargs) -> np.ndarray:
@@ -382,6 +374,28 @@ class Embedder(nn.Module):
             state = {k: v.detach().contiguous().cpu() for k, v in self.pooler.state_dict().items()}
             save_file(state, str(folder / POOLING_WEIGHTS_NAME))
         config.save(folder)
+
+
+def load_prompt_tokenizer(
+    path_or_id: str | Path, pooling: str | dict[str, Any] | None = None, max_length: int | None = None
+) -> PromptTokenizer:
+    """The `prompt_tokenizer` that `Embedder.from_pretrained(path_or_id, pooling=...)` would have, without weights:
+    a model folder's templates and pooling, else the defaults (for `llm2emb train --check`)."""
+    from llm2emb.pooling import POOLERS
+
+    if is_model_folder(path_or_id):
+        config = EmbedderConfig.load(Path(path_or_id))
+    else:
+        config = EmbedderConfig(base=str(path_or_id))
+        if pooling is not None:
+            config.pooling = {"type": pooling} if isinstance(pooling, str) else dict(pooling)
+    kind = config.pooling.get("type")
+    if kind not in POOLERS:
+        raise UserError(f"pooling: unknown type {kind!r}; choose one of {sorted(POOLERS)}")
+    tokenizer = load_tokenizer(BaseRef(str(path_or_id)) if is_model_folder(path_or_id) else resolve_base(path_or_id),
+                               config.padding_side)
+    return PromptTokenizer(tokenizer, Prompts(config.query_template, config.document_template),
+                           POOLERS[kind].needs_eos, max_length or config.max_length)
 
 
 def _umask() -> int:

@@ -136,7 +136,7 @@ def main() -> None:
     st = build_sentence_transformer(args.model, reference, args.device, dtype, args.st_attn)
     st.max_seq_length = args.max_length
 
-    lengths = [len(ids) for ids, _ in reference._rows(texts, None, args.max_length, "document")]
+    lengths = [len(row.ids) for row in reference.prompt_tokenizer.rows(texts, None, args.max_length, "document")]
     corpus = load_texts(Path(args.data), None)
     corpus_lengths = [len(ids) for ids in reference.tokenizer(corpus, truncation=True, max_length=args.max_length)["input_ids"]]
     tokens = sum(lengths)

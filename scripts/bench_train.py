@@ -141,7 +141,7 @@ def build_llm2emb(args, device, dtype):
 
     def tokens(rows: list[dict]) -> int:
         texts = [r[k] for k in ("query", "positive", "negative") for r in rows]
-        return sum(len(ids) for ids, _ in embedder._rows(texts, None, args.max_length, "document"))
+        return sum(len(row.ids) for row in embedder.prompt_tokenizer.rows(texts, None, args.max_length, "document"))
 
     return embedder, step, tokens
 

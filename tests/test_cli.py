@@ -21,7 +21,7 @@ def converted(tiny_qwen2, tmp_path_factory):
 
 def test_convert_encode_info_end_to_end(converted, tmp_path, capsys):
     texts = tmp_path / "texts.txt"
-    texts.write_text("A man plays a guitar.\n\nThe cat sat on the mat.\n")
+    texts.write_text("A man plays a guitar.\nThe cat sat on the mat.\n")
     out = tmp_path / "emb.npy"
     assert main(["encode", str(converted), "--input", str(texts), "--output", str(out), "--instruction", "Find it"]) == 0
     vectors = np.load(out)
@@ -105,3 +105,54 @@ def test_error_convert_into_non_empty_folder_keeps_it(tiny_qwen2, tmp_path):
 
 def test_error_info_on_non_model_folder(tmp_path):
     assert_one_line_error(*run_cli("info", tmp_path), "not an llm2emb model folder")
+
+
+def test_encode_refuses_blank_lines_instead_of_shifting_rows(converted, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("A man plays a guitar.\n\nThe cat sat on the mat.\n   \n")
+    out = tmp_path / "emb.npy"
+    assert main(["encode", str(converted), "--input", str(texts), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"llm2emb encode: error: {texts}: blank line(s) 2, 4: ")
+    assert not out.exists()
+
+
+def test_encode_refuses_an_instruction_that_leaves_a_line_no_token(converted, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("A man plays a guitar.\n")
+    out = tmp_path / "emb.npy"
+    out.write_bytes(b"earlier result")
+    instruction = " ".join(["Given a premise, retrieve a hypothesis that is entailed by the premise."] * 60)
+    assert main(["encode", str(converted), "--input", str(texts), "--output", str(out), "--instruction", instruction]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"llm2emb encode: error: {texts}:1: the prompt around the text")
+    assert "tokens of max_length 512, leaving the text none" in err[0]
+    assert out.read_bytes() == b"earlier result"  # nothing already written is lost
+
+
+def test_encode_killed_mid_run_leaves_no_partial_output(converted, tmp_path):
+    """SIGKILL at staggered moments: the output is the earlier file or the whole new matrix, never a partial one."""
+    import os
+    import signal
+    import time
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"sentence number {i} about a cat on a mat\n" for i in range(3000)))
+    out = tmp_path / "emb.npy"
+    np.save(out, np.zeros((1, 1), np.float32))
+    command = [sys.executable, "-m", "llm2emb.cli", "encode", str(converted), "--input", str(texts),
+               "--output", str(out), "--batch-size", "512"]
+    started = time.perf_counter()
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    full = time.perf_counter() - started
+    finished = np.load(out)
+    assert finished.shape == (3000, 64)
+    for fraction in (0.5, 0.8, 0.9, 0.95, 0.99):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(full * fraction)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        loaded = np.load(out)  # never raises: the file under the name is always whole
+        assert loaded.shape == (3000, 64)
+        np.testing.assert_array_equal(loaded, finished)

@@ -134,3 +134,20 @@ def test_export_cli_sentence_transformers_and_errors(tiny_qwen2, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("llm2emb export: error: ")
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last_token", "latent_attention"])
+def test_export_truncates_as_embedder_does(tiny_qwen2, tmp_path, pooling):
+    """Texts over max_length: both cut the text from its end and keep the prompt (llm2emb.tokenization's rule)."""
+    folder = make_model(tiny_qwen2, tmp_path / "model", POOLINGS[pooling], lora=False)
+    config = json.loads((folder / "llm2emb.json").read_text())
+    (folder / "llm2emb.json").write_text(json.dumps({**config, "max_length": 40}))
+    embedder = Embedder.from_pretrained(folder)
+    st = SentenceTransformer(str(export_sentence_transformers(folder, tmp_path / "st")), device="cpu",
+                             trust_remote_code=True)
+    long_documents = [text * 8 for text in DOCUMENTS]
+    assert all(embedder.prompt_tokenizer.rows([t], None, None, "document").__next__().cut > 0 for t in long_documents)
+    np.testing.assert_allclose(st.encode_document(long_documents), embedder.encode_documents(long_documents), atol=1e-5)
+    if pooling != "mean":  # mean pooling's prompt rule differs in one token anyway (see st_rule_queries)
+        long_queries = [text * 4 for text in QUERIES]
+        np.testing.assert_allclose(st.encode_query(long_queries), embedder.encode_queries(long_queries), atol=1e-5)

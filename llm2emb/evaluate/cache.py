@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llm2emb.assets import cache_dir
+from llm2emb.files import atomic_path
 
 _SAMPLES_PER_TENSOR = 4096
 
@@ -100,13 +99,6 @@ class EmbeddingCache:
         return array if array.ndim == 2 and len(array) == rows else None
 
     def put(self, key: str, array: np.ndarray) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.asarray(array, dtype=np.float32), allow_pickle=False)
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self.path(key)) as staging, staging.open("wb") as handle:
+            np.save(handle, np.asarray(array, dtype=np.float32), allow_pickle=False)
         return self.path(key)

@@ -12,6 +12,7 @@ from llm2emb.evaluate.encoders import as_encoder, normalized
 from llm2emb.evaluate.metrics import DEFAULT_RETRIEVAL_METRICS, evaluated_queries, retrieval_scores
 from llm2emb.evaluate.results import TaskResult
 from llm2emb.evaluate.search import top_k
+from llm2emb.tokenization import locate_texts
 
 
 def encode_corpus(
@@ -32,7 +33,8 @@ def encode_corpus(
         hit = cache.get(key, len(data.documents))
         if hit is not None:
             return hit, True
-    vectors = normalized(encoder.encode_documents(data.documents))
+    with locate_texts(lambda i: f"{data.name}: corpus document {data.doc_ids[i]}"):
+        vectors = normalized(encoder.encode_documents(data.documents))
     if key is not None:
         cache.put(key, vectors)
     return vectors, False
@@ -63,7 +65,8 @@ def evaluate_retrieval(
     counted = set(evaluated_queries(data.qrels))
     query_ids = [q for q in data.query_ids if q in counted]
     texts = [t for q, t in zip(data.query_ids, data.queries) if q in counted]
-    queries = normalized(encoder.encode_queries(texts, instruction=query_instruction))
+    with locate_texts(lambda i: f"{data.name}: query {query_ids[i]}"):
+        queries = normalized(encoder.encode_queries(texts, instruction=query_instruction))
     depth = max(int(m.partition("@")[2]) for m in metrics)
     indices, _ = top_k(queries, corpus, depth, corpus_chunk=corpus_chunk)
     ranking = {q: [data.doc_ids[i] for i in row] for q, row in zip(query_ids, indices)}

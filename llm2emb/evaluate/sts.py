@@ -11,6 +11,7 @@ from llm2emb.evaluate.data import StsData
 from llm2emb.evaluate.encoders import as_encoder, normalized
 from llm2emb.evaluate.metrics import spearman
 from llm2emb.evaluate.results import TaskResult
+from llm2emb.tokenization import locate_texts
 
 
 def evaluate_sts(model: Any, data: StsData, instruction: str | None = None, batch_size: int | None = None) -> TaskResult:
@@ -23,7 +24,8 @@ def evaluate_sts(model: Any, data: StsData, instruction: str | None = None, batc
     start = time.perf_counter()
     unique = list(dict.fromkeys(data.sentences1 + data.sentences2))
     position = {text: i for i, text in enumerate(unique)}
-    vectors = normalized(encoder.encode(unique, instruction=instruction) if instruction else encoder.encode(unique))
+    with locate_texts(lambda i: f"{data.name}: sentence {unique[i]!r:.80}"):
+        vectors = normalized(encoder.encode(unique, instruction=instruction) if instruction else encoder.encode(unique))
     a = vectors[[position[t] for t in data.sentences1]]
     b = vectors[[position[t] for t in data.sentences2]]
     cosine = np.einsum("ij,ij->i", a, b)

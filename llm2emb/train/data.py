@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from llm2emb.errors import UserError
+from llm2emb.tokenization import locate_texts
 from llm2emb.train.recipe import DatasetSpec, StageSpec, format_key_path
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,11 @@ class LoadedDataset:
     rows: datasets.Dataset
     spec: DatasetSpec
     skipped: int = 0
+    locations: list[str] | None = None
+    """Where each row came from (`file:line`, `qrels: query q, document d`), for errors found after loading."""
+
+    def where(self, row: int) -> str:
+        return self.locations[row] if self.locations else f"{self.spec.path}: row {row + 1}"
 
 
 # ---- reading rows ------------------------------------------------------------------------------------------
@@ -57,6 +63,7 @@ def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset"
     records = _records(spec)
     builder = _scored_pair if spec.format == "scored_pairs" else _triple
     columns: dict[str, list] = {name: [] for name in COLUMNS}
+    locations: list[str] = []
     skipped, first_problem = 0, None
     try:
         for where, record in records:
@@ -72,6 +79,7 @@ def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset"
                 continue
             for name in COLUMNS:
                 columns[name].append(row[name])
+            locations.append(where)
             if spec.max_rows is not None and len(columns["query"]) >= spec.max_rows:
                 break
     except BadRow as exc:  # unreadable input (not a single row): never skippable
@@ -88,7 +96,7 @@ def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset"
             "instruction": datasets.Value("string"),
         }
     )
-    return LoadedDataset(datasets.Dataset.from_dict(columns, features=features), spec, skipped)
+    return LoadedDataset(datasets.Dataset.from_dict(columns, features=features), spec, skipped, locations)
 
 
 def _records(spec: DatasetSpec) -> Iterator[tuple[str, dict]]:
@@ -306,6 +314,7 @@ class StageData(torch.utils.data.Dataset):
             "instruction": row["instruction"] or part.spec.instruction,
             "source": source,
             "in_batch_negatives": part.spec.in_batch_negatives,
+            "where": part.where(local),
         }
 
     def _negatives(self, part: LoadedDataset, local: int, row: dict, rng: np.random.Generator) -> list[str]:
@@ -369,8 +378,11 @@ class ContrastiveCollator:
         documents = [item["positive"] for item in items] + [n for item in items for n in item["negatives"]]
         queries = [item["query"] for item in items]
         instructions = [item["instruction"] for item in items]
-        query_batch = dict(self.embedder.tokenize(queries, instructions=instructions, max_length=self.max_length))
-        document_batch = dict(self.embedder.tokenize(documents, max_length=self.max_length, kind="document"))
+        owners = [*range(len(items)), *(i for i, item in enumerate(items) for _ in item["negatives"])]
+        with locate_texts(lambda i: f"{items[i]['where']}: query"):
+            query_batch = dict(self.embedder.tokenize(queries, instructions=instructions, max_length=self.max_length))
+        with locate_texts(lambda i: f"{items[owners[i]]['where']}: document"):
+            document_batch = dict(self.embedder.tokenize(documents, max_length=self.max_length, kind="document"))
         return {
             "queries": query_batch,
             "documents": document_batch,

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from llm2emb.errors import UserError
+from llm2emb.files import write_text_atomic
 
 RESOLVED_NAME = "recipe.resolved.yaml"
 ROW_FILE_SUFFIXES = {
@@ -588,8 +589,5 @@ def save_resolved(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
     """Write the fully resolved recipe (absolute paths, inherited keys spelled out) into the run folder."""
     directory = Path(output_dir or recipe.output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / RESOLVED_NAME
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
-    tmp.replace(target)
-    return target
+    return write_text_atomic(directory / RESOLVED_NAME,
+                             yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True))

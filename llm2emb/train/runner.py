@@ -16,11 +16,13 @@ Run folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 import warnings
@@ -33,9 +35,12 @@ import yaml
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from llm2emb.config import CONFIG_NAME
 from llm2emb.errors import UserError
+from llm2emb.files import atomic_path, damaged_file, folder_lock, write_text_atomic
 from llm2emb.train.data import StageData
 from llm2emb.train.errors import NonFiniteLossError
+from llm2emb.train.fit import check_fit
 from llm2emb.train.objectives import build_objective_data, build_trainer
 from llm2emb.train.recipe import RESOLVED_NAME, Recipe, StageSpec, format_key_path, load_recipe, save_resolved
 from llm2emb.train.remine import with_mined_negatives
@@ -96,16 +101,25 @@ def train(
 
 
 def check_recipe(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
-    """Validate the recipe and load every dataset, without loading a model: a dry run for `--check`."""
+    """Validate the recipe and load every dataset and the tokenizer, without the model's weights: a dry run for
+    `--check`, which also says how each dataset's prompts fit `max_length` (see llm2emb.train.fit)."""
+    from llm2emb.model import load_prompt_tokenizer
+
     recipe = load_recipe(recipe_path, overrides)
     lines = [f"{recipe_path}: valid; output_dir {recipe.output_dir}"]
-    for index, stage in enumerate(recipe.stages):
-        data = build_objective_data(stage, index, recipe.on_bad_rows, recipe.seed)
-        sizes = ", ".join(f"{Path(p.spec.path).name} {len(p.rows)} rows" + (f" ({p.skipped} skipped)" if p.skipped else "")
-                          for p in data.parts)
-        lines.append(f"stages[{index}] {stage.name}: {stage.max_steps} steps of {stage.batch_size}, "
-                     f"{len(data.batch_sampler)} batches per epoch; {sizes}")
+    stage_data = [build_objective_data(stage, index, recipe.on_bad_rows, recipe.seed)
+                  for index, stage in enumerate(recipe.stages)]
     Evaluator.from_recipe(recipe)
+    tokenizer = load_prompt_tokenizer(recipe.model.base, recipe.model.pooling, recipe.model.max_length)
+    for index, (stage, data) in enumerate(zip(recipe.stages, stage_data)):
+        lines.append(f"stages[{index}] {stage.name}: {stage.max_steps} steps of {stage.batch_size}, "
+                     f"{len(data.batch_sampler)} batches per epoch")
+        fits = check_fit(stage, index, data, tokenizer, stage.max_length or recipe.model.max_length,
+                         count_truncated=True)
+        for position, part in enumerate(data.parts):
+            line = f"  datasets[{position}] {Path(part.spec.path).name}: {len(part.rows)} rows"
+            line += f" ({part.skipped} skipped)" if part.skipped else ""
+            lines.append(line + (f"; {fits[position].format()}" if fits else ""))
     return "\n".join(lines)
 
 
@@ -113,7 +127,15 @@ def run_recipe(recipe: Recipe, resume: bool = False, callbacks: list[TrainerCall
     """Train every stage of a validated recipe; with `resume`, continue a run from its last checkpoint."""
     check_hardware(recipe)
     root = Path(recipe.output_dir)
-    _prepare_output(recipe, root, resume)
+    lock = folder_lock(root, "output_dir") if _is_main_process() else contextlib.nullcontext()
+    with lock:
+        return _run_locked(recipe, root, resume, callbacks)
+
+
+def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSummary:
+    """The run, while this process holds output_dir. Nothing is written before the model is loaded and every
+    dataset's prompts are known to fit: a run that fails before its first step leaves the folder as it was."""
+    continuing = _check_output(recipe, root, resume)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     stage_data = [
         build_objective_data(stage, index, recipe.on_bad_rows, recipe.seed, world_size)
@@ -122,9 +144,13 @@ def run_recipe(recipe: Recipe, resume: bool = False, callbacks: list[TrainerCall
     evaluator = Evaluator.from_recipe(recipe)  # loads evaluation data: its errors also come before the model
     set_seed(recipe.seed)  # LoRA and trainable poolers initialise from the seed
     embedder = load_embedder(recipe)
+    for index, (stage, data) in enumerate(zip(recipe.stages, stage_data)):
+        check_fit(stage, index, data, embedder.prompt_tokenizer, stage.max_length or recipe.model.max_length)
+    if _is_main_process():
+        _start_output(recipe, root, continuing)
     summary = TrainSummary(output_dir=str(root), model_dir=str(root / "model"))
     log = MetricsLog(root / METRICS_NAME, enabled=_is_main_process())
-    if evaluator and recipe.eval.at_start and not resume and _is_main_process():
+    if evaluator and recipe.eval.at_start and not continuing and _is_main_process():
         summary.evaluations.append(evaluator.run(embedder, log, stage="start", step=0))
     started = time.perf_counter()
     weights_from: Path | None = None
@@ -139,7 +165,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, callbacks: list[TrainerCall
             weights_from = None
         if stage.mine is not None:  # hard negatives from the weights this stage starts from
             data = with_mined_negatives(stage, index, data, embedder, stage_dir, recipe.on_bad_rows, recipe.seed)
-        checkpoint = last_checkpoint(stage_dir) if resume else None
+        checkpoint = last_checkpoint(stage_dir) if continuing else None
         stats = run_stage(recipe, index, stage, data, embedder, stage_dir, checkpoint, log, evaluator, callbacks)
         summary.stages.append(stats)
         if _is_main_process():
@@ -155,7 +181,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, callbacks: list[TrainerCall
         embedder.save_pretrained(root / "model", overwrite=True)
         if evaluator and recipe.eval.at_end:
             summary.evaluations.append(evaluator.run(embedder, log, stage="end", step=summary.steps))
-        (root / SUMMARY_NAME).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        write_text_atomic(root / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2) + "\n")
         plot_loss(root / METRICS_NAME, root / "loss.png")
     return summary
 
@@ -180,10 +206,29 @@ def _cpu_supports_bf16() -> bool:
     return True
 
 
-def _prepare_output(recipe: Recipe, root: Path, resume: bool) -> None:
-    """A fresh run refuses a folder holding another run; a resumed one refuses a recipe that changed."""
+def holds_run(root: Path) -> bool:
+    """Whether `root` holds training worth keeping: a complete checkpoint, a finished stage or a saved model.
+
+    A run that failed or was killed before its first checkpoint holds nothing: the next run starts over in it.
+    """
+    stages = root / "stages"
+    if (root / "model" / CONFIG_NAME).is_file():
+        return True
+    return stages.is_dir() and any(
+        (stage / "final" / CONFIG_NAME).is_file() or last_checkpoint(stage, quiet=True) is not None
+        for stage in stages.iterdir() if stage.is_dir()
+    )
+
+
+def _check_output(recipe: Recipe, root: Path, resume: bool) -> bool:
+    """Whether this run continues an earlier one (`--resume` on a folder that holds one). Refuses a fresh run on a
+    folder holding a run, and a resume whose training keys changed. Writes nothing."""
+    if not holds_run(root):
+        return False
+    if not resume:
+        raise UserError(f"output_dir: {root} already holds a run; pass --resume to continue it or choose another")
     saved = root / RESOLVED_NAME
-    if resume and saved.is_file():
+    if saved.is_file():
         before = yaml.safe_load(saved.read_text())
         now = recipe.model_dump(mode="json")
         changed = [key for key in _diff(before, now) if key[0] not in RESUME_IGNORED_KEYS]
@@ -191,11 +236,18 @@ def _prepare_output(recipe: Recipe, root: Path, resume: bool) -> None:
             keys = ", ".join(format_key_path(key) for key in changed[:5])
             raise UserError(f"{root}: the recipe changed since this run started ({keys}); "
                             "resuming would not reproduce it: use a new output_dir")
-    elif not resume and _is_main_process() and root.exists() and (saved.is_file() or (root / "stages").exists()):
-        # only the main process checks: the others may already see the recipe it has just written
-        raise UserError(f"output_dir: {root} already holds a run; pass --resume to continue it or choose another")
-    if _is_main_process():
-        save_resolved(recipe, root)
+    return True
+
+
+def _start_output(recipe: Recipe, root: Path, continuing: bool) -> None:
+    """Write the resolved recipe as training is about to start. A fresh start clears what an earlier attempt that
+    never reached a checkpoint left (its metrics, stage folders without checkpoints, half-saved model folders)."""
+    if not continuing:
+        (root / METRICS_NAME).unlink(missing_ok=True)
+        shutil.rmtree(root / "stages", ignore_errors=True)
+    for staging in [*root.glob(".model.*"), *root.glob("stages/*/.final.*")]:  # save_pretrained killed mid-write
+        shutil.rmtree(staging, ignore_errors=True)
+    save_resolved(recipe, root)
 
 
 def _diff(a: Any, b: Any, prefix: tuple = ()) -> list[tuple]:
@@ -314,15 +366,24 @@ def load_trained_weights(embedder, folder: Path) -> None:
         embedder.pooler.load_state_dict(load_file(str(folder / POOLING_WEIGHTS_NAME)))
 
 
-def last_checkpoint(stage_dir: Path) -> str | None:
-    """The newest complete checkpoint: a crash mid-save leaves a folder without trainer_state.json, skipped here."""
+def last_checkpoint(stage_dir: Path, quiet: bool = False) -> str | None:
+    """The newest intact checkpoint. Checkpoints are renamed into place once complete, so a crash mid-save leaves
+    none half-written; a file damaged later (a full disk, a copy cut short) makes its checkpoint skipped, with a
+    one-line notice naming the file, in favour of the one before."""
     if not stage_dir.is_dir():
         return None
-    complete = [
-        path for path in stage_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if path.name.rpartition("-")[2].isdigit() and (path / TRAINER_STATE).is_file()
-    ]
-    return str(max(complete, key=lambda p: int(p.name.rpartition("-")[2]))) if complete else None
+    numbered = sorted(
+        (path for path in stage_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.rpartition("-")[2].isdigit()),
+        key=lambda p: int(p.name.rpartition("-")[2]), reverse=True,
+    )
+    for position, path in enumerate(numbered):
+        problem = damaged_file(path) if (path / TRAINER_STATE).is_file() else f"{TRAINER_STATE} is missing"
+        if problem is None:
+            return str(path)
+        if not quiet:
+            fallback = numbered[position + 1].name if position + 1 < len(numbered) else "no checkpoint (stage restarts)"
+            logger.warning("%s: %s; using %s", path, problem, fallback)
+    return None
 
 
 # ---- one stage ---------------------------------------------------------------------------------------------------
@@ -594,8 +655,7 @@ def plot_loss(metrics: Path, target: Path) -> Path | None:
     axis.set_ylabel("contrastive loss")
     axis.legend()
     figure.tight_layout()
-    tmp = target.with_suffix(".tmp.png")
-    figure.savefig(tmp, dpi=100)
+    with atomic_path(target) as staging, staging.open("wb") as handle:
+        figure.savefig(handle, dpi=100, format="png")
     plt.close(figure)
-    os.replace(tmp, target)
     return target

@@ -197,7 +197,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(convert
 def test_check_loads_data_but_no_model(converted, tmp_path):
     recipe = write_workspace(tmp_path, converted)
     report = check_recipe(recipe)
-    assert "stages[0] retrieval: 3 steps of 4, 8 batches per epoch; triplets.jsonl 32 rows" in report
+    print(report)
+    assert "stages[0] retrieval: 3 steps of 4, 8 batches per epoch\n  datasets[0] triplets.jsonl: 32 rows" in report
     assert "stages[1] blend: 3 steps of 4" in report
     assert not (tmp_path / "run").exists()
 

@@ -1,0 +1,111 @@
+"""Files that appear whole or not at all: a killed process never leaves a partial file under the target's name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from llm2emb.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """A temporary path beside `target` to write; renamed over `target` when the block ends without an error.
+
+    The rename is atomic on one filesystem, so readers see the old file or the whole new one. On an error the
+    temporary file is removed and `target` is left as it was; a SIGKILL can leave only a hidden `.<name>.*.tmp`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(target: str | Path, text: str) -> Path:
+    with atomic_path(target) as staging:
+        staging.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if missing) for the block; a second holder is refused at once.
+
+    The lock is an flock on `<folder>/.lock`, which the kernel drops when the process dies, so a killed run never
+    leaves it stuck. A folder this call created and left holding only the lock file is removed again, so a run that
+    fails before writing anything leaves nothing behind. `what` names the folder in the refusal.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{what}: {folder} is in use by a running process ({holder}); wait for it or choose another")\
+                from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                path.unlink()
+                folder.rmdir()
+
+
+def damaged_file(folder: str | Path) -> str | None:
+    """What is wrong with the first damaged file in `folder` (truncated, or not what its name says), else None.
+
+    Cheap structural checks, no full reads: a safetensors file must be as long as its header says, a torch file
+    (a zip archive since torch 1.6) must have its central directory, a JSON file must parse, and nothing may be empty.
+    """
+    import json
+    import struct
+    import zipfile
+
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        name = path.relative_to(folder)
+        if size == 0:
+            return f"{name} is empty"
+        try:
+            if path.suffix == ".safetensors":
+                with path.open("rb") as handle:
+                    (length,) = struct.unpack("<Q", handle.read(8))
+                    header = json.loads(handle.read(length))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if size != 8 + length + end:
+                    return f"{name} is truncated ({size} of {8 + length + end} bytes)"
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except (zipfile.BadZipFile, ValueError, struct.error, KeyError, TypeError, IndexError, UnicodeDecodeError):
+            return f"{name} is truncated or corrupt"
+    return None

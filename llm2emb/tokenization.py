@@ -1,0 +1,131 @@
+"""Prompts to token ids under `max_length`, with one truncation rule: the text is cut, never the prompt.
+
+`max_length` bounds the whole tokenized prompt: special tokens, the template and instruction around the text, the
+text itself and the EOS that last-token pooling appends. When a prompt is longer, only the text loses tokens, from
+its end; the template's parts before and after the text stay whole. A prompt whose template, instruction and
+special tokens alone leave the text no token is refused (`UnembeddableText`) rather than pooled into a zero vector.
+
+This is the rule sentence-transformers applies to a prompt with a text at its end (it truncates the prompt string
+from the right), so an exported folder gives the same vectors as `Embedder` for the same `max_length`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from llm2emb.errors import UserError
+from llm2emb.prompts import Prompt, Prompts
+
+TOKENIZE_CHUNK = 1024
+"""Prompts handed to the (Rust, multi-threaded) tokenizer at once: fast, and memory stays bounded for corpora."""
+
+
+class UnembeddableText(UserError):
+    """A text that would keep no token of its own (empty, or crowded out by its prompt): it has no vector.
+
+    `index` is the text's position in the call; callers that know where it came from (an input line, a dataset row,
+    a corpus id) re-raise with `detail` behind that location.
+    """
+
+    def __init__(self, index: int, detail: str):
+        self.index, self.detail = index, detail
+        super().__init__(f"text {index}: {detail}")
+
+
+def no_room_detail(prompt_tokens: int, max_length: int) -> str:
+    return (f"the prompt around the text (template, instruction, special tokens) takes {prompt_tokens} tokens of "
+            f"max_length {max_length}, leaving the text none; shorten the instruction or raise max_length")
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """One prompt's ids and pool mask (1 on the text's own tokens and an appended EOS), and the text tokens cut."""
+
+    ids: list[int]
+    pool: list[int]
+    cut: int
+
+
+@dataclass(frozen=True)
+class PromptTokenizer:
+    """Renders texts through a folder's templates and tokenizes them under the truncation rule above."""
+
+    tokenizer: object
+    prompts: Prompts
+    append_eos: bool
+    max_length: int
+
+    def rows(
+        self,
+        texts: Sequence[str],
+        instructions: str | Sequence[str | None] | None = None,
+        max_length: int | None = None,
+        kind: str = "query",
+    ) -> Iterator[TokenizedPrompt]:
+        """One `TokenizedPrompt` per text, in order; `UnembeddableText` names the index of a text left no token."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not a single string")
+        if instructions is None or isinstance(instructions, str):
+            instructions = [instructions] * len(texts)
+        if len(instructions) != len(texts):
+            raise ValueError(f"{len(instructions)} instructions for {len(texts)} texts")
+        render = self.prompts.query if kind == "query" else self.prompts.document
+        limit = max_length or self.max_length
+        for start in range(0, len(texts), TOKENIZE_CHUNK):
+            chunk = [render(text, instruction) for text, instruction in
+                     zip(texts[start:start + TOKENIZE_CHUNK], instructions[start:start + TOKENIZE_CHUNK])]
+            encoded = self.tokenizer(
+                [prompt.string for prompt in chunk],
+                add_special_tokens=True,
+                return_offsets_mapping=True,
+                return_special_tokens_mask=True,
+                verbose=False,  # a prompt over the model's length is cut below, by this module's rule
+            )
+            for offset, prompt in enumerate(chunk):
+                yield self._fit(prompt, encoded["input_ids"][offset], encoded["offset_mapping"][offset],
+                                encoded["special_tokens_mask"][offset], limit, start + offset)
+
+    def _fit(self, prompt: Prompt, ids, offsets, special, limit: int, index: int) -> TokenizedPrompt:
+        text_positions = [
+            i for i, ((begin, end), is_special) in enumerate(zip(offsets, special))
+            if not is_special and end > prompt.text_start and begin < prompt.text_end
+        ]
+        budget = limit - int(self.append_eos)
+        if not text_positions:
+            raise UnembeddableText(index, "the text is empty (no token to embed)")
+        first, last = text_positions[0], text_positions[-1]
+        text_tokens = last - first + 1
+        around = len(ids) - text_tokens
+        keep = min(text_tokens, budget - around)
+        if keep < 1:
+            raise UnembeddableText(index, no_room_detail(around + int(self.append_eos), limit))
+        kept_ids = list(ids[:first + keep]) + list(ids[last + 1:])
+        pool = [0] * first + [1] * keep + [0] * (len(ids) - last - 1)
+        if self.append_eos:
+            kept_ids.append(self.tokenizer.eos_token_id)
+            pool.append(1)
+        return TokenizedPrompt(kept_ids, pool, text_tokens - keep)
+
+    def prompt_tokens(self, instruction: str | None, kind: str = "query") -> int:
+        """Tokens the prompt takes besides its text (template, instruction, special tokens, appended EOS).
+
+        Measured around a one-character text, so a separator that a text's first word absorbs (the space in
+        "Query: word") counts: an upper bound, exact or one over.
+        """
+        render = self.prompts.query if kind == "query" else self.prompts.document
+        prompt = render("x", instruction)
+        encoded = self.tokenizer(prompt.string, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
+        outside = sum(1 for begin, end in encoded["offset_mapping"] if end <= prompt.text_start or begin >= prompt.text_end)
+        return outside + int(self.append_eos)
+
+
+@contextlib.contextmanager
+def locate_texts(describe: Callable[[int], str]) -> Iterator[None]:
+    """Re-raise `UnembeddableText` as one line that says where the text came from (`describe(index)`: an input
+    line, a dataset row, a corpus document id), since the text's index in one call means nothing to a user."""
+    try:
+        yield
+    except UnembeddableText as exc:
+        raise UserError(f"{describe(exc.index)}: {exc.detail}") from None

@@ -305,8 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         args.run(args)
-    except UserError as exc:
-        print(f"llm2emb {args.command}: error: {exc}", file=sys.stderr)
+    except UserError as exc:  # one line, whatever a library's message held (YAML errors span lines)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"llm2emb {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # the system refused a file operation (permission, full disk, a name too long)
+        where = f": {str(exc.filename)[:200]}" if exc.filename else ""
+        print(f"llm2emb {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"llm2emb {args.command}: interrupted", file=sys.stderr)

@@ -403,7 +403,7 @@ def validate_recipe(
         return Recipe.model_validate(data, context={"base_dir": Path(base_dir).resolve()})
     except ValidationError as exc:
         messages = [_format_error(err, raw, source, lines or {}, overridden, inherited) for err in exc.errors()]
-        raise UserError("\n".join(dict.fromkeys(messages))) from None
+        raise UserError("; ".join(dict.fromkeys(messages))) from None  # every problem, on one line
 
 
 def inherit_stage_keys(data: Any) -> dict[tuple, tuple]:

@@ -77,7 +77,8 @@ def test_errors_name_key_path_and_line(recipe_dir):
     text = text.replace("gradcache_chunk: 32", "gradcache_chunk: 30").replace("r: 16,", "r: 16, rank: 3,")
     text = text.replace("temperature: 0.02", "temprature: 0.02")
     message = errors_of(write(recipe_dir, text))
-    lines = message.splitlines()
+    assert "\n" not in message  # every problem, on one line
+    lines = message.split("; ")
     assert any(line.endswith("recipe.yaml:21: stages[1].datasets[0].path: data/nope.jsonl: file not found "
                              "(for a dataset from the hub set format: hf)") for line in lines), message
     assert any("recipe.yaml:5: lora.rank: unknown key" in line for line in lines), message

@@ -102,12 +102,39 @@ def _sdpa_per_text(query, key, value, cu_seqlens, max_length, scale, dropout, ca
 _KERNEL_FUNCTIONS = {"flash_attn": _flash_attn, "varlen_attn": _torch_varlen, "sdpa": _sdpa_per_text}
 
 
+FUTURE_BIAS_FLOOR = -1e4
+"""The bias that stands for "no attention" to later tokens: exp(-1e4) is 0 in float32 and bfloat16, and unlike -inf it
+keeps a padding query whose keys all lie ahead (left padding) finite."""
+
+
+def with_future_bias(attention_mask, query, key, bias: float) -> torch.Tensor:
+    """sdpa's mask (None, boolean or additive) plus `bias` on every key after the query (the soft-causal curriculum).
+
+    bias = log(w) scales the unnormalised attention to later tokens by w: w = 0 is causal, w = 1 bidirectional.
+    """
+    rows, columns = query.shape[-2], key.shape[-2]
+    later = torch.ones(rows, columns, dtype=torch.bool, device=query.device).triu(1)
+    additive = torch.zeros(rows, columns, dtype=query.dtype, device=query.device)
+    additive = additive.masked_fill(later, max(bias, FUTURE_BIAS_FLOOR))[None, None]
+    if attention_mask is None:
+        return additive
+    if attention_mask.dtype == torch.bool:
+        return additive.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+    return attention_mask + additive
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """AttentionInterface entry: a varlen kernel for packed calls, sdpa for padded ones."""
+    """AttentionInterface entry: a varlen kernel for packed calls, sdpa for padded ones (with the curriculum's
+    `llm2emb_future_bias` on later tokens when a training step passes one)."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:
+        bias = kwargs.pop("llm2emb_future_bias", None)
+        if bias is not None:
+            attention_mask = with_future_bias(attention_mask, query, key, bias)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if kwargs.get("llm2emb_future_bias") is not None:
+        raise UserError("the causal-to-bidirectional curriculum runs on padded batches; set attention_backend padded")
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row, got a batch of {query.shape[0]}")
     kernel = _KERNEL_FUNCTIONS[kwargs.get("llm2emb_kernel", "sdpa")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +43,9 @@ class Embedder(nn.Module):
         self.attention_backend = "auto"
         """auto | padded | packed | flash_attn | varlen_attn (llm2emb.attention); a runtime choice, not saved."""
         self._resolved: tuple[tuple, str] | None = None
+        self.future_attention = 1.0
+        """How much a token attends to later tokens, 0 (causal) to 1 (bidirectional); below 1 only during a
+        training curriculum (`set_future_attention`); a runtime choice, not saved."""
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -157,6 +161,18 @@ class Embedder(nn.Module):
             self._resolved = (key, kernel)
         return self._resolved[1]
 
+    def set_future_attention(self, weight: float) -> None:
+        """Scale attention to later tokens by `weight` (0: causal, 1: bidirectional): the soft causal-to-bidirectional
+        curriculum (Conan-embedding-v2). A bidirectional model starts from the causal computation it was pretrained
+        with and anneals to its own; the weights saved are those of a plain bidirectional model."""
+        if not 0.0 <= weight <= 1.0:
+            raise UserError(f"future attention weight must be between 0 and 1, got {weight}")
+        if weight < 1.0 and self.config.attention != "bidirectional":
+            raise UserError("the causal-to-bidirectional curriculum needs a bidirectional model")
+        if weight < 1.0:
+            use_varlen_attention(self.backbone)  # its padded path is sdpa, plus the bias on later tokens
+        self.future_attention = float(weight)
+
     @contextlib.contextmanager
     def _first_layers(self, layers: int | None) -> Iterator[None]:
         """Run only the first `layers` transformer layers (Matryoshka layers): the rest are not computed.
@@ -235,6 +251,8 @@ class Embedder(nn.Module):
         if empty:  # a pooler would return zeros (mean) or a pad token's state: refuse, never a silent garbage vector
             raise UnembeddableText(empty[0], "no token of the text is in the batch's pool mask")
         kernel = self._kernel()
+        if kernel != "padded" and self.future_attention < 1.0:
+            raise UserError("the causal-to-bidirectional curriculum runs on padded batches; set attention_backend padded")
         with self._first_layers(layers):
             if kernel == "padded":
                 hidden, all_layers = self._padded_states(input_ids, attention_mask)
@@ -248,11 +266,16 @@ class Embedder(nn.Module):
     def _padded_states(self, input_ids, attention_mask):
         # Positions count real tokens only, so left padding gives the same positions as right padding.
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+        curriculum = {}
+        if self.future_attention < 1.0:
+            weight = self.future_attention
+            curriculum["llm2emb_future_bias"] = math.log(weight) if weight > 0 else -math.inf
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             output_hidden_states=self.pooler.needs_all_layers,
+            **curriculum,
         )
         all_layers = out.hidden_states[1:] if self.pooler.needs_all_layers else None
         return out.last_hidden_state, all_layers

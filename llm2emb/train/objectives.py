@@ -223,7 +223,8 @@ def build_trainer(stage: StageSpec, index: int, embedder, args, data: StageData,
                            data_collator=MNTPCollator(embedder, stage.mask_probability, max_length))
     trainer = ContrastiveTrainer(
         model=embedder, args=args, train_dataset=data, data_collator=ContrastiveCollator(embedder, max_length=max_length),
-        gradcache_chunk=stage.gradcache_chunk, **trainer_options(stage, embedder, index),
+        gradcache_chunk=stage.gradcache_chunk, bidirectional_warmup=stage.bidirectional_warmup,
+        **trainer_options(stage, embedder, index),
     )
     if stage.objective == "simcse":
         trainer.add_callback(AttentionDropout(embedder, stage.simcse_dropout))

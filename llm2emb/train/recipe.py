@@ -37,7 +37,7 @@ ROW_FILE_SUFFIXES = {
     ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "text",
 }
 # Keys a stage does not inherit from the stage before it.
-NOT_INHERITED = {"name", "datasets", "objective", "mine"}
+NOT_INHERITED = {"name", "datasets", "objective", "mine", "bidirectional_warmup"}
 
 
 class _Strict(BaseModel):
@@ -217,6 +217,10 @@ class StageSpec(_Strict):
     """k negatives per query; rows with fewer are filled deterministically (see llm2emb.train.data)."""
     max_length: Annotated[int, Field(gt=0)] | None = None
     """Token limit for this stage; default: model.max_length."""
+    bidirectional_warmup: Annotated[int, Field(ge=0)] = 0
+    """Soft causal-to-bidirectional curriculum (Conan-embedding-v2): over this many steps the attention to later
+    tokens grows from 0 (causal, as the decoder was pretrained) to full (bidirectional); 0: bidirectional from the
+    first step. Needs `model.attention: bidirectional` and padded batches; not inherited."""
     hardness_weight: Annotated[float, Field(ge=0)] = 0.0
     """Focal-style weights w = |N| softmax(strength x score) on each query's negatives (0: plain InfoNCE)."""
     false_negative_margin: Annotated[float, Field(gt=0)] | None = None
@@ -350,6 +354,10 @@ class Recipe(_Strict):
         for index, name in enumerate(names):
             if name in names[:index]:
                 raise _KeyError(("stages", index, "name"), f"{name}: stage names must be unique")
+        for index, stage in enumerate(self.stages):
+            if stage.bidirectional_warmup and self.model.attention != "bidirectional":
+                raise _KeyError(("stages", index, "bidirectional_warmup"),
+                                "the causal-to-bidirectional curriculum needs model.attention: bidirectional")
         if self.quantization != "none" and self.lora is None:
             raise _KeyError("quantization", f"{self.quantization} needs lora: a quantized base trains only an adapter")
         return self

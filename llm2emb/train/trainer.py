@@ -52,6 +52,7 @@ class ContrastiveTrainer(Trainer):
         gradcache_chunk: int | None = None,
         guide=None,
         layers: list[int | None] | None = None,
+        bidirectional_warmup: int = 0,
         **kwargs,
     ):
         if gradcache_chunk is not None and gradcache_chunk < 1:
@@ -60,6 +61,7 @@ class ContrastiveTrainer(Trainer):
         self.gradcache_chunk = gradcache_chunk
         self.guide = guide.eval().requires_grad_(False) if guide is not None else None
         self.layers = list(layers) if layers else None
+        self.bidirectional_warmup = bidirectional_warmup
         self._staging_dir: str | None = None
         super().__init__(model=model, args=args, **kwargs)
         # Trainer sets `model.config.use_cache`; on an Embedder that is llm2emb.json's config, which must not grow
@@ -146,6 +148,9 @@ class ContrastiveTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        if self.bidirectional_warmup:  # step t of N attends to later tokens with weight t / N (0: causal)
+            weight = min(1.0, self.state.global_step / self.bidirectional_warmup)
+            self.accelerator.unwrap_model(model).set_future_attention(weight)
         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with self.compute_loss_context_manager():
             return gradcache_backward(
@@ -156,6 +161,14 @@ class ContrastiveTrainer(Trainer):
                 backward=self.accelerator.backward,
                 no_sync=functools.partial(self.accelerator.no_sync, model),
             )
+
+    def train(self, *args, **kwargs):
+        """Trainer's loop; whatever happens, the model leaves it plainly bidirectional (the curriculum is over)."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.bidirectional_warmup:
+                self.model.set_future_attention(1.0)
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer over the model, plus the loss's own parameters (no weight decay)."""

@@ -1,0 +1,299 @@
+"""llm2emb recipes against sentence-transformers' MNRL script on the same base, rows, order, steps, batch and length.
+
+The question a user asks before switching: with my base model, my data and my budget, does llm2emb train a better
+embedder than the script I would otherwise run? Every system here trains on the first `--rows` SNLI triplets
+(query, positive, one hard negative; in-batch negatives), in the same batches: the batch order is llm2emb's own
+(`MixedBatchSampler` for the seed) and sentence-transformers is given the rows in that order with a sequential
+batch sampler. The baseline is sentence-transformers' plain script: causal base, mean pooling, full fine-tuning,
+MultipleNegativesRankingLoss at its defaults (scale 20, i.e. temperature 0.05; learning rate 5e-5, linear decay,
+no warmup). llm2emb systems are recipes that set only the base, the data, `max_steps`, `batch_size`, `max_length`
+and `hard_negatives` (the `default` system), or those plus `--set`-style overrides (`NAME:key=value,key=value`).
+
+Each (system, seed) is one job, run as a subprocess with one thread so that `--jobs 2` runs two side by side on two
+cores; a job writes `<out>/<system>-s<seed>/result.json` and is skipped when that exists, so an interrupted series
+continues where it stopped (llm2emb jobs also `--resume` their training). Evaluation is the same code for all:
+STS-B test (Spearman x100) and SciFact test (nDCG@10 x100, no instruction on either side since no system trained
+with one; the full 5,183-document corpus unless `--corpus-sample`), both at `--eval-max-length` tokens.
+
+    python -m scripts.compare_recipes --base runs/q/smol-bi --causal-base runs/q/smol-causal --steps 51 \
+        --seeds 1 2 3 --systems st default --jobs 2 --out runs/compare51
+    python -m scripts.compare_recipes ... --table benchmarks/compare_recipes_51.md --plot benchmarks/compare_51.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="llm2emb base for the recipes (folder, asset alias or hub id)")
+    p.add_argument("--causal-base", required=True, help="HF folder of the same base with causal attention (for ST)")
+    p.add_argument("--data", default=str(DATA / "snli" / "triplets.jsonl"))
+    p.add_argument("--rows", type=int, help="first ROWS triplets (default: steps x batch size)")
+    p.add_argument("--steps", type=int, default=51)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--systems", nargs="+", default=["st", "default"],
+                   help="st | default | NAME:key.path=value,key.path=value (recipe overrides on top of default)")
+    p.add_argument("--jobs", type=int, default=2, help="jobs side by side, one thread each")
+    p.add_argument("--eval-max-length", type=int, default=256)
+    p.add_argument("--corpus-sample", type=int, help="SciFact documents kept (every relevant one + random others)")
+    p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", required=True, help="folder for the runs and results")
+    p.add_argument("--table", help="write the markdown table here")
+    p.add_argument("--plot", help="write a PNG of the scores per system and seed here")
+    p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job (system name) in this process
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def system_name(spec: str) -> str:
+    return spec.partition(":")[0]
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+
+def rows_in_llm2emb_order(args, seed: int, rows_file: Path) -> list[dict]:
+    """The rows as llm2emb's sampler batches them for this seed (epoch after epoch), flattened."""
+    from llm2emb.train.data import MixedBatchSampler
+
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    sampler = MixedBatchSampler([len(rows)], [1.0], args.batch_size, seed)
+    order: list[int] = []
+    epoch = 0
+    while len(order) < args.steps * args.batch_size:
+        sampler.set_epoch(epoch)
+        order.extend(index for batch in sampler for index in batch)
+        epoch += 1
+    return [rows[i] for i in order[: args.steps * args.batch_size]]
+
+
+def write_rows(args, out: Path) -> Path:
+    """The first ROWS triplets, as a JSONL both systems read."""
+    target = out / "rows.jsonl"
+    if not target.is_file():
+        count = args.rows or args.steps * args.batch_size
+        with open(args.data, encoding="utf-8") as handle:
+            lines = [line for line in handle if line.strip()][:count]
+        out.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(lines))
+    return target
+
+
+# ---- one job -------------------------------------------------------------------------------------------------
+
+
+def train_st(args, seed: int, rows_file: Path, folder: Path) -> Path:
+    """sentence-transformers' MNRL script on the causal base, fed llm2emb's batches in order."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.models import Pooling, Transformer
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+    model_dir = folder / "model"
+    if (model_dir / "modules.json").is_file():
+        return model_dir
+    rows = rows_in_llm2emb_order(args, seed, rows_file)
+    dataset = Dataset.from_dict({"anchor": [r["query"] for r in rows], "positive": [r["positive"] for r in rows],
+                                 "negative": [r["negative"] for r in rows]})
+    torch.manual_seed(seed)
+    transformer = Transformer(args.causal_base, max_seq_length=args.max_length)
+    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
+                                device="cpu")
+
+    def sequential(data, batch_size, drop_last, **_):
+        return torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), batch_size, drop_last)
+
+    training = SentenceTransformerTrainingArguments(
+        output_dir=str(folder / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        seed=seed, batch_sampler=sequential, save_strategy="no", logging_steps=5, report_to=[], use_cpu=True,
+        dataloader_drop_last=True,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=training, train_dataset=dataset,
+                                         loss=MultipleNegativesRankingLoss(model))
+    started = time.perf_counter()
+    trainer.train()
+    model.save(str(model_dir))
+    (folder / "train_seconds").write_text(f"{time.perf_counter() - started:.1f}\n")
+    return model_dir
+
+
+def train_llm2emb(args, spec: str, seed: int, rows_file: Path, folder: Path) -> Path:
+    """`llm2emb train` on a recipe of the defaults plus the system's overrides."""
+    model_dir = folder / "run" / "model"
+    if (model_dir / "llm2emb.json").is_file():
+        return model_dir
+    recipe = {
+        "model": {"base": str(Path(args.base).resolve()) if Path(args.base).exists() else args.base,
+                  "max_length": args.max_length},
+        "output_dir": str(folder / "run"),
+        "seed": seed,
+        "report_to": [],
+        "stages": [{"name": "train", "max_steps": args.steps, "batch_size": args.batch_size, "hard_negatives": 1,
+                    "datasets": [{"path": str(rows_file)}]}],
+    }
+    path = folder / "recipe.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    overrides = [item for pair in spec.partition(":")[2].split(",") if pair for item in ("--set", pair)]
+    command = [sys.executable, "-m", "llm2emb.cli", "train", str(path), *overrides]
+    holds = (folder / "run" / "stages").exists()
+    started = time.perf_counter()
+    subprocess.run(command + (["--resume"] if holds else []), check=True)
+    (folder / "train_seconds").write_text(f"{time.perf_counter() - started:.1f}\n")
+    return model_dir
+
+
+def evaluate(args, model_dir: Path) -> dict:
+    import torch
+
+    from llm2emb.evaluate import load_beir, load_sts
+    from llm2emb.evaluate.data import subsample_corpus
+    from llm2emb.evaluate.retrieval import evaluate_retrieval
+    from llm2emb.evaluate.runner import load_model
+    from llm2emb.evaluate.sts import evaluate_sts
+
+    dtype = getattr(torch, args.eval_dtype)
+    model = load_model(model_dir, max_length=args.eval_max_length, torch_dtype=dtype)
+    if hasattr(model, "max_seq_length"):
+        model.to(dtype)
+    scifact = load_beir(DATA / "scifact", "test")
+    if args.corpus_sample:
+        scifact = subsample_corpus(scifact, args.corpus_sample)
+    started = time.perf_counter()
+    sts = evaluate_sts(model, load_sts(DATA / "stsb" / "test.tsv"), batch_size=64)
+    retrieval = evaluate_retrieval(model, scifact, batch_size=16)
+    return {"stsb": round(sts.main, 2), "scifact": round(retrieval.main, 2),
+            "eval_seconds": round(time.perf_counter() - started, 1), "documents": len(scifact.documents)}
+
+
+def run_job(args) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    spec = next(s for s in args.systems if system_name(s) == args.job)
+    folder = out / f"{args.job}-s{args.seed}"
+    rows_file = write_rows(args, out)
+    if args.job == "st":
+        model_dir = train_st(args, args.seed, rows_file, folder)
+    else:
+        model_dir = train_llm2emb(args, spec, args.seed, rows_file, folder)
+    scores = evaluate(args, model_dir)
+    seconds = float((folder / "train_seconds").read_text()) if (folder / "train_seconds").is_file() else None
+    result = {"system": args.job, "spec": spec, "seed": args.seed, **scores, "train_seconds": seconds,
+              "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+              "eval_max_length": args.eval_max_length, "corpus_sample": args.corpus_sample}
+    (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+# ---- orchestration and reporting ------------------------------------------------------------------------------
+
+
+def without_reporting(argv: list[str]) -> list[str]:
+    """The command line minus --table/--plot and their values (jobs train and evaluate; they do not report)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in ("--table", "--plot"):
+            skip = True
+        elif not item.startswith(("--table=", "--plot=")):
+            kept.append(item)
+    return kept
+
+
+def run_all(args, argv=None) -> list[dict]:
+    out = Path(args.out)
+    write_rows(args, out)
+    pending = [(system_name(s), seed) for seed in args.seeds for s in args.systems
+               if not (out / f"{system_name(s)}-s{seed}" / "result.json").is_file()]
+    running: list[subprocess.Popen] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    passthrough = without_reporting(sys.argv[1:] if argv is None else argv)
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name, seed = pending.pop(0)
+            log = open(out / f"{name}-s{seed}.log", "a")
+            running.append(subprocess.Popen([sys.executable, "-m", "scripts.compare_recipes", *passthrough,
+                                             "--job", name, "--seed", str(seed)], cwd=ROOT, env=env,
+                                            stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(5)
+        for process in [p for p in running if p.poll() is not None]:
+            running.remove(process)
+            if process.returncode:
+                print(f"job {process.args[-3]} seed {process.args[-1]} failed (see its log)", file=sys.stderr)
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*-s*/result.json"))]
+
+
+def table(results: list[dict], systems: list[str]) -> str:
+    lines = ["| system | seeds | STS-B test (mean, min-max) | SciFact nDCG@10 (mean, min-max) | train s/run |",
+             "|---|---|---|---|---|"]
+    for spec in systems:
+        mine = [r for r in results if r["system"] == system_name(spec)]
+        if not mine:
+            continue
+        cells = []
+        for key in ("stsb", "scifact"):
+            values = np.array([r[key] for r in mine])
+            cells.append(f"{values.mean():.2f} ({values.min():.2f}-{values.max():.2f})")
+        seconds = [r["train_seconds"] for r in mine if r.get("train_seconds")]
+        time_cell = f"{np.mean(seconds):.0f}" if seconds else "-"
+        lines.append(f"| `{spec}` | {len(mine)} | {cells[0]} | {cells[1]} | {time_cell} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], systems: list[str], target: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = [system_name(s) for s in systems]
+    for axis, key, label in zip(axes, ("stsb", "scifact"), ("STS-B test Spearman x100", "SciFact nDCG@10 x100")):
+        for position, name in enumerate(names):
+            values = [r[key] for r in results if r["system"] == name]
+            axis.scatter([position] * len(values), values)
+            if values:
+                axis.hlines(np.mean(values), position - 0.2, position + 0.2)
+        axis.set_xticks(range(len(names)), names, rotation=20)
+        axis.set_ylabel(label)
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.job:
+        run_job(args)
+        return
+    results = run_all(args, argv)
+    text = table(results, args.systems)
+    print(text)
+    if args.table:
+        Path(args.table).write_text(text + "\n")
+    if args.plot:
+        plot(results, args.systems, args.plot)
+
+
+if __name__ == "__main__":
+    main()

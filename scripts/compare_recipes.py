@@ -102,10 +102,13 @@ def train_st(args, seed: int, rows_file: Path, folder: Path) -> Path:
     """sentence-transformers' MNRL script on the causal base, fed llm2emb's batches in order."""
     import torch
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+        models,
+    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.sentence_transformer.models import Pooling, Transformer
-    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
     model_dir = folder / "model"
     if (model_dir / "modules.json").is_file():
@@ -114,9 +117,9 @@ def train_st(args, seed: int, rows_file: Path, folder: Path) -> Path:
     dataset = Dataset.from_dict({"anchor": [r["query"] for r in rows], "positive": [r["positive"] for r in rows],
                                  "negative": [r["negative"] for r in rows]})
     torch.manual_seed(seed)
-    transformer = Transformer(args.causal_base, max_seq_length=args.max_length)
-    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
-                                device="cpu")
+    transformer = models.Transformer(args.causal_base, max_seq_length=args.max_length)
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), "mean")
+    model = SentenceTransformer(modules=[transformer, pooling], device="cpu")
 
     def sequential(data, batch_size, drop_last, **_):
         return torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), batch_size, drop_last)

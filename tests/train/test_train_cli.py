@@ -62,7 +62,8 @@ def test_check_prints_the_data_summary_without_training(tiny_qwen2, tmp_path, ca
     assert main(["train", str(recipe), "--check"]) == 0
     out = capsys.readouterr().out
     assert f"{recipe}: valid; output_dir {tmp_path / 'run'}" in out
-    assert "stages[0] pairs: 2 steps of 4, 2 batches per epoch; pairs.jsonl 8 rows" in out
+    assert ("stages[0] pairs: 2 steps of 4, 2 batches per epoch\n"
+            "  datasets[0] pairs.jsonl: 8 rows; prompt 0 tokens of max_length 24, 0 of 8 rows truncated") in out
     assert not (tmp_path / "run").exists()
 
 

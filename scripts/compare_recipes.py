@@ -10,7 +10,7 @@ no warmup). llm2emb systems are recipes that set only the base, the data, `max_s
 and `hard_negatives` (the `default` system), or those plus `--set`-style overrides (`NAME:key=value,key=value`).
 
 Each (system, seed) is one job, run as a subprocess with one thread so that `--jobs 2` runs two side by side on two
-cores; a job writes `<out>/<system>-s<seed>/result.json` and is skipped when that exists, so an interrupted series
+cores; a job writes `<out>/<system>-s<seed>/result-<evaluation settings>.json` and is skipped when that exists, so an interrupted series
 continues where it stopped (llm2emb jobs also `--resume` their training). Evaluation is the same code for all:
 STS-B test (Spearman x100) and SciFact test (nDCG@10 x100, no instruction on either side since no system trained
 with one; the full 5,183-document corpus unless `--corpus-sample`), both at `--eval-max-length` tokens.
@@ -63,6 +63,11 @@ def parse_args(argv=None):
 
 def system_name(spec: str) -> str:
     return spec.partition(":")[0]
+
+
+def result_name(args) -> str:
+    """One result file per evaluation setting: a later run with other settings re-evaluates the trained models."""
+    return f"result-scifact{args.corpus_sample or 'full'}-{args.eval_max_length}-{args.eval_dtype}.json"
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -118,7 +123,7 @@ def train_st(args, seed: int, rows_file: Path, folder: Path) -> Path:
                                  "negative": [r["negative"] for r in rows]})
     torch.manual_seed(seed)
     transformer = models.Transformer(args.causal_base, max_seq_length=args.max_length)
-    pooling = models.Pooling(transformer.get_word_embedding_dimension(), "mean")
+    pooling = models.Pooling(transformer.get_embedding_dimension(), "mean")
     model = SentenceTransformer(modules=[transformer, pooling], device="cpu")
 
     def sequential(data, batch_size, drop_last, **_):
@@ -146,11 +151,11 @@ def train_llm2emb(args, spec: str, seed: int, rows_file: Path, folder: Path) -> 
     recipe = {
         "model": {"base": str(Path(args.base).resolve()) if Path(args.base).exists() else args.base,
                   "max_length": args.max_length},
-        "output_dir": str(folder / "run"),
+        "output_dir": str((folder / "run").resolve()),
         "seed": seed,
         "report_to": [],
         "stages": [{"name": "train", "max_steps": args.steps, "batch_size": args.batch_size, "hard_negatives": 1,
-                    "datasets": [{"path": str(rows_file)}]}],
+                    "datasets": [{"path": str(rows_file.resolve())}]}],
     }
     path = folder / "recipe.yaml"
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,7 +209,7 @@ def run_job(args) -> None:
     result = {"system": args.job, "spec": spec, "seed": args.seed, **scores, "train_seconds": seconds,
               "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
               "eval_max_length": args.eval_max_length, "corpus_sample": args.corpus_sample}
-    (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / result_name(args)).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 
@@ -228,7 +233,7 @@ def run_all(args, argv=None) -> list[dict]:
     out = Path(args.out)
     write_rows(args, out)
     pending = [(system_name(s), seed) for seed in args.seeds for s in args.systems
-               if not (out / f"{system_name(s)}-s{seed}" / "result.json").is_file()]
+               if not (out / f"{system_name(s)}-s{seed}" / result_name(args)).is_file()]
     running: list[subprocess.Popen] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     passthrough = without_reporting(sys.argv[1:] if argv is None else argv)
@@ -244,7 +249,7 @@ def run_all(args, argv=None) -> list[dict]:
             running.remove(process)
             if process.returncode:
                 print(f"job {process.args[-3]} seed {process.args[-1]} failed (see its log)", file=sys.stderr)
-    return [json.loads(p.read_text()) for p in sorted(out.glob("*-s*/result.json"))]
+    return [json.loads(p.read_text()) for p in sorted(out.glob(f"*-s*/{result_name(args)}"))]
 
 
 def table(results: list[dict], systems: list[str]) -> str:

@@ -22,7 +22,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -206,12 +208,14 @@ class StageSpec(_Strict):
     """The contrastive batch across all processes: each query sees batch_size - 1 in-batch negatives."""
     gradcache_chunk: Annotated[int, Field(gt=0)] | None = None
     """Rows per forward pass (memory of the chunk, gradients of the batch); default: the whole batch."""
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-4
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-4
+    """The default won at a matched budget (benchmarks/RESULTS.md, "Matched budget"): a bidirectional model moves far
+    from its causal pretraining, and 5e-5 (sentence-transformers' default) adapts it too slowly."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
-    temperature: Annotated[float, Field(gt=0)] = 0.02
+    temperature: Annotated[float, Field(gt=0)] = 0.05
     learnable_temperature: bool = False
     hard_negatives: Annotated[int, Field(ge=0)] = 0
     """k negatives per query; rows with fewer are filled deterministically (see llm2emb.train.data)."""
@@ -324,10 +328,22 @@ class EvalSpec(_Strict):
     beir: list[BeirEvalSpec] = []
 
 
+LORA_AUTO_MAX_PARAMETERS = 1_000_000_000
+"""`lora: auto` trains every weight of a base below this many parameters and a LoRA adapter from here on."""
+
+LoraChoice = Annotated[
+    Annotated[LoraSpec, Tag("lora-spec")] | Annotated[Literal["auto"], Tag("lora-auto")],
+    Discriminator(lambda value: "lora-auto" if isinstance(value, str) else "lora-spec"),
+]
+"""A mapping is a LoRA adapter, a string must be `auto`: tagged so an error names one branch, not both."""
+
+
 class Recipe(_Strict):
     model: ModelSpec
-    lora: LoraSpec | None = LoraSpec()
-    """null: train every backbone weight instead of an adapter."""
+    lora: LoraChoice | None = "auto"
+    """auto: full fine-tuning for a base under 1B parameters (it trained better embedders than LoRA at small budgets:
+    benchmarks/RESULTS.md, "Matched budget"), a LoRA adapter with LoraSpec's defaults from 1B parameters on or with
+    quantization; null: every backbone weight; a mapping: that LoRA adapter."""
     quantization: Literal["none", "4bit", "8bit"] = "none"
     output_dir: str
     seed: Annotated[int, Field(ge=0)] = 42

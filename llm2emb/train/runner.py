@@ -42,7 +42,16 @@ from llm2emb.train.data import StageData
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.fit import check_fit
 from llm2emb.train.objectives import build_objective_data, build_trainer
-from llm2emb.train.recipe import RESOLVED_NAME, Recipe, StageSpec, format_key_path, load_recipe, save_resolved
+from llm2emb.train.recipe import (
+    LORA_AUTO_MAX_PARAMETERS,
+    RESOLVED_NAME,
+    LoraSpec,
+    Recipe,
+    StageSpec,
+    format_key_path,
+    load_recipe,
+    save_resolved,
+)
 from llm2emb.train.remine import with_mined_negatives
 
 logger = logging.getLogger(__name__)
@@ -276,11 +285,12 @@ def load_embedder(recipe: Recipe):
         embedder = Embedder.from_pretrained(spec.base, pooling=spec.pooling, attention=spec.attention,
                                             torch_dtype=getattr(torch, dtype))
     embedder.config.max_length = spec.max_length
-    if recipe.lora is not None:
-        apply_lora(embedder, recipe)
+    lora = resolve_lora(recipe, embedder)
+    if lora is not None:
+        apply_lora(embedder, recipe, lora)
     if recipe.gradient_checkpointing:
         embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if recipe.lora is not None:
+        if lora is not None:
             embedder.backbone.enable_input_require_grads()
     embedder.pooler.requires_grad_(embedder.pooler.trainable)
     return embedder.train()
@@ -323,11 +333,22 @@ def _bnb_config(quantization: str, dtype: str):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def apply_lora(embedder, recipe: Recipe) -> None:
+def resolve_lora(recipe: Recipe, embedder) -> LoraSpec | None:
+    """The adapter to train, or None to train every weight; `lora: auto` decides by the base's size (see Recipe)."""
+    if recipe.lora != "auto":
+        return recipe.lora
+    parameters = sum(p.numel() for p in embedder.backbone.parameters())
+    full = recipe.quantization == "none" and parameters < LORA_AUTO_MAX_PARAMETERS
+    if _is_main_process():
+        print(f"lora: auto -> {'full fine-tuning' if full else 'a LoRA adapter'} "
+              f"({parameters / 1e6:.0f}M parameters)", file=sys.stderr)
+    return None if full else LoraSpec()
+
+
+def apply_lora(embedder, recipe: Recipe, lora: LoraSpec) -> None:
     """Wrap the backbone in a PEFT LoRA model; with a quantized base, prepare it for k-bit training first."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    lora = recipe.lora
     backbone = embedder.backbone
     if recipe.quantization != "none":
         backbone = prepare_model_for_kbit_training(

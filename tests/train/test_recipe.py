@@ -137,3 +137,13 @@ def test_save_resolved_round_trips(recipe_dir):
     assert data["stages"][1]["batch_size"] == 512  # inherited values spelled out
     again = load_recipe(saved)
     assert again == recipe
+
+
+def test_lora_auto_is_the_default_and_a_bad_value_names_one_branch(recipe_dir):
+    text = GOOD.replace("OUT", "out").replace("    lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}\n", "")
+    assert load_recipe(write(recipe_dir, text)).lora == "auto"
+    bad = GOOD.replace("OUT", "out").replace("lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}",
+                                              "lora: automatic")
+    assert errors_of(write(recipe_dir, bad)).endswith("recipe.yaml:5: lora: Input should be 'auto' (got 'automatic')")
+    wrong_key = GOOD.replace("OUT", "out").replace("r: 16,", "rank: 16,")
+    assert errors_of(write(recipe_dir, wrong_key)).endswith("recipe.yaml:5: lora.rank: unknown key")

@@ -217,3 +217,18 @@ def test_quantization_needs_a_gpu(converted, tmp_path):
     with pytest.raises(UserError, match=r"^quantization: 4bit .* needs a CUDA GPU"):
         train(recipe, overrides=["quantization=4bit"])
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_auto_trains_every_weight_of_a_small_base_and_an_adapter_otherwise(converted, tmp_path, monkeypatch):
+    from llm2emb.train import runner
+    from llm2emb.train.recipe import LoraSpec
+
+    path = write_workspace(tmp_path, converted)
+    embedder = Embedder.from_pretrained(converted)
+    auto = load_recipe(path, ["lora=auto"])
+    assert runner.resolve_lora(auto, embedder) is None  # a tiny base: full fine-tuning
+    assert runner.resolve_lora(load_recipe(path, ["lora=auto", "quantization=4bit"]), embedder) == LoraSpec()
+    assert runner.resolve_lora(load_recipe(path, ["lora={r: 2}"]), embedder) == LoraSpec(r=2)
+    monkeypatch.setattr(runner, "LORA_AUTO_MAX_PARAMETERS", 1000)
+    assert runner.resolve_lora(auto, embedder) == LoraSpec()  # a base over the limit: an adapter
+    assert runner.resolve_lora(load_recipe(path, ["lora=null"]), embedder) is None

@@ -9,7 +9,8 @@ the frozen guide model (GISTEmbed) and the layer counts of 2D Matryoshka. Checks
 from __future__ import annotations
 
 from llm2emb.errors import UserError
-from llm2emb.train.losses import InfoNCELoss
+from llm2emb.train.graded import GradedPairLoss
+from llm2emb.train.losses import InfoNCELoss, Temperature
 from llm2emb.train.recipe import StageSpec, format_key_path
 
 
@@ -67,6 +68,10 @@ def load_guide(stage: StageSpec, embedder, index: int):
 
 def trainer_options(stage: StageSpec, embedder, index: int) -> dict:
     """`loss`, `guide` and `layers` for `ContrastiveTrainer`; records trained Matryoshka dims in the config."""
+    if stage.loss != "infonce":  # graded pairs: the recipe already refused every InfoNCE-only key
+        loss = GradedPairLoss(stage.loss, Temperature(stage.temperature, learnable=stage.learnable_temperature),
+                              angle_weight=stage.angle_weight)
+        return {"loss": loss, "guide": None, "layers": None}
     views, counts = matryoshka_plan(stage, embedder, index)
     loss = InfoNCELoss(
         stage.temperature,

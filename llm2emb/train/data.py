@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import bisect
 import csv
+import functools
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +60,16 @@ class LoadedDataset:
 # ---- reading rows ------------------------------------------------------------------------------------------
 
 
-def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset") -> LoadedDataset:
-    """Read a dataset of a recipe into rows with the columns query, positive, negatives, instruction."""
+def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset", graded: bool = False) -> LoadedDataset:
+    """Read a dataset of a recipe into rows with the columns query, positive, negatives, instruction; `graded`
+    (a cosent/angle stage) keeps every scored pair with its `score` instead of thresholding."""
     records = _records(spec)
-    builder = _scored_pair if spec.format == "scored_pairs" else _triple
-    columns: dict[str, list] = {name: [] for name in COLUMNS}
+    if spec.format == "scored_pairs":
+        builder = functools.partial(_scored_pair, graded=graded)
+    else:
+        builder = _triple
+    names = (*COLUMNS, "score") if graded else COLUMNS
+    columns: dict[str, list] = {name: [] for name in names}
     locations: list[str] = []
     skipped, first_problem = 0, None
     try:
@@ -77,7 +84,7 @@ def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset"
                 continue
             if row is None:
                 continue
-            for name in COLUMNS:
+            for name in names:
                 columns[name].append(row[name])
             locations.append(where)
             if spec.max_rows is not None and len(columns["query"]) >= spec.max_rows:
@@ -94,6 +101,7 @@ def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset"
             "positive": datasets.Value("string"),
             "negatives": datasets.List(datasets.Value("string")),
             "instruction": datasets.Value("string"),
+            **({"score": datasets.Value("float32")} if graded else {}),
         }
     )
     return LoadedDataset(datasets.Dataset.from_dict(columns, features=features), spec, skipped, locations)
@@ -218,8 +226,9 @@ def _json_list(text: str, where: str) -> list:
     return value
 
 
-def _scored_pair(record: Any, spec: DatasetSpec, where: str) -> dict | None:
-    """STS-style `score sentence1 sentence2`: a pair when score >= score_threshold, else no row."""
+def _scored_pair(record: Any, spec: DatasetSpec, where: str, graded: bool = False) -> dict | None:
+    """STS-style `score sentence1 sentence2`: a pair when score >= score_threshold, else no row; with `graded`,
+    every pair, with its score."""
     if isinstance(record, BadRow):
         raise record
     names = {name: spec.columns.get(name, name) for name in ("score", "sentence1", "sentence2")}
@@ -230,13 +239,15 @@ def _scored_pair(record: Any, spec: DatasetSpec, where: str) -> dict | None:
         score = float(record[names["score"]])
     except ValueError:
         raise BadRow(f"{where}: score {record[names['score']]!r} is not a number") from None
-    if score < spec.score_threshold:
+    if not math.isfinite(score):
+        raise BadRow(f"{where}: score {record[names['score']]!r} is not a finite number")
+    if score < spec.score_threshold and not graded:
         return None
     pair = {"query": record[names["sentence1"]], "positive": record[names["sentence2"]]}
     for name, value in pair.items():
         if not value.strip():
             raise BadRow(f"{where}: empty {names['sentence1' if name == 'query' else 'sentence2']}")
-    return {**pair, "negatives": [], "instruction": None}
+    return {**pair, "negatives": [], "instruction": None, "score": score}
 
 
 # ---- a stage's data and its batch order --------------------------------------------------------------------
@@ -315,6 +326,7 @@ class StageData(torch.utils.data.Dataset):
             "source": source,
             "in_batch_negatives": part.spec.in_batch_negatives,
             "where": part.where(local),
+            "score": row.get("score"),
         }
 
     def _negatives(self, part: LoadedDataset, local: int, row: dict, rng: np.random.Generator) -> list[str]:
@@ -344,7 +356,7 @@ def build_stage_data(
     parts = []
     for index, spec in enumerate(stage.datasets):
         key = format_key_path(("stages", stage_index, "datasets", index))
-        part = load_rows(spec, on_bad_rows, key)
+        part = load_rows(spec, on_bad_rows, key, graded=stage.loss != "infonce")
         if len(part.rows) < stage.batch_size:
             raise UserError(
                 f"{key}: {len(part.rows)} usable rows, fewer than stages[{stage_index}].batch_size ({stage.batch_size})"
@@ -383,7 +395,11 @@ class ContrastiveCollator:
             query_batch = dict(self.embedder.tokenize(queries, instructions=instructions, max_length=self.max_length))
         with locate_texts(lambda i: f"{items[owners[i]]['where']}: document"):
             document_batch = dict(self.embedder.tokenize(documents, max_length=self.max_length, kind="document"))
+        graded = {}
+        if items[0]["score"] is not None:  # a cosent/angle stage: the loss ranks pairs by these
+            graded["scores"] = torch.tensor([item["score"] for item in items], dtype=torch.float32)
         return {
+            **graded,
             "queries": query_batch,
             "documents": document_batch,
             "query_ids": torch.tensor([text_id(text) for text in queries], dtype=torch.long),

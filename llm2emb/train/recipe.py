@@ -216,6 +216,12 @@ class StageSpec(_Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     temperature: Annotated[float, Field(gt=0)] = 0.05
+    loss: Literal["infonce", "cosent", "angle"] = "infonce"
+    """infonce: contrastive over in-batch and hard negatives. cosent / angle: graded pairs (llm2emb.train.graded),
+    trained on the order of their gold scores at scale 1 / temperature; every dataset must be `scored_pairs`, whose
+    pairs then keep their scores instead of being thresholded."""
+    angle_weight: Annotated[float, Field(ge=0)] = 1.0
+    """loss: angle: weight of the angle-difference ranking next to the cosine one."""
     learnable_temperature: bool = False
     hard_negatives: Annotated[int, Field(ge=0)] = 0
     """k negatives per query; rows with fewer are filled deterministically (see llm2emb.train.data)."""
@@ -371,12 +377,34 @@ class Recipe(_Strict):
             if name in names[:index]:
                 raise _KeyError(("stages", index, "name"), f"{name}: stage names must be unique")
         for index, stage in enumerate(self.stages):
+            if stage.loss != "infonce":
+                graded_stage_problem(stage, index)
             if stage.bidirectional_warmup and self.model.attention != "bidirectional":
                 raise _KeyError(("stages", index, "bidirectional_warmup"),
                                 "the causal-to-bidirectional curriculum needs model.attention: bidirectional")
         if self.quantization != "none" and self.lora is None:
             raise _KeyError("quantization", f"{self.quantization} needs lora: a quantized base trains only an adapter")
         return self
+
+
+INFONCE_ONLY_KEYS = ("hardness_weight", "false_negative_margin", "guide_model", "matryoshka_dims", "matryoshka_layers",
+                     "mine")
+"""Stage keys that act on InfoNCE's negatives or views, so a graded loss refuses them."""
+
+
+def graded_stage_problem(stage: StageSpec, index: int) -> None:
+    """Raise the key error of a cosent/angle stage that cannot run: it ranks scored pairs, with no negatives."""
+    if stage.objective != "contrastive":
+        raise _KeyError(("stages", index, "loss"), f"{stage.loss} needs objective: contrastive")
+    if stage.hard_negatives:
+        raise _KeyError(("stages", index, "hard_negatives"), f"loss {stage.loss} ranks pairs: set hard_negatives: 0")
+    for key in INFONCE_ONLY_KEYS:
+        if getattr(stage, key) not in (None, 0, 0.0, []):
+            raise _KeyError(("stages", index, key), f"acts on InfoNCE's negatives; loss {stage.loss} has none")
+    for position, dataset in enumerate(stage.datasets):
+        if dataset.format != "scored_pairs":
+            raise _KeyError(("stages", index, "datasets", position, "format"),
+                            f"loss {stage.loss} needs graded pairs: format scored_pairs, got {dataset.format}")
 
 
 class _KeyError(ValueError):

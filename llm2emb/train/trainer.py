@@ -25,6 +25,7 @@ from llm2emb.config import POOLING_WEIGHTS_NAME, is_model_folder
 from llm2emb.errors import UserError
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.gradcache import chunks, gradcache_backward
+from llm2emb.train.graded import GradedPairLoss
 from llm2emb.train.losses import InfoNCELoss
 
 LOSS_STATE_NAME = "contrastive_loss.safetensors"
@@ -37,7 +38,7 @@ class ContrastiveTrainer(Trainer):
     """Trainer for the training batch of docs/CONTRACTS.md; `model` is an `Embedder`.
 
     ``gradcache_chunk``: rows embedded at once (None: the whole batch in one forward). ``loss``: the contrastive
-    loss module; its trainable parameters (a learnable temperature) join the optimizer without weight decay.
+    loss module (InfoNCE, or a graded-pair loss that also receives the batch's ``scores``); its trainable parameters (a learnable temperature) join the optimizer without weight decay.
     ``guide``: a frozen Embedder sharing the model's tokenizer (GISTEmbed); it embeds the same token ids without
     gradient and the loss masks the negatives it scores above the positive. ``layers``: layer counts (None: all)
     for 2D Matryoshka; each row is then embedded once per count and the embeddings are packed side by side, one
@@ -48,7 +49,7 @@ class ContrastiveTrainer(Trainer):
         self,
         model,
         args,
-        loss: InfoNCELoss | None = None,
+        loss: InfoNCELoss | GradedPairLoss | None = None,
         gradcache_chunk: int | None = None,
         guide=None,
         layers: list[int | None] | None = None,
@@ -120,6 +121,7 @@ class ContrastiveTrainer(Trainer):
                 inputs["document_ids"],
                 inputs.get("in_batch_negatives", True),
                 **guide,
+                **({"scores": inputs["scores"]} if "scores" in inputs else {}),
             )
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(self._non_finite_message(loss.item()))

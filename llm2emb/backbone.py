@@ -103,25 +103,51 @@ def load_config(base: BaseRef, attention: str):
     return config
 
 
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def quantization_config(quantization: str, dtype: torch.dtype | str | None):
+    """bitsandbytes' config for a 4-bit (NF4, double quantization, QLoRA's choice) or 8-bit base."""
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if not torch.cuda.is_available():
+        raise UserError(f"quantization {quantization} (bitsandbytes) needs a CUDA GPU; none is visible")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("quantization: install bitsandbytes (pip install 'llm2emb[gpu]')") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        compute = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or torch.bfloat16)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_backbone(
     base: BaseRef,
     attention: str = "bidirectional",
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
     device: str | torch.device | None = None,
+    quantization: str | None = None,
 ) -> PreTrainedModel:
-    """The headless decoder (`AutoModel`) with the attention mode applied, on `device`, in eval mode."""
+    """The headless decoder (`AutoModel`) with the attention mode applied, on `device`, in eval mode; `quantization`
+    (4bit | 8bit) loads its linear layers through bitsandbytes for QLoRA."""
     config = load_config(base, attention)
     kwargs = dict(base.model_kwargs)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization_config(quantization, dtype)
     try:
         model = AutoModel.from_pretrained(base.path, config=config, dtype=dtype or "auto", **kwargs)
     except ImportError as exc:
         raise UserError(f"{base.path}: {_first_line(exc)}") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"{base.path}: cannot load the model weights ({_first_line(exc)})") from None
-    if device is not None:
+    if device is not None and quantization is None:  # bitsandbytes places quantized weights itself
         model.to(device)
     return model.eval()
 

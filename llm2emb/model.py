@@ -58,30 +58,33 @@ class Embedder(nn.Module):
         device: str | torch.device | None = None,
         attn_implementation: str | None = None,
         attention_backend: str = "auto",
+        quantization: str | None = None,
         **pooling_kwargs: Any,
     ) -> Embedder:
         """Load an llm2emb folder, or make an Embedder from a base (hub id, HF folder, .gguf, asset alias).
 
         Every load verifies the attention mode (see `backbone.verify_attention`). `attention_backend` picks padded
         or packed batches (see `set_attention_backend`); a choice that cannot run here fails at load.
+        `quantization` (4bit | 8bit, CUDA and bitsandbytes) loads the base quantized, for QLoRA training.
         """
         if pooling_kwargs:
             pooling = {"type": pooling or "mean", **pooling_kwargs} if not isinstance(pooling, dict) else pooling
         if is_model_folder(path_or_id):
-            embedder = cls._load_folder(Path(path_or_id), pooling, attention, torch_dtype, device, attn_implementation)
+            embedder = cls._load_folder(Path(path_or_id), pooling, attention, torch_dtype, device, attn_implementation,
+                                        quantization)
         else:
             base = resolve_base(path_or_id)
             config = EmbedderConfig(base=str(path_or_id), attention=attention or "bidirectional")
             if pooling is not None:
                 config.pooling = {"type": pooling} if isinstance(pooling, str) else dict(pooling)
-            backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device)
+            backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device, quantization)
             tokenizer = load_tokenizer(base, config.padding_side)
-            embedder = cls._assemble(backbone, tokenizer, config, weights_dir=None)
+            embedder = cls.assemble(backbone, tokenizer, config)
         embedder.set_attention_backend(attention_backend)
         return embedder
 
     @classmethod
-    def _load_folder(cls, folder, pooling, attention, torch_dtype, device, attn_implementation) -> Embedder:
+    def _load_folder(cls, folder, pooling, attention, torch_dtype, device, attn_implementation, quantization) -> Embedder:
         config = EmbedderConfig.load(folder)
         if attention is not None and attention != config.attention:
             raise UserError(f"{folder}: built with attention {config.attention!r}; cannot load it as {attention!r}")
@@ -96,26 +99,52 @@ class Embedder(nn.Module):
             from peft import PeftModel
 
             base = resolve_adapter_base(folder, config.base)
-            backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device)
+            backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device, quantization)
             backbone = PeftModel.from_pretrained(backbone, str(folder), is_trainable=False)
         else:
-            backbone = load_backbone(BaseRef(str(folder)), config.attention, torch_dtype, attn_implementation, device)
+            backbone = load_backbone(BaseRef(str(folder)), config.attention, torch_dtype, attn_implementation, device,
+                                     quantization)
         tokenizer = load_tokenizer(BaseRef(str(folder)), config.padding_side)
-        return cls._assemble(backbone.eval(), tokenizer, config, weights_dir=folder)
+        embedder = cls.assemble(backbone.eval(), tokenizer, config)
+        if embedder.pooler.trainable:
+            embedder.load_pooler_weights(folder)
+        return embedder
 
     @classmethod
-    def _assemble(cls, backbone, tokenizer, config: EmbedderConfig, weights_dir: Path | None) -> Embedder:
+    def assemble(cls, backbone, tokenizer, config: EmbedderConfig) -> Embedder:
+        """An Embedder from loaded parts: the attention mode is verified and the pooler built (freshly initialised;
+        `load_weights` puts trained weights in). The one place an Embedder is put together."""
         verify_attention(backbone, config.attention)
-        shape = _base_config(backbone)
+        shape = _base_model(backbone).config
         pooler = build_pooler(config.pooling, shape.hidden_size, shape.num_hidden_layers)
         config.pooling = pooler_spec(pooler)
-        if pooler.trainable and weights_dir is not None:
-            path = weights_dir / POOLING_WEIGHTS_NAME
-            if not path.is_file():
-                raise UserError(f"{weights_dir}: pooling {pooler.name!r} is trainable but {POOLING_WEIGHTS_NAME} is missing")
-            pooler.load_state_dict(load_file(str(path)))
         device = next(backbone.parameters()).device
         return cls(backbone, tokenizer, pooler.to(device), config).eval()
+
+    def load_pooler_weights(self, folder: str | Path) -> None:
+        """A trainable pooler's weights from `folder/pooling.safetensors` (a model folder or a checkpoint)."""
+        path = Path(folder) / POOLING_WEIGHTS_NAME
+        if not path.is_file():
+            raise UserError(f"{folder}: pooling {self.pooler.name!r} is trainable but {POOLING_WEIGHTS_NAME} is missing")
+        self.pooler.load_state_dict(load_file(str(path)))
+
+    def load_weights(self, folder: str | Path) -> None:
+        """Put a saved model folder's trained weights into this live Embedder, in place (optimizer references stay
+        valid): its adapter when the backbone is a PEFT model, else its full backbone weights; and the pooler's."""
+        from peft import set_peft_model_state_dict
+        from transformers.trainer_utils import load_sharded_checkpoint
+
+        folder = Path(folder)
+        if is_peft(self.backbone):
+            result = set_peft_model_state_dict(self.backbone, load_file(str(folder / "adapter_model.safetensors")))
+            if getattr(result, "unexpected_keys", None):
+                raise UserError(f"{folder}: adapter does not fit this model ({result.unexpected_keys[:3]})")
+        elif (folder / "model.safetensors").is_file():
+            self.backbone.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+        else:
+            load_sharded_checkpoint(self.backbone, str(folder))
+        if self.pooler.trainable:
+            self.load_pooler_weights(folder)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -129,6 +158,11 @@ class Embedder(nn.Module):
     @property
     def dim(self) -> int:
         return self.pooler.output_dim
+
+    @property
+    def base_config(self):
+        """The transformers config of the backbone (under a PEFT wrapper, the base model's)."""
+        return _base_model(self.backbone).config
 
     @property
     def num_layers(self) -> int:
@@ -436,10 +470,6 @@ def is_peft(module: nn.Module) -> bool:
 def _base_model(backbone: nn.Module) -> nn.Module:
     """The transformers model under a PeftModel (or the backbone itself)."""
     return backbone.get_base_model() if is_peft(backbone) else backbone
-
-
-def _base_config(backbone: nn.Module):
-    return _base_model(backbone).config
 
 
 def _decoder(backbone: nn.Module) -> nn.Module:

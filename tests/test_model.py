@@ -168,3 +168,27 @@ def test_peft_adapter_round_trip_and_plain_peft_loading(tiny_qwen2, tmp_path):
         ours = reloaded.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         theirs = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_load_weights_puts_a_saved_full_model_into_a_live_one(tiny_qwen2, tmp_path):
+    trained = Embedder.from_pretrained(tiny_qwen2, pooling={"type": "latent_attention", "num_latents": 4,
+                                                             "num_heads": 2}, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in [*trained.backbone.parameters(), *trained.pooler.parameters()]:
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    trained.save_pretrained(tmp_path / "trained")
+    live = Embedder.from_pretrained(tiny_qwen2, pooling=trained.config.pooling, torch_dtype=torch.float32)
+    first = next(live.backbone.parameters())
+    assert not np.allclose(live.encode(TEXTS), trained.encode(TEXTS), atol=1e-4)
+    live.load_weights(tmp_path / "trained")
+    assert next(live.backbone.parameters()) is first  # in place: an optimizer's references stay valid
+    np.testing.assert_allclose(live.encode(TEXTS), trained.encode(TEXTS), atol=1e-6)
+
+
+def test_quantization_is_refused_in_one_line_without_a_gpu(tiny_qwen2):
+    if torch.cuda.is_available():
+        pytest.skip("the machine has a GPU")
+    with pytest.raises(UserError, match=r"^quantization 4bit \(bitsandbytes\) needs a CUDA GPU"):
+        Embedder.from_pretrained(tiny_qwen2, quantization="4bit")
+    with pytest.raises(UserError, match="quantization must be one of"):
+        Embedder.from_pretrained(tiny_qwen2, quantization="3bit")

@@ -14,13 +14,6 @@ from llm2emb.train.losses import InfoNCELoss, Temperature
 from llm2emb.train.recipe import StageSpec, format_key_path
 
 
-def num_layers(embedder) -> int:
-    """Transformer layers of the embedder's backbone."""
-    from llm2emb.model import _base_config
-
-    return int(_base_config(embedder.backbone).num_hidden_layers)
-
-
 def matryoshka_plan(
     stage: StageSpec, embedder, index: int
 ) -> tuple[list[tuple[int, int]] | None, list[int | None]]:
@@ -36,7 +29,7 @@ def matryoshka_plan(
     if too_wide:
         name = "matryoshka_dims" if too_wide[0] in dims else "matryoshka_layers"
         raise UserError(f"{key}.{name}: dim {too_wide[0]} exceeds the model's embedding dim {embedder.dim}")
-    total = num_layers(embedder)
+    total = embedder.num_layers
     too_deep = [count for count, _ in pairs if count > total]
     if too_deep:
         raise UserError(f"{key}.matryoshka_layers: {too_deep[0]} layers, the model has {total}")

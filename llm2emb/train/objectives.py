@@ -133,9 +133,7 @@ def lm_head(embedder) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     from llm2emb.backbone import resolve_base
-    from llm2emb.model import _base_config
-
-    config = _base_config(embedder.backbone)
+    config = embedder.base_config
     embeddings = embedder.backbone.get_input_embeddings()
     head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=embeddings.weight.device,
                      dtype=embeddings.weight.dtype)

@@ -170,7 +170,7 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
             weights_from = final  # finished in an earlier run: skip it, keep its weights for the next stage
             continue
         if weights_from is not None:
-            load_trained_weights(embedder, weights_from)
+            embedder.load_weights(weights_from)
             weights_from = None
         if stage.mine is not None:  # hard negatives from the weights this stage starts from
             data = with_mined_negatives(stage, index, data, embedder, stage_dir, recipe.on_bad_rows, recipe.seed)
@@ -180,7 +180,7 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
         if _is_main_process():
             embedder.save_pretrained(final, overwrite=True)
     if weights_from is not None:
-        load_trained_weights(embedder, weights_from)
+        embedder.load_weights(weights_from)
     summary.seconds = time.perf_counter() - started
     summary.steps = sum(s["steps"] for s in summary.stages)
     summary.samples = sum(s["samples"] for s in summary.stages)
@@ -279,11 +279,9 @@ def load_embedder(recipe: Recipe):
     dtype = spec.dtype
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    if recipe.quantization != "none":
-        embedder = _load_quantized(recipe, dtype)
-    else:
-        embedder = Embedder.from_pretrained(spec.base, pooling=spec.pooling, attention=spec.attention,
-                                            torch_dtype=getattr(torch, dtype))
+    quantization = None if recipe.quantization == "none" else recipe.quantization
+    embedder = Embedder.from_pretrained(spec.base, pooling=spec.pooling, attention=spec.attention,
+                                        torch_dtype=getattr(torch, dtype), quantization=quantization)
     embedder.config.max_length = spec.max_length
     lora = resolve_lora(recipe, embedder)
     if lora is not None:
@@ -294,43 +292,6 @@ def load_embedder(recipe: Recipe):
             embedder.backbone.enable_input_require_grads()
     embedder.pooler.requires_grad_(embedder.pooler.trainable)
     return embedder.train()
-
-
-def _load_quantized(recipe: Recipe, dtype: str):
-    """A 4/8-bit base for QLoRA. Embedder.from_pretrained has no quantization argument yet, so the backbone is
-    loaded here from the core's own pieces and assembled the way Embedder does it."""
-    from transformers import AutoModel
-
-    from llm2emb.backbone import load_config, load_tokenizer, resolve_base
-    from llm2emb.config import EmbedderConfig
-    from llm2emb.model import Embedder
-
-    spec = recipe.model
-    base = resolve_base(spec.base)
-    config = EmbedderConfig(base=spec.base, attention=spec.attention)
-    if spec.pooling is not None:
-        config.pooling = {"type": spec.pooling} if isinstance(spec.pooling, str) else dict(spec.pooling)
-    backbone = AutoModel.from_pretrained(
-        base.path, config=load_config(base, spec.attention), dtype=getattr(torch, dtype),
-        quantization_config=_bnb_config(recipe.quantization, dtype), **base.kwargs,
-    )
-    tokenizer = load_tokenizer(base, config.padding_side)
-    return Embedder._assemble(backbone, tokenizer, config, weights_dir=None)
-
-
-def _bnb_config(quantization: str, dtype: str):
-    try:
-        from transformers import BitsAndBytesConfig
-    except ImportError:  # pragma: no cover - transformers always ships it
-        raise UserError("quantization needs transformers' BitsAndBytesConfig") from None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UserError("quantization: install bitsandbytes (pip install 'llm2emb[gpu]')") from None
-    if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=getattr(torch, dtype))
-    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def resolve_lora(recipe: Recipe, embedder) -> LoraSpec | None:
@@ -361,30 +322,6 @@ def apply_lora(embedder, recipe: Recipe, lora: LoraSpec) -> None:
         embedder.backbone = get_peft_model(backbone, config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
-
-
-def load_trained_weights(embedder, folder: Path) -> None:
-    """Put a finished stage's adapter (or full weights) and pooler weights into the live model."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from llm2emb.config import POOLING_WEIGHTS_NAME
-    from llm2emb.model import is_peft
-
-    if is_peft(embedder.backbone):
-        state = load_file(str(folder / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(embedder.backbone, state)
-        if getattr(result, "unexpected_keys", None):
-            raise UserError(f"{folder}: adapter does not fit this model ({result.unexpected_keys[:3]})")
-    else:
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        if (folder / "model.safetensors").is_file():
-            embedder.backbone.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-        else:
-            load_sharded_checkpoint(embedder.backbone, str(folder))
-    if embedder.pooler.trainable:
-        embedder.pooler.load_state_dict(load_file(str(folder / POOLING_WEIGHTS_NAME)))
 
 
 def last_checkpoint(stage_dir: Path, quiet: bool = False) -> str | None:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from llm2emb.config import POOLING_WEIGHTS_NAME, is_model_folder
+from llm2emb.config import is_model_folder
 from llm2emb.errors import UserError
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.gradcache import chunks, gradcache_backward
@@ -267,6 +267,6 @@ class ContrastiveTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model=embedder.backbone)
         folder = Path(resume_from_checkpoint)
         if embedder.pooler.trainable:
-            embedder.pooler.load_state_dict(load_file(str(folder / POOLING_WEIGHTS_NAME)))
+            embedder.load_pooler_weights(folder)
         if (folder / LOSS_STATE_NAME).is_file():
             self.contrastive_loss.load_state_dict(load_file(str(folder / LOSS_STATE_NAME)))

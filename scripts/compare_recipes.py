@@ -131,13 +131,14 @@ def train_st(args, seed: int, rows_file: Path, folder: Path) -> Path:
 
     training = SentenceTransformerTrainingArguments(
         output_dir=str(folder / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        seed=seed, batch_sampler=sequential, save_strategy="no", logging_steps=5, report_to=[], use_cpu=True,
-        dataloader_drop_last=True,
+        seed=seed, batch_sampler=sequential, save_strategy="steps", save_steps=10, save_total_limit=1,
+        logging_steps=5, report_to=[], use_cpu=True, dataloader_drop_last=True,
     )
     trainer = SentenceTransformerTrainer(model=model, args=training, train_dataset=dataset,
                                          loss=MultipleNegativesRankingLoss(model))
     started = time.perf_counter()
-    trainer.train()
+    checkpoints = list((folder / "trainer").glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=bool(checkpoints) or None)  # an interrupted job continues
     model.save(str(model_dir))
     (folder / "train_seconds").write_text(f"{time.perf_counter() - started:.1f}\n")
     return model_dir

@@ -209,7 +209,7 @@ class StageSpec(_Strict):
     gradcache_chunk: Annotated[int, Field(gt=0)] | None = None
     """Rows per forward pass (memory of the chunk, gradients of the batch); default: the whole batch."""
     learning_rate: Annotated[float, Field(gt=0)] = 2e-4
-    """The default won at a matched budget (benchmarks/RESULTS.md, "Matched budget"): a bidirectional model moves far
+    """Chosen from the matched-budget runs (benchmarks/RESULTS.md, "Matched budget"): a bidirectional model moves far
     from its causal pretraining, and 5e-5 (sentence-transformers' default) adapts it too slowly."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
@@ -347,7 +347,7 @@ LoraChoice = Annotated[
 class Recipe(_Strict):
     model: ModelSpec
     lora: LoraChoice | None = "auto"
-    """auto: full fine-tuning for a base under 1B parameters (it trained better embedders than LoRA at small budgets:
+    """auto: full fine-tuning for a base under 1B parameters (LoRA trained far worse at small budgets:
     benchmarks/RESULTS.md, "Matched budget"), a LoRA adapter with LoraSpec's defaults from 1B parameters on or with
     quantization; null: every backbone weight; a mapping: that LoRA adapter."""
     quantization: Literal["none", "4bit", "8bit"] = "none"

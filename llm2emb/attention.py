@@ -133,8 +133,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
             attention_mask = with_future_bias(attention_mask, query, key, bias)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if kwargs.get("llm2emb_future_bias") is not None:
-        raise UserError("the causal-to-bidirectional curriculum runs on padded batches; set attention_backend padded")
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row, got a batch of {query.shape[0]}")
     kernel = _KERNEL_FUNCTIONS[kwargs.get("llm2emb_kernel", "sdpa")]

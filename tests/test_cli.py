@@ -156,3 +156,12 @@ def test_encode_killed_mid_run_leaves_no_partial_output(converted, tmp_path):
         loaded = np.load(out)  # never raises: the file under the name is always whole
         assert loaded.shape == (3000, 64)
         np.testing.assert_array_equal(loaded, finished)
+
+
+def test_an_os_error_is_one_line_not_a_traceback(converted, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("A man plays a guitar.\n")
+    out = tmp_path / ("x" * 300) / "emb.npy"  # a folder name over the filesystem's 255-byte limit
+    assert main(["encode", str(converted), "--input", str(texts), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llm2emb encode: error: File name too long: ")

@@ -73,3 +73,25 @@ def test_a_stage_anneals_the_weight_and_saves_a_bidirectional_model(tiny_qwen2, 
     assert seen == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
     saved = Embedder.from_pretrained(tmp_path / "run" / "model")  # the load check verifies bidirectional attention
     assert saved.config.attention == "bidirectional" and saved.future_attention == 1.0
+
+
+def test_the_curriculum_is_refused_on_packed_batches_and_for_a_causal_recipe(models, tiny_qwen2, tmp_path):
+    from llm2emb.train.recipe import load_recipe
+
+    bidirectional, _ = models
+    batch = bidirectional.tokenize(TEXTS)
+    bidirectional.set_attention_backend("packed")
+    try:
+        bidirectional.set_future_attention(0.5)
+        with pytest.raises(UserError, match="curriculum runs on padded batches"):
+            bidirectional(batch)
+    finally:
+        bidirectional.set_future_attention(1.0)
+        bidirectional.set_attention_backend("auto")
+    recipe = tmp_path / "recipe.yaml"
+    (tmp_path / "rows.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    recipe.write_text(f"model: {{base: {tiny_qwen2}, attention: causal}}\noutput_dir: run\n"
+                      "stages: [{name: s, max_steps: 1, bidirectional_warmup: 5, datasets: [{path: rows.jsonl}]}]\n")
+    with pytest.raises(UserError, match=r"stages\[0\]\.bidirectional_warmup: the causal-to-bidirectional curriculum "
+                                        r"needs model.attention: bidirectional"):
+        load_recipe(recipe)

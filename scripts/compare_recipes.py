@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--systems", nargs="+", default=["st", "default"],
                    help="st | default | NAME:key.path=value,key.path=value (recipe overrides on top of default)")
     p.add_argument("--jobs", type=int, default=2, help="jobs side by side, one thread each")
+    p.add_argument("--tasks", nargs="+", default=["stsb", "scifact"], choices=["stsb", "scifact"],
+                   help="evaluations to run (stsb alone takes minutes instead of most of an hour: for tuning)")
     p.add_argument("--eval-max-length", type=int, default=256)
     p.add_argument("--corpus-sample", type=int, help="SciFact documents kept (every relevant one + random others)")
     p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -67,7 +69,8 @@ def system_name(spec: str) -> str:
 
 def result_name(args) -> str:
     """One result file per evaluation setting: a later run with other settings re-evaluates the trained models."""
-    return f"result-scifact{args.corpus_sample or 'full'}-{args.eval_max_length}-{args.eval_dtype}.json"
+    tasks = f"scifact{args.corpus_sample or 'full'}" if "scifact" in args.tasks else "stsb"
+    return f"result-{tasks}-{args.eval_max_length}-{args.eval_dtype}.json"
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -103,6 +106,13 @@ def write_rows(args, out: Path) -> Path:
 # ---- one job -------------------------------------------------------------------------------------------------
 
 
+def sequential_batches(data, batch_size, drop_last, **_):
+    """The rows in file order (already llm2emb's batch order); module-level so checkpoints can pickle it."""
+    import torch
+
+    return torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), batch_size, drop_last)
+
+
 def train_st(args, seed: int, rows_file: Path, folder: Path) -> Path:
     """sentence-transformers' MNRL script on the causal base, fed llm2emb's batches in order."""
     import torch
@@ -126,12 +136,9 @@ def train_st(args, seed: int, rows_file: Path, folder: Path) -> Path:
     pooling = models.Pooling(transformer.get_embedding_dimension(), "mean")
     model = SentenceTransformer(modules=[transformer, pooling], device="cpu")
 
-    def sequential(data, batch_size, drop_last, **_):
-        return torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), batch_size, drop_last)
-
     training = SentenceTransformerTrainingArguments(
         output_dir=str(folder / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        seed=seed, batch_sampler=sequential, save_strategy="steps", save_steps=10, save_total_limit=1,
+        seed=seed, batch_sampler=sequential_batches, save_strategy="steps", save_steps=10, save_total_limit=1,
         logging_steps=5, report_to=[], use_cpu=True, dataloader_drop_last=True,
     )
     trainer = SentenceTransformerTrainer(model=model, args=training, train_dataset=dataset,
@@ -183,14 +190,17 @@ def evaluate(args, model_dir: Path) -> dict:
     model = load_model(model_dir, max_length=args.eval_max_length, torch_dtype=dtype)
     if hasattr(model, "max_seq_length"):
         model.to(dtype)
-    scifact = load_beir(DATA / "scifact", "test")
-    if args.corpus_sample:
-        scifact = subsample_corpus(scifact, args.corpus_sample)
     started = time.perf_counter()
-    sts = evaluate_sts(model, load_sts(DATA / "stsb" / "test.tsv"), batch_size=64)
-    retrieval = evaluate_retrieval(model, scifact, batch_size=16)
-    return {"stsb": round(sts.main, 2), "scifact": round(retrieval.main, 2),
-            "eval_seconds": round(time.perf_counter() - started, 1), "documents": len(scifact.documents)}
+    scores: dict = {}
+    if "stsb" in args.tasks:
+        scores["stsb"] = round(evaluate_sts(model, load_sts(DATA / "stsb" / "test.tsv"), batch_size=64).main, 2)
+    if "scifact" in args.tasks:
+        scifact = load_beir(DATA / "scifact", "test")
+        if args.corpus_sample:
+            scifact = subsample_corpus(scifact, args.corpus_sample)
+        scores["scifact"] = round(evaluate_retrieval(model, scifact, batch_size=16).main, 2)
+        scores["documents"] = len(scifact.documents)
+    return {**scores, "eval_seconds": round(time.perf_counter() - started, 1)}
 
 
 def run_job(args) -> None:
@@ -262,8 +272,8 @@ def table(results: list[dict], systems: list[str]) -> str:
             continue
         cells = []
         for key in ("stsb", "scifact"):
-            values = np.array([r[key] for r in mine])
-            cells.append(f"{values.mean():.2f} ({values.min():.2f}-{values.max():.2f})")
+            values = np.array([r[key] for r in mine if key in r])
+            cells.append(f"{values.mean():.2f} ({values.min():.2f}-{values.max():.2f})" if values.size else "-")
         seconds = [r["train_seconds"] for r in mine if r.get("train_seconds")]
         time_cell = f"{np.mean(seconds):.0f}" if seconds else "-"
         lines.append(f"| `{spec}` | {len(mine)} | {cells[0]} | {cells[1]} | {time_cell} |")
@@ -280,7 +290,7 @@ def plot(results: list[dict], systems: list[str], target: str) -> None:
     names = [system_name(s) for s in systems]
     for axis, key, label in zip(axes, ("stsb", "scifact"), ("STS-B test Spearman x100", "SciFact nDCG@10 x100")):
         for position, name in enumerate(names):
-            values = [r[key] for r in results if r["system"] == name]
+            values = [r[key] for r in results if r["system"] == name and key in r]
             axis.scatter([position] * len(values), values)
             if values:
                 axis.hlines(np.mean(values), position - 0.2, position + 0.2)

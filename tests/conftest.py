@@ -31,13 +31,13 @@ CORPUS = [
 ARCHITECTURES = VERIFIED_MODEL_TYPES  # every verified type gets a tiny model and the per-architecture tests
 
 
-def build_tokenizer(directory: Path | None = None) -> PreTrainedTokenizerFast:
+def build_tokenizer(directory: Path | None = None, vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE with a few hundred merges and an end-of-text token, as DESIGN.md §3 prescribes."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -74,13 +74,13 @@ def tiny_config(model_type: str, vocab_size: int = 400):
     raise ValueError(model_type)
 
 
-def save_tiny_model(directory: Path, model_type: str = "qwen2", seed: int = 0) -> Path:
+def save_tiny_model(directory: Path, model_type: str = "qwen2", seed: int = 0, vocab_size: int = 400) -> Path:
     """A random decoder of the given type, with its tokenizer, saved as a plain HF folder (causal, as on the hub)."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(tiny_config(model_type))
+    model = AutoModel.from_config(tiny_config(model_type, vocab_size))
     model.save_pretrained(directory)
-    build_tokenizer(directory)
+    build_tokenizer(directory, vocab_size)
     return directory
 
 
@@ -94,6 +94,21 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tiny_models) -> Path:
     return tiny_models["qwen2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_st_teacher(tmp_path_factory) -> Path:
+    """A real sentence-transformers folder (llama, mean pooling, normalised) whose tokenizer is not the tiny
+    decoders': a teacher for distillation."""
+    from sentence_transformers import SentenceTransformer, models
+
+    root = tmp_path_factory.mktemp("teacher")
+    base = save_tiny_model(root / "base", "llama", seed=7, vocab_size=300)
+    transformer = models.Transformer(str(base), max_seq_length=64)
+    transformer.tokenizer.pad_token = transformer.tokenizer.eos_token
+    modules = [transformer, models.Pooling(transformer.get_embedding_dimension(), "mean"), models.Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(root / "st"))
+    return root / "st"
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

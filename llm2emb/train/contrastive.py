@@ -1,17 +1,19 @@
 """A stage's contrastive loss and its helpers, built from the recipe: what `ContrastiveTrainer` gets besides data.
 
-`trainer_options(stage, embedder, index)` returns the keyword arguments `loss`, `guide` and `layers` of
-`ContrastiveTrainer`: InfoNCE with the stage's hardness weighting, false-negative margin and Matryoshka views,
-the frozen guide model (GISTEmbed) and the layer counts of 2D Matryoshka. Checks that need the loaded model
+`trainer_options(stage, embedder, index)` returns the keyword arguments `loss`, `guide`, `teacher` and `layers`
+of `ContrastiveTrainer`: InfoNCE with the stage's hardness weighting, false-negative margin, Matryoshka views and
+distillation terms, the frozen guide model (GISTEmbed), the teacher and the layer counts of 2D Matryoshka. Checks that need the loaded model
 (dims and layer counts within its size, the guide's tokenizer) fail here with the recipe key's path.
 """
 
 from __future__ import annotations
 
 from llm2emb.errors import UserError
+from llm2emb.train.distillation import Distillation
 from llm2emb.train.graded import GradedPairLoss
 from llm2emb.train.losses import InfoNCELoss, Temperature
 from llm2emb.train.recipe import StageSpec, format_key_path
+from llm2emb.train.teacher import Teacher, load_teacher
 
 
 def matryoshka_plan(
@@ -59,12 +61,26 @@ def load_guide(stage: StageSpec, embedder, index: int):
     return guide.eval().requires_grad_(False)
 
 
+def stage_teacher(stage: StageSpec, embedder, index: int) -> tuple[Teacher | None, Distillation | None]:
+    """The stage's teacher and distillation terms, or (None, None) without `teacher:`."""
+    spec = stage.teacher
+    if spec is None:
+        return None, None
+    dtype = next(embedder.backbone.parameters()).dtype
+    teacher = load_teacher(spec.model, format_key_path(("stages", index, "teacher", "model")), torch_dtype=dtype,
+                           max_length=spec.max_length, batch_size=spec.batch_size, instructions=spec.instructions)
+    distillation = Distillation(spec.kl_weight, spec.margin_weight, spec.temperature or stage.temperature,
+                                spec.infonce_weight)
+    return teacher, distillation
+
+
 def trainer_options(stage: StageSpec, embedder, index: int) -> dict:
-    """`loss`, `guide` and `layers` for `ContrastiveTrainer`; records trained Matryoshka dims in the config."""
+    """`loss`, `guide`, `teacher` and `layers` for `ContrastiveTrainer`; records trained Matryoshka dims."""
     if stage.loss != "infonce":  # graded pairs: the recipe already refused every InfoNCE-only key
         loss = GradedPairLoss(stage.loss, Temperature(stage.temperature, learnable=stage.learnable_temperature),
                               angle_weight=stage.angle_weight)
-        return {"loss": loss, "guide": None, "layers": None}
+        return {"loss": loss, "guide": None, "teacher": None, "layers": None}
+    teacher, distillation = stage_teacher(stage, embedder, index)
     views, counts = matryoshka_plan(stage, embedder, index)
     loss = InfoNCELoss(
         stage.temperature,
@@ -73,11 +89,12 @@ def trainer_options(stage: StageSpec, embedder, index: int) -> dict:
         false_negative_margin=stage.false_negative_margin,
         views=views,
         segments=max(1, len(counts)),
+        distillation=distillation,
     )
     if views:
         full = 0 if not counts else (counts.index(None) if None in counts else -1)  # -1: full model not trained
         dims = sorted({d for segment, d in views if segment == full})
         embedder.config.matryoshka_dims = dims or None
     guide = load_guide(stage, embedder, index) if stage.guide_model else None
-    return {"loss": loss, "guide": guide, "layers": counts or None}
+    return {"loss": loss, "guide": guide, "teacher": teacher, "layers": counts or None}
 

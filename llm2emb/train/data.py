@@ -378,11 +378,16 @@ def text_id(text: str) -> int:
 
 
 class ContrastiveCollator:
-    """Items of one dataset -> the training batch of docs/CONTRACTS.md (instructions on queries only)."""
+    """Items of one dataset -> the training batch of docs/CONTRACTS.md (instructions on queries only).
 
-    def __init__(self, embedder: Any, max_length: int | None = None):
+    ``keep_texts``: the batch also carries the raw texts (``texts``: queries, instructions, documents) for a
+    teacher that tokenizes them its own way.
+    """
+
+    def __init__(self, embedder: Any, max_length: int | None = None, keep_texts: bool = False):
         self.embedder = embedder
         self.max_length = max_length
+        self.keep_texts = keep_texts
 
     def __call__(self, items: list[dict]) -> dict:
         if len({item["source"] for item in items}) != 1:
@@ -395,11 +400,13 @@ class ContrastiveCollator:
             query_batch = dict(self.embedder.tokenize(queries, instructions=instructions, max_length=self.max_length))
         with locate_texts(lambda i: f"{items[owners[i]]['where']}: document"):
             document_batch = dict(self.embedder.tokenize(documents, max_length=self.max_length, kind="document"))
-        graded = {}
+        extra: dict[str, Any] = {}
         if items[0]["score"] is not None:  # a cosent/angle stage: the loss ranks pairs by these
-            graded["scores"] = torch.tensor([item["score"] for item in items], dtype=torch.float32)
+            extra["scores"] = torch.tensor([item["score"] for item in items], dtype=torch.float32)
+        if self.keep_texts:
+            extra["texts"] = {"queries": queries, "instructions": instructions, "documents": documents}
         return {
-            **graded,
+            **extra,
             "queries": query_batch,
             "documents": document_batch,
             "query_ids": torch.tensor([text_id(text) for text in queries], dtype=torch.long),

@@ -15,6 +15,9 @@ Options (each off by default, each leaving the plain loss unchanged when off):
   positive-aware rule of NV-Retriever), applied to in-batch and hard negatives alike.
 - a guide (GISTEmbed): with ``guide_queries``/``guide_documents`` (a frozen model's embeddings of the same
   batch), a negative the guide scores above the query's positive is masked out.
+- a teacher (distillation): with ``teacher_queries``/``teacher_documents`` (a frozen teacher's embeddings of the
+  same texts, any width) and ``distillation`` (`llm2emb.train.distillation.Distillation`), the student's scores
+  also learn the teacher's (KL and/or MarginMSE per view), and InfoNCE is weighted by its ``infonce_weight``.
 - Matryoshka views: ``views`` lists (segment, dim) pairs; the loss is the sum of the loss over every view, where
   a view takes embedding segment ``segment`` (packed side by side, see ``split_segments``) and keeps its first
   ``dim`` components, renormalised (MRL: one segment, many dims; 2D Matryoshka/Starbucks: one segment per
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm2emb.train.distillation import Distillation
 from llm2emb.train.distributed import gather_batch, world_size
 
 
@@ -145,6 +149,7 @@ class InfoNCELoss(nn.Module):
         false_negative_margin: float | None = None,
         views: list[tuple[int, int | None]] | None = None,
         segments: int = 1,
+        distillation: Distillation | None = None,
     ):
         super().__init__()
         if not isinstance(temperature, Temperature):
@@ -160,6 +165,7 @@ class InfoNCELoss(nn.Module):
         self.false_negative_margin = false_negative_margin
         self.views = views
         self.segments = segments
+        self.distillation = distillation
 
     @staticmethod
     def similarity(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
@@ -185,15 +191,24 @@ class InfoNCELoss(nn.Module):
         in_batch_negatives: bool | torch.Tensor = True,
         guide_queries: torch.Tensor | None = None,
         guide_documents: torch.Tensor | None = None,
+        teacher_queries: torch.Tensor | None = None,
+        teacher_documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         flags = torch.as_tensor(in_batch_negatives, device=queries.device).expand(queries.shape[0])
         guided = guide_queries is not None
         if guided != (guide_documents is not None):
             raise ValueError("pass both guide_queries and guide_documents, or neither")
+        taught = teacher_queries is not None
+        if taught != (teacher_documents is not None) or taught != (self.distillation is not None):
+            raise ValueError("a loss with distillation takes teacher_queries and teacher_documents, one without none")
         if self.gather_across_devices and world_size() > 1:
             if guided:
                 guide_queries, guide_documents, *_ = gather_batch(
                     guide_queries, guide_documents, query_ids, document_ids, flags
+                )
+            if taught:
+                teacher_queries, teacher_documents, *_ = gather_batch(
+                    teacher_queries, teacher_documents, query_ids, document_ids, flags
                 )
             queries, documents, query_ids, document_ids, flags = gather_batch(
                 queries, documents, query_ids, document_ids, flags
@@ -201,6 +216,8 @@ class InfoNCELoss(nn.Module):
         mask = candidate_mask(query_ids, document_ids, flags)
         if guided:
             mask = mask & guide_mask(self.similarity(guide_queries, guide_documents))
+        teacher_scores = self.similarity(teacher_queries, teacher_documents) if taught else None
+        infonce_weight = self.distillation.infonce_weight if taught else 1.0
         query_parts = split_segments(queries, self.segments)
         document_parts = split_segments(documents, self.segments)
         targets = torch.arange(queries.shape[0], device=queries.device)
@@ -211,5 +228,9 @@ class InfoNCELoss(nn.Module):
                 if dim > q.shape[-1]:
                     raise ValueError(f"Matryoshka dim {dim} exceeds the embedding width {q.shape[-1]}")
                 q, d = q[:, :dim], d[:, :dim]
-            loss = loss + F.cross_entropy(self.logits(self.similarity(q, d), mask), targets)
+            scores = self.similarity(q, d)
+            if infonce_weight:
+                loss = loss + infonce_weight * F.cross_entropy(self.logits(scores, mask), targets)
+            if taught:
+                loss = loss + self.distillation(scores, teacher_scores, mask)
         return loss

@@ -219,10 +219,11 @@ def build_trainer(stage: StageSpec, index: int, embedder, args, data: StageData,
     if stage.objective == "mntp":
         return MNTPTrainer(embedder, args, head=lm_head(embedder), train_dataset=data,
                            data_collator=MNTPCollator(embedder, stage.mask_probability, max_length))
+    options = trainer_options(stage, embedder, index)
+    collator = ContrastiveCollator(embedder, max_length=max_length, keep_texts=options["teacher"] is not None)
     trainer = ContrastiveTrainer(
-        model=embedder, args=args, train_dataset=data, data_collator=ContrastiveCollator(embedder, max_length=max_length),
-        gradcache_chunk=stage.gradcache_chunk, bidirectional_warmup=stage.bidirectional_warmup,
-        **trainer_options(stage, embedder, index),
+        model=embedder, args=args, train_dataset=data, data_collator=collator,
+        gradcache_chunk=stage.gradcache_chunk, bidirectional_warmup=stage.bidirectional_warmup, **options,
     )
     if stage.objective == "simcse":
         trainer.add_callback(AttentionDropout(embedder, stage.simcse_dropout))

@@ -195,6 +195,43 @@ class MineSpec(_Strict):
         return self
 
 
+class TeacherSpec(_Strict):
+    """Distillation from a frozen teacher embedder (EmbeddingGemma, jina-embeddings-v5, KaLM-V2.5 train this way).
+
+    Stage loss = infonce_weight x InfoNCE + kl_weight x KL(teacher || student) over each query's candidates (its
+    positive, hard and in-batch negatives, softmax at `temperature`) + margin_weight x MarginMSE on its hard
+    negatives (score differences positive - negative, in logits: score / temperature). See
+    llm2emb.train.distillation.
+    """
+
+    model: str
+    """A sentence-transformers folder, an llm2emb folder or base, or an asset alias (e.g. all-minilm-l6-v2); it
+    embeds the raw texts with its own tokenizer."""
+    kl_weight: Annotated[float, Field(ge=0)] = 1.0
+    margin_weight: Annotated[float, Field(ge=0)] = 0.0
+    infonce_weight: Annotated[float, Field(ge=0)] = 1.0
+    temperature: Annotated[float, Field(gt=0)] | None = None
+    """Softmax temperature of both score distributions; default: the stage's temperature."""
+    instructions: bool = False
+    """Give the teacher each query's instruction too (for a teacher trained with the same instructions); false:
+    the teacher embeds queries its own way (a sentence-transformers `query` prompt if it defines one)."""
+    max_length: Annotated[int, Field(gt=0)] | None = None
+    """The teacher's token limit; default: its own."""
+    batch_size: Annotated[int, Field(gt=0)] = 64
+    """Texts per teacher forward when filling its cache."""
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str, info: ValidationInfo) -> str:
+        return ModelSpec._base_exists(value, info)
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> TeacherSpec:
+        if not (self.kl_weight or self.margin_weight):
+            raise _KeyError("kl_weight", "kl_weight and margin_weight are both 0: the teacher would teach nothing")
+        return self
+
+
 class StageSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     objective: Literal["contrastive", "mntp", "simcse"] = "contrastive"
@@ -238,6 +275,8 @@ class StageSpec(_Strict):
     guide_model: str | None = None
     """GISTEmbed: a frozen model (llm2emb folder or base, same tokenizer) whose scores mask negatives it ranks
     above the positive."""
+    teacher: TeacherSpec | None = None
+    """Distill a frozen teacher's scores into the model, next to InfoNCE (see TeacherSpec)."""
     matryoshka_dims: list[Annotated[int, Field(gt=0)]] | None = None
     """Loss summed over these leading dimensions of the embedding (MRL), e.g. [64, 128, 256, 576]."""
     matryoshka_layers: list[tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]] | None = None
@@ -278,6 +317,10 @@ class StageSpec(_Strict):
             raise _KeyError("mine", "mined negatives need objective contrastive and hard_negatives >= 1")
         if self.objective != "contrastive" and self.hard_negatives:
             raise _KeyError("hard_negatives", f"objective {self.objective} trains on raw text; set 0")
+        if self.teacher is not None and self.objective != "contrastive":
+            raise _KeyError("teacher", f"objective {self.objective} has no query-document scores to distill")
+        if self.teacher is not None and self.teacher.margin_weight and not self.hard_negatives:
+            raise _KeyError(("teacher", "margin_weight"), "MarginMSE scores hard negatives: set hard_negatives >= 1")
         for index, dataset in enumerate(self.datasets):
             if dataset.format == "text" and self.objective == "contrastive":
                 raise _KeyError(("datasets", index, "path"),
@@ -387,8 +430,8 @@ class Recipe(_Strict):
         return self
 
 
-INFONCE_ONLY_KEYS = ("hardness_weight", "false_negative_margin", "guide_model", "matryoshka_dims", "matryoshka_layers",
-                     "mine")
+INFONCE_ONLY_KEYS = ("hardness_weight", "false_negative_margin", "guide_model", "teacher", "matryoshka_dims",
+                     "matryoshka_layers", "mine")
 """Stage keys that act on InfoNCE's negatives or views, so a graded loss refuses them."""
 
 

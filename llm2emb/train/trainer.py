@@ -40,7 +40,9 @@ class ContrastiveTrainer(Trainer):
     ``gradcache_chunk``: rows embedded at once (None: the whole batch in one forward). ``loss``: the contrastive
     loss module (InfoNCE, or a graded-pair loss that also receives the batch's ``scores``); its trainable parameters (a learnable temperature) join the optimizer without weight decay.
     ``guide``: a frozen Embedder sharing the model's tokenizer (GISTEmbed); it embeds the same token ids without
-    gradient and the loss masks the negatives it scores above the positive. ``layers``: layer counts (None: all)
+    gradient and the loss masks the negatives it scores above the positive. ``teacher``: a `Teacher`
+    (llm2emb.train.teacher) for a loss with distillation; it embeds the batch's raw texts (``texts``, from
+    `ContrastiveCollator(keep_texts=True)`) once per text, before GradCache's passes. ``layers``: layer counts (None: all)
     for 2D Matryoshka; each row is then embedded once per count and the embeddings are packed side by side, one
     loss segment each (`InfoNCELoss(segments=len(layers))`), so GradCache caches them like one embedding.
     """
@@ -52,6 +54,7 @@ class ContrastiveTrainer(Trainer):
         loss: InfoNCELoss | GradedPairLoss | None = None,
         gradcache_chunk: int | None = None,
         guide=None,
+        teacher=None,
         layers: list[int | None] | None = None,
         bidirectional_warmup: int = 0,
         **kwargs,
@@ -61,6 +64,7 @@ class ContrastiveTrainer(Trainer):
         self.contrastive_loss = loss if loss is not None else InfoNCELoss()
         self.gradcache_chunk = gradcache_chunk
         self.guide = guide.eval().requires_grad_(False) if guide is not None else None
+        self.teacher = teacher
         self.layers = list(layers) if layers else None
         self.bidirectional_warmup = bidirectional_warmup
         self._staging_dir: str | None = None
@@ -72,6 +76,8 @@ class ContrastiveTrainer(Trainer):
         self.contrastive_loss.to(self.args.device)
         if self.guide is not None:
             self.guide.to(self.args.device)
+        if self.teacher is not None:
+            self.teacher.to(self.args.device)
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -109,9 +115,20 @@ class ContrastiveTrainer(Trainer):
             out[f"guide_{side}"] = torch.cat([self.guide(chunk) for chunk in chunks(inputs[side], size)])
         return out
 
+    def _teacher_embeddings(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The teacher's vectors of the batch's queries and documents (cached per text); {} without a teacher."""
+        if self.teacher is None:
+            return {}
+        texts = inputs["texts"]
+        device = inputs["query_ids"].device
+        return {
+            "teacher_queries": self.teacher.vectors(texts["queries"], "query", texts["instructions"]).to(device),
+            "teacher_documents": self.teacher.vectors(texts["documents"], "document").to(device),
+        }
+
     def _loss_fn(self, inputs: dict[str, Any], scale: float = 1.0):
         """The loss of the cached (or live) query and document embeddings; stops on NaN/inf before any backward."""
-        guide = self._guide_embeddings(inputs)
+        frozen = {**self._guide_embeddings(inputs), **self._teacher_embeddings(inputs)}  # the guide's, the teacher's
 
         def loss_fn(embeddings: list[torch.Tensor]) -> torch.Tensor:
             loss = self.contrastive_loss(
@@ -120,7 +137,7 @@ class ContrastiveTrainer(Trainer):
                 inputs["query_ids"],
                 inputs["document_ids"],
                 inputs.get("in_batch_negatives", True),
-                **guide,
+                **frozen,
                 **({"scores": inputs["scores"]} if "scores" in inputs else {}),
             )
             if not torch.isfinite(loss):

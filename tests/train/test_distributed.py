@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) with DDP give the single-process loss and gradients of the same global batch."""
+"""Two CPU processes (gloo) with DDP give the single-process loss and gradients of the same global batch, with
+and without a teacher's vectors to distil (gathered with the batch)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from llm2emb.train.distillation import Distillation
 from llm2emb.train.gradcache import gradcache_backward
 from llm2emb.train.losses import InfoNCELoss
 
-B, K, DIM = 5, 2, 8
+B, K, DIM, TEACHER_DIM = 5, 2, 8, 6
 SPLIT = [3, 2]  # rank 0 holds queries 0-2, rank 1 queries 3-4: unequal, like a short last batch
 FLAGS = [True, False]  # rank 1's dataset turns in-batch negatives off
 
@@ -32,22 +34,31 @@ def global_batch():
     document_ids = 100 + torch.arange(B * (1 + K))
     document_ids[4] = 100  # positive of query 4 is the same text as positive of query 0
     flags = torch.tensor([FLAGS[0]] * SPLIT[0] + [FLAGS[1]] * SPLIT[1])
-    return queries, documents, query_ids, document_ids, flags
+    teacher = {"teacher_queries": torch.randn(B, TEACHER_DIM), "teacher_documents": torch.randn(B * (1 + K), TEACHER_DIM)}
+    return queries, documents, query_ids, document_ids, flags, teacher
 
 
 def local_batch(rank: int):
-    queries, documents, query_ids, document_ids, _ = global_batch()
+    queries, documents, query_ids, document_ids, _, teacher = global_batch()
     start = sum(SPLIT[:rank])
     rows = list(range(start, start + SPLIT[rank]))
     doc_rows = rows + [B + i * K + j for i in rows for j in range(K)]
-    return queries[rows], documents[doc_rows], query_ids[rows], document_ids[doc_rows], FLAGS[rank]
+    teacher = {"teacher_queries": teacher["teacher_queries"][rows],
+               "teacher_documents": teacher["teacher_documents"][doc_rows]}
+    return queries[rows], documents[doc_rows], query_ids[rows], document_ids[doc_rows], FLAGS[rank], teacher
+
+
+def make_loss(taught: bool) -> InfoNCELoss:
+    distillation = Distillation(kl_weight=0.7, margin_weight=0.3, temperature=0.2) if taught else None
+    return InfoNCELoss(temperature=0.1, learnable_temperature=True, distillation=distillation)
 
 
 def step(model, loss_module, batch, chunk_size, no_sync):
-    queries, documents, query_ids, document_ids, flags = batch
+    queries, documents, query_ids, document_ids, flags, teacher = batch
+    teacher = teacher if loss_module.distillation is not None else {}
 
     def loss_fn(embs):
-        return loss_module(embs[0], embs[1], query_ids, document_ids, flags)
+        return loss_module(embs[0], embs[1], query_ids, document_ids, flags, **teacher)
 
     def embed(chunk):
         return model(chunk["x"])
@@ -65,9 +76,10 @@ def worker(rank: int, init_file: str, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         model = DistributedDataParallel(make_model())
-        loss_module = InfoNCELoss(temperature=0.1, learnable_temperature=True)
         results = {
-            chunk: step(model, loss_module, local_batch(rank), chunk, model.no_sync) for chunk in (None, 2)
+            (taught, chunk): step(model, make_loss(taught), local_batch(rank), chunk, model.no_sync)
+            for taught in (False, True)
+            for chunk in (None, 2)
         }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -78,14 +90,15 @@ def test_two_processes_match_single_process(tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
 
     model = make_model()
-    loss_module = InfoNCELoss(temperature=0.1, learnable_temperature=True)
-    want_loss, want_grads = step(model, loss_module, global_batch(), None, None)
+    want = {taught: step(model, make_loss(taught), global_batch(), None, None) for taught in (False, True)}
+    assert want[True][0].item() != pytest.approx(want[False][0].item(), rel=1e-3)  # the teacher's terms count
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")
-        for chunk, (loss, grads) in results.items():
-            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6), (rank, chunk)
-            for got, want in zip(grads, want_grads):
-                assert want.abs().sum() > 0
+        for (taught, chunk), (loss, grads) in results.items():
+            want_loss, want_grads = want[taught]
+            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6), (rank, taught, chunk)
+            for got, expected in zip(grads, want_grads):
+                assert expected.abs().sum() > 0
                 # float32 sums in another order (gloo's reduction) differ by a few ulps of the tensor's scale, not
                 # of each (possibly cancelled) element; a missing gathered negative changes gradients by far more.
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

@@ -112,3 +112,19 @@ def test_two_processes_with_torchrun_write_one_model_and_every_rank_state(tiny_q
     assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt"} <= {
         p.name for p in checkpoint.iterdir()}
     assert (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_distil_from_a_teacher_with_its_own_tokenizer(tiny_qwen2, tiny_st_teacher, tmp_path):
+    """Raw texts travel in the batches of each process to its teacher; the vectors are gathered with the batch."""
+    recipe = write_recipe(tmp_path, tiny_qwen2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llm2emb.cli", "train",
+               str(recipe), "--set", f"stages[0].teacher.model={tiny_st_teacher}", "--set",
+               "stages[0].teacher.infonce_weight=0.0", "--set", "stages[0].gradcache_chunk=1"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses and all(0 <= loss < 100 for loss in losses)  # the KL term alone, logged once per step
+    assert (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()

@@ -55,6 +55,22 @@ def _local_path(value: str, info: ValidationInfo) -> Path:
     return path
 
 
+def model_reference(value: str, info: ValidationInfo) -> str:
+    """A model named in a recipe: an asset alias or hub id as given, a local path made absolute; a local-looking
+    path that does not exist fails here, before anything loads."""
+    from llm2emb.assets import ASSETS
+
+    if value in ASSETS:
+        return value
+    path = _local_path(value, info)
+    if path.exists():
+        return str(path.resolve())
+    looks_local = value.startswith((".", "/", "~")) or path.suffix == ".gguf" or value.count("/") > 1
+    if looks_local:
+        raise ValueError(f"{value}: not found (relative paths start at the recipe's folder)")
+    return value  # a hub id, checked when the model loads
+
+
 class ModelSpec(_Strict):
     base: str
     """Hub id, HF folder, .gguf file, llm2emb folder, or an alias from llm2emb.assets (e.g. smollm2-135m)."""
@@ -68,17 +84,7 @@ class ModelSpec(_Strict):
     @field_validator("base")
     @classmethod
     def _base_exists(cls, value: str, info: ValidationInfo) -> str:
-        from llm2emb.assets import ASSETS
-
-        if value in ASSETS:
-            return value
-        path = _local_path(value, info)
-        if path.exists():
-            return str(path.resolve())
-        looks_local = value.startswith((".", "/", "~")) or path.suffix == ".gguf" or value.count("/") > 1
-        if looks_local:
-            raise ValueError(f"{value}: not found (relative paths start at the recipe's folder)")
-        return value  # a hub id, checked when the model loads
+        return model_reference(value, info)
 
     @field_validator("pooling")
     @classmethod
@@ -223,7 +229,7 @@ class TeacherSpec(_Strict):
     @field_validator("model")
     @classmethod
     def _model_exists(cls, value: str, info: ValidationInfo) -> str:
-        return ModelSpec._base_exists(value, info)
+        return model_reference(value, info)
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> TeacherSpec:

@@ -1,7 +1,8 @@
-"""The `llm2emb` command line: argument parsing and error display only; each command calls the library.
+"""llm2emb: turn a decoder-only LLM into a text embedding model, train it with contrastive recipes, evaluate and export it.
 
-Each command has an `add_<name>` function that declares its arguments and a `run_<name>` that calls
-the library. User errors (`UserError`) print one line and exit with code 2, never a traceback.
+The command line parses arguments and shows errors; each command calls the library. Each command has an
+`add_<name>` function that declares its arguments and a `run_<name>` that calls the library (imported there, so
+`--help` loads no torch). User errors (`UserError`) print one line and exit with code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -287,7 +288,10 @@ COMMANDS = [add_convert, add_encode, add_info, add_eval, add_train, add_export, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm2emb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="llm2emb", description=__doc__.splitlines()[0],
+        epilog="Typical use: llm2emb convert --base smollm2-135m --out model; llm2emb train recipe.yaml; "
+               "llm2emb eval runs/x/model --sts stsb.tsv. `llm2emb COMMAND --help` lists a command's options.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:

@@ -165,3 +165,21 @@ def test_an_os_error_is_one_line_not_a_traceback(converted, tmp_path, capsys):
     assert main(["encode", str(converted), "--input", str(texts), "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("llm2emb encode: error: File name too long: ")
+
+
+def test_help_and_the_package_root_load_no_torch():
+    """`import llm2emb` and `llm2emb --help` stay light: torch and transformers load only when a command runs."""
+    probe = ("import sys, contextlib, io\n"
+             "import llm2emb, llm2emb.errors\n"
+             "from llm2emb.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+             "    try:\n"
+             "        main(['--help'])\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "assert 'convert' in out.getvalue() and 'train' in out.getvalue()\n"
+             "print(sorted({'torch', 'transformers', 'accelerate'} & set(sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert Embedder.__module__ == "llm2emb.model"  # the lazy attribute still gives the class

@@ -1,6 +1,12 @@
-"""Poolers, one module each, registered by name (see base.POOLERS)."""
+"""Poolers, one module each, registered by name in base.POOLERS when their module is imported (here, all of them).
 
-from llm2emb.pooling.base import POOLERS, Pooler, build_pooler, masked_mean, pooler_spec
+`build_pooler` lives here rather than in base so that it sees every pooler without base importing its own package.
+"""
+
+from typing import Any
+
+from llm2emb.errors import UserError
+from llm2emb.pooling.base import POOLERS, Pooler, masked_mean, pooler_spec
 from llm2emb.pooling.last_token import LastTokenPooler
 from llm2emb.pooling.latent_attention import LatentAttentionPooler
 from llm2emb.pooling.mean import MeanPooler
@@ -19,3 +25,15 @@ __all__ = [
     "LatentAttentionPooler",
     "MultiLayerPooler",
 ]
+
+
+def build_pooler(spec: str | dict[str, Any], hidden_size: int, num_layers: int) -> Pooler:
+    """Build a pooler from `"mean"` or `{"type": "latent_attention", "num_latents": 64, ...}`."""
+    spec = {"type": spec} if isinstance(spec, str) else dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in POOLERS:
+        raise UserError(f"pooling: unknown type {kind!r}; choose one of {sorted(POOLERS)}")
+    try:
+        return POOLERS[kind](hidden_size=hidden_size, num_layers=num_layers, **spec)
+    except TypeError as exc:
+        raise UserError(f"pooling {kind!r}: {exc}") from None

@@ -7,8 +7,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from llm2emb.errors import UserError
-
 POOLERS: dict[str, type[Pooler]] = {}
 
 
@@ -53,20 +51,6 @@ def masked_mean(hidden_states: torch.Tensor, pool_mask: torch.Tensor) -> torch.T
     """Mean over the pooled tokens; rows with no pooled token give zeros rather than NaN."""
     weights = pool_mask.to(hidden_states.dtype).unsqueeze(-1)
     return (hidden_states * weights).sum(dim=-2) / weights.sum(dim=-2).clamp_min(1.0)
-
-
-def build_pooler(spec: str | dict[str, Any], hidden_size: int, num_layers: int) -> Pooler:
-    """Build a pooler from `"mean"` or `{"type": "latent_attention", "num_latents": 64, ...}`."""
-    from llm2emb import pooling  # noqa: F401  (registers every pooler)
-
-    spec = {"type": spec} if isinstance(spec, str) else dict(spec)
-    kind = spec.pop("type", None)
-    if kind not in POOLERS:
-        raise UserError(f"pooling: unknown type {kind!r}; choose one of {sorted(POOLERS)}")
-    try:
-        return POOLERS[kind](hidden_size=hidden_size, num_layers=num_layers, **spec)
-    except TypeError as exc:
-        raise UserError(f"pooling {kind!r}: {exc}") from None
 
 
 def pooler_spec(pooler: Pooler) -> dict[str, Any]:

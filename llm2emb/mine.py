@@ -85,21 +85,19 @@ def select_negatives(
 def read_pairs_from_beir(queries_path: Path, corpus_ids: dict[str, int], documents: list[str],
                          qrels_path: Path) -> list[Pair]:
     """(query, positive) for every qrel with relevance > 0, in queries.jsonl order."""
-    from llm2emb.evaluate.data import _read_jsonl, read_qrels
+    from llm2emb.readers import BadRow, qrel_pairs, read_jsonl, read_qrels
 
     qrels = read_qrels(qrels_path)
-    queries = {str(row["_id"]): row["text"] for row in _read_jsonl(queries_path, ("_id", "text"))}
+    queries = {str(row["_id"]): row["text"] for row in read_jsonl(queries_path, ("_id", "text"))}
     missing = sorted(set(qrels) - set(queries))
     if missing:
         raise UserError(f"{queries_path}: {len(missing)} query id(s) of {qrels_path} are absent, e.g. {missing[0]!r}")
+    corpus = {doc_id: documents[index] for doc_id, index in corpus_ids.items()}
     pairs = []
-    for query_id, text in queries.items():
-        for doc_id, relevance in qrels.get(query_id, {}).items():
-            if relevance <= 0:
-                continue
-            if doc_id not in corpus_ids:
-                raise UserError(f"{qrels_path}: document {doc_id!r} (query {query_id!r}) is not in the corpus")
-            pairs.append(Pair(text, documents[corpus_ids[doc_id]]))
+    for _, query, document in qrel_pairs(queries, corpus, qrels, qrels_path):
+        if isinstance(document, BadRow):
+            raise UserError(str(document))
+        pairs.append(Pair(query, document))
     return pairs
 
 
@@ -138,9 +136,9 @@ def mine(
     `rank_window` defaults to (0, top_k). `instruction` goes on every query (a pair's own instruction wins) and
     is written into the rows.
     """
-    from llm2emb.evaluate.data import _read_jsonl, document_text
     from llm2emb.evaluate.search import top_k as search
     from llm2emb.model import Embedder
+    from llm2emb.readers import document_text, read_jsonl
 
     if (qrels is None) == (pairs is None):
         raise UserError("give exactly one of --qrels (with --queries) or --pairs")
@@ -157,7 +155,7 @@ def mine(
     if window[1] > top_k:
         raise UserError(f"--rank-window ends at {window[1]}, beyond --top-k {top_k}")
 
-    rows = _read_jsonl(Path(corpus), ("_id", "text"))
+    rows = read_jsonl(Path(corpus), ("_id", "text"))
     doc_ids = [str(row["_id"]) for row in rows]
     documents = [document_text(row) for row in rows]
     if qrels is not None:

@@ -29,7 +29,7 @@ import torch
 
 from llm2emb import Embedder
 from llm2emb.backbone import verify_attention
-from llm2emb.evaluate.data import document_text
+from llm2emb.readers import document_text
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 

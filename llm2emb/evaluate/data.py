@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm2emb.errors import UserError
+from llm2emb.readers import document_text, read_jsonl, read_qrels
+
+BEIR_LAYOUT = " (BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv)"
 
 
 @dataclass
@@ -69,52 +71,6 @@ def load_sts(path: str | Path) -> StsData:
     return data
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found (BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            missing = [key for key in required if key not in row]
-            if missing:
-                raise UserError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
-    return rows
-
-
-def document_text(row: dict) -> str:
-    """Title and text joined by a space, as BEIR and MTEB do (`(title + " " + text).strip()`)."""
-    title = row.get("title") or ""
-    return (title + " " + row["text"]).strip() if title else row["text"]
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, float]]:
-    """`query-id  corpus-id  score` TSV (header optional) -> {query: {doc: score}}."""
-    if not path.is_file():
-        raise UserError(f"{path}: qrels file not found")
-    qrels: dict[str, dict[str, float]] = {}
-    with path.open(newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-            if not row:
-                continue
-            if line_no == 1 and row[0] == "query-id":
-                continue
-            if len(row) != 3:
-                raise UserError(f"{path}:{line_no}: expected query-id, corpus-id, score; got {len(row)} columns")
-            try:
-                score = float(row[2])
-            except ValueError:
-                raise UserError(f"{path}:{line_no}: score {row[2]!r} is not a number") from None
-            qrels.setdefault(row[0], {})[row[1]] = score
-    return qrels
-
-
 def corpus_hash(doc_ids: list[str], documents: list[str]) -> str:
     digest = hashlib.sha256()
     for doc_id, text in zip(doc_ids, documents):
@@ -128,12 +84,13 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
     if not directory.is_dir():
         raise UserError(f"{directory}: BEIR folder not found")
     qrels = read_qrels(directory / "qrels" / f"{split}.tsv")
-    corpus = _read_jsonl(directory / "corpus.jsonl", ("_id", "text"))
+    corpus = read_jsonl(directory / "corpus.jsonl", ("_id", "text"), BEIR_LAYOUT)
     doc_ids = [str(row["_id"]) for row in corpus]
     if len(set(doc_ids)) != len(doc_ids):
         raise UserError(f"{directory / 'corpus.jsonl'}: duplicate _id values")
     documents = [document_text(row) for row in corpus]
-    queries = {str(row["_id"]): row["text"] for row in _read_jsonl(directory / "queries.jsonl", ("_id", "text"))}
+    queries = {str(row["_id"]): row["text"]
+               for row in read_jsonl(directory / "queries.jsonl", ("_id", "text"), BEIR_LAYOUT)}
     missing = sorted(set(qrels) - set(queries))
     if missing:
         raise UserError(f"{directory / 'queries.jsonl'}: {len(missing)} query id(s) of qrels/{split}.tsv are absent, "

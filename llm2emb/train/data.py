@@ -16,7 +16,6 @@ the positives of k other rows of its dataset (random negatives), skipping texts 
 from __future__ import annotations
 
 import bisect
-import csv
 import functools
 import hashlib
 import json
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from llm2emb.errors import UserError
+from llm2emb.readers import BadRow, delimited_records, jsonl_records, qrel_pairs
 from llm2emb.tokenization import locate_texts
 from llm2emb.train.recipe import DatasetSpec, StageSpec, format_key_path
 
@@ -39,10 +39,6 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ("query", "positive", "negatives", "instruction")
 ID_MASK = (1 << 63) - 1
-
-
-class BadRow(ValueError):
-    """One malformed row; its message starts with the row's location."""
 
 
 @dataclass
@@ -63,7 +59,7 @@ class LoadedDataset:
 def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset", graded: bool = False) -> LoadedDataset:
     """Read a dataset of a recipe into rows with the columns query, positive, negatives, instruction; `graded`
     (a cosent/angle stage) keeps every scored pair with its `score` instead of thresholding."""
-    records = _records(spec)
+    source = records(spec)
     if spec.format == "scored_pairs":
         builder = functools.partial(_scored_pair, graded=graded)
     else:
@@ -73,7 +69,7 @@ def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset"
     locations: list[str] = []
     skipped, first_problem = 0, None
     try:
-        for where, record in records:
+        for where, record in source:
             try:
                 row = builder(record, spec, where)
             except BadRow as exc:
@@ -107,14 +103,14 @@ def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset"
     return LoadedDataset(datasets.Dataset.from_dict(columns, features=features), spec, skipped, locations)
 
 
-def _records(spec: DatasetSpec) -> Iterator[tuple[str, dict]]:
+def records(spec: DatasetSpec) -> Iterator[tuple[str, dict]]:
     """(location, raw record) pairs for every row of the source."""
     path = Path(spec.path)
     if spec.format == "jsonl":
-        return _jsonl_records(path)
+        return jsonl_records(path)
     if spec.format in ("csv", "tsv", "scored_pairs"):
         delimiter = "," if spec.format == "csv" else "\t"
-        return _delimited_records(path, delimiter)
+        return delimited_records(path, delimiter)
     if spec.format == "beir":
         return _beir_records(path, spec.split)
     if spec.format == "parquet":
@@ -129,55 +125,15 @@ def _records(spec: DatasetSpec) -> Iterator[tuple[str, dict]]:
     raise UserError(f"{spec.path}: unsupported format {spec.format}")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                record = BadRow(f"{where}: not valid JSON ({exc.msg})")
-            if not isinstance(record, (dict, BadRow)):
-                record = BadRow(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
-
-
-def _delimited_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
-        header = next(reader, None)
-        if not header:
-            raise BadRow(f"{path}:1: empty file, expected a header row")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if not row:
-                continue
-            if len(row) != len(header):
-                yield where, BadRow(f"{where}: expected {len(header)} columns, got {len(row)}")
-                continue
-            yield where, dict(zip(header, row))
-
-
-def _beir_records(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+def _beir_records(path: Path, split: str) -> Iterator[tuple[str, dict | BadRow]]:
     """(query, positive) for every qrel with score > 0; documents are `title text` as in BEIR and MTEB."""
     from llm2emb.evaluate.data import load_beir
 
     beir = load_beir(path, split)
-    documents = dict(zip(beir.doc_ids, beir.documents))
-    queries = dict(zip(beir.query_ids, beir.queries))
-    qrels_file = path / "qrels" / f"{split}.tsv"
-    for query_id in beir.query_ids:
-        for doc_id, score in beir.qrels[query_id].items():
-            if score <= 0:
-                continue
-            where = f"{qrels_file}: query {query_id}, document {doc_id}"
-            if doc_id not in documents:
-                yield where, BadRow(f"{where}: document id not in corpus.jsonl")
-                continue
-            yield where, {"query": queries[query_id], "positive": documents[doc_id]}
+    pairs = qrel_pairs(dict(zip(beir.query_ids, beir.queries)), dict(zip(beir.doc_ids, beir.documents)), beir.qrels,
+                       path / "qrels" / f"{split}.tsv")
+    for where, query, document in pairs:
+        yield where, document if isinstance(document, BadRow) else {"query": query, "positive": document}
 
 
 def _field(record: dict, spec: DatasetSpec, name: str) -> Any:

@@ -29,14 +29,8 @@ from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback
 
 from llm2emb.errors import UserError
-from llm2emb.train.data import (
-    BadRow,
-    ContrastiveCollator,
-    LoadedDataset,
-    StageData,
-    _records,
-    build_stage_data,
-)
+from llm2emb.readers import BadRow
+from llm2emb.train.data import ContrastiveCollator, LoadedDataset, StageData, build_stage_data, records
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.recipe import DatasetSpec, StageSpec, format_key_path
 from llm2emb.train.trainer import ContrastiveTrainer
@@ -57,7 +51,7 @@ def read_texts(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset
             texts = [line.rstrip("\n") for line in handle if line.strip()]
     else:
         column = spec.columns.get("text", "text")
-        for where, record in _records(spec):
+        for where, record in records(spec):
             value = None if isinstance(record, BadRow) else record.get(column)
             if not isinstance(value, str) or not value.strip():
                 problem = record if isinstance(record, BadRow) else f"{where}: field {column!r} must be a non-empty string"

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-from llm2emb.evaluate.data import read_qrels
 from llm2emb.evaluate.metrics import (
     average_ranks,
     mrr_at_k,
@@ -14,6 +13,7 @@ from llm2emb.evaluate.metrics import (
     retrieval_scores,
     spearman,
 )
+from llm2emb.readers import read_qrels
 
 JUDGED = {"d2": 1, "d3": 2, "d9": 1, "d5": 0}
 RANKED = ["d1", "d2", "d3", "d5"]

@@ -101,7 +101,7 @@ def test_beir_folder_gives_pairs_with_titles(tmp_path):
     rows = load_rows(spec(folder)).rows
     assert list(zip(rows["query"], rows["positive"])) == [("first", "Title body one"), ("second", "body two")]
     (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n1\td9\t1\n2\td2\t1\n")
-    with pytest.raises(UserError, match="query 1, document d9: document id not in corpus.jsonl"):
+    with pytest.raises(UserError, match="query 1, document d9: document id not in the corpus"):
         load_rows(spec(folder))
     assert load_rows(spec(folder), on_bad_rows="skip").skipped == 1
 

@@ -195,6 +195,12 @@ class Embedder(nn.Module):
             self._resolved = (key, kernel)
         return self._resolved[1]
 
+    @property
+    def attention_kernel(self) -> str:
+        """The kernel the next forward uses on the current device and dtype: `padded`, or a packed one (`sdpa`,
+        `flash_attn`, `varlen_attn`); benchmarks record it next to their numbers."""
+        return self._kernel()
+
     def set_future_attention(self, weight: float) -> None:
         """Scale attention to later tokens by `weight` (0: causal, 1: bidirectional): the soft causal-to-bidirectional
         curriculum (Conan-embedding-v2). A bidirectional model starts from the causal computation it was pretrained

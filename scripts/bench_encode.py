@@ -154,7 +154,7 @@ def main() -> None:
 
     systems = {"sentence-transformers": run_st}
     for backend, embedder in embedders.items():
-        systems[f"llm2emb[{backend}:{embedder._kernel()}]"] = run_llm2emb(embedder)
+        systems[f"llm2emb[{backend}:{embedder.attention_kernel}]"] = run_llm2emb(embedder)
     layer_counts = [int(k) for k in args.layers.split(",") if k]
     for k in layer_counts:
         systems[f"llm2emb[{args.backends.split(',')[0]}] layers={k}"] = run_llm2emb(reference, k)

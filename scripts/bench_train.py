@@ -233,7 +233,7 @@ def main() -> None:
                    + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "versions": _versions(),
         "model": args.model, "device": str(device), "dtype": args.dtype, "lora_rank": args.lora,
-        "trainable_parameters": trainable_params, "attention_backend": f"{args.backend}:{embedder._kernel()}",
+        "trainable_parameters": trainable_params, "attention_backend": f"{args.backend}:{embedder.attention_kernel}",
         "batch_size": args.batch_size, "mini_batch": args.mini_batch, "max_length": args.max_length,
         "timed_steps": args.steps, "tokens_per_step": tokens[1:],
         "memory": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM) above step start",

@@ -38,7 +38,7 @@ def load(path, backend, pooling="mean"):
 def test_auto_picks_a_cuda_varlen_kernel(tiny_qwen2):
     embedder = load(tiny_qwen2, "auto")
     expected = "flash_attn" if "flash_attn" in CUDA_KERNELS else "varlen_attn"
-    assert embedder._kernel() == expected
+    assert embedder.attention_kernel == expected
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
@@ -47,7 +47,7 @@ def test_auto_picks_a_cuda_varlen_kernel(tiny_qwen2):
 @torch.no_grad()
 def test_cuda_kernel_packed_equals_each_text_alone(tiny_models, arch, kernel, pooling):
     embedder = load(tiny_models[arch], kernel, pooling)
-    assert embedder._kernel() == kernel
+    assert embedder.attention_kernel == kernel
     together = embedder(embedder.tokenize(TEXTS, "Find a paraphrase")).float()
     embedder.set_attention_backend("padded")
     for i, text in enumerate(TEXTS):

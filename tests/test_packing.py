@@ -103,7 +103,7 @@ def test_varlen_attention_equals_block_diagonal_mask(tiny_qwen2):
 @torch.no_grad()
 def test_packed_embedding_equals_embedding_alone(tiny_models, arch, pooling):
     embedder = load(tiny_models[arch], pooling, backend="packed")
-    assert embedder._kernel() == "sdpa"
+    assert embedder.attention_kernel == "sdpa"
     for side in ("right", "left"):
         embedder.config.padding_side = side
         embedder.set_attention_backend("packed")

@@ -98,14 +98,14 @@ class ContrastiveTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     # ------------------------------------------------------------------ loss and step
-    def _embed_fn(self, model):
+    def embed_fn(self, model):
         """The function GradCache embeds chunks with: the model, or its per-layer-count embeddings side by side."""
         if not self.layers:
             return model
         return lambda batch: torch.cat([model(batch, layers=count) for count in self.layers], dim=-1)
 
     @torch.no_grad()
-    def _guide_embeddings(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def guide_embeddings(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The guide's query and document embeddings, chunk by chunk like the model's; {} without a guide."""
         if self.guide is None:
             return {}
@@ -115,7 +115,7 @@ class ContrastiveTrainer(Trainer):
             out[f"guide_{side}"] = torch.cat([self.guide(chunk) for chunk in chunks(inputs[side], size)])
         return out
 
-    def _teacher_embeddings(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def teacher_embeddings(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The teacher's vectors of the batch's queries and documents (cached per text); {} without a teacher."""
         if self.teacher is None:
             return {}
@@ -128,7 +128,7 @@ class ContrastiveTrainer(Trainer):
 
     def _loss_fn(self, inputs: dict[str, Any], scale: float = 1.0):
         """The loss of the cached (or live) query and document embeddings; stops on NaN/inf before any backward."""
-        frozen = {**self._guide_embeddings(inputs), **self._teacher_embeddings(inputs)}  # the guide's, the teacher's
+        frozen = {**self.guide_embeddings(inputs), **self.teacher_embeddings(inputs)}  # the guide's, the teacher's
 
         def loss_fn(embeddings: list[torch.Tensor]) -> torch.Tensor:
             loss = self.contrastive_loss(
@@ -156,7 +156,7 @@ class ContrastiveTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Plain (no GradCache) loss, used by evaluation; training goes through `training_step`."""
-        embed = self._embed_fn(model)
+        embed = self.embed_fn(model)
         embeddings = [embed(inputs["queries"]), embed(inputs["documents"])]
         loss = self._loss_fn(inputs)(embeddings)
         return (loss, {"queries": embeddings[0], "documents": embeddings[1]}) if return_outputs else loss
@@ -173,7 +173,7 @@ class ContrastiveTrainer(Trainer):
         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with self.compute_loss_context_manager():
             return gradcache_backward(
-                self._embed_fn(model),
+                self.embed_fn(model),
                 [inputs["queries"], inputs["documents"]],
                 self._loss_fn(inputs, scale),
                 self.gradcache_chunk,

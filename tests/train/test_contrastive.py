@@ -82,8 +82,7 @@ def make_trainer(model, data_file, out, chunk, **options) -> ContrastiveTrainer:
 def step_gradients(trainer) -> dict[str, torch.Tensor]:
     trainer.create_optimizer()
     batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.eval()
-    trainer.model.train = lambda mode=True, model=trainer.model: model  # dropout stays off in training_step
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in trainer.model.modules())  # deterministic
     trainer.training_step(trainer.model, batch)
     return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
@@ -105,7 +104,7 @@ def test_guide_masks_in_training_and_gradcache_keeps_full_batch_gradients(tiny_q
     assert_same(grads[2], grads[None])
     # The guide (the untrained base) really removes negatives from this batch, so the test is not vacuous.
     batch = next(iter(trainer.get_train_dataloader()))
-    guide = trainer._guide_embeddings(batch)
+    guide = trainer.guide_embeddings(batch)
     scores = torch.nn.functional.normalize(guide["guide_queries"], dim=-1) @ torch.nn.functional.normalize(
         guide["guide_documents"], dim=-1).T
     plain = candidate_mask(batch["query_ids"], batch["document_ids"], torch.tensor(True))
@@ -122,7 +121,7 @@ def test_two_dimensional_matryoshka_step_equals_full_batch(tiny_qwen2, data_file
         trainer = make_trainer(model, data_file, tmp_path / str(chunk), chunk, **options)
         batch = next(iter(trainer.get_train_dataloader()))
         with torch.no_grad():
-            first, full = trainer._embed_fn(model)(batch["queries"]).chunk(2, dim=-1)
+            first, full = trainer.embed_fn(model)(batch["queries"]).chunk(2, dim=-1)
             assert torch.allclose(full, model(batch["queries"])) and not torch.allclose(first, full, atol=1e-3)
         grads[chunk] = step_gradients(trainer)
     assert_same(grads[2], grads[None])

@@ -187,8 +187,7 @@ def make_trainer(model, data_file, out, chunk, options, max_steps=1, learning_ra
 def step_gradients(trainer) -> dict[str, torch.Tensor]:
     trainer.create_optimizer()
     batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.eval()
-    trainer.model.train = lambda mode=True, model=trainer.model: model  # dropout stays off in training_step
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in trainer.model.modules())  # deterministic
     trainer.training_step(trainer.model, batch)
     return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
@@ -214,7 +213,7 @@ def test_gradcache_with_a_teacher_gives_the_full_batch_gradients(tiny_qwen2, dat
 def batch_kl(model, trainer, batch) -> float:
     with torch.no_grad():
         q, d = model(batch["queries"]), model(batch["documents"])
-        teacher = trainer._teacher_embeddings(batch)
+        teacher = trainer.teacher_embeddings(batch)
         mask = candidate_mask(batch["query_ids"], batch["document_ids"], torch.tensor(True))
         return kl_divergence(InfoNCELoss.similarity(q, d),
                              InfoNCELoss.similarity(teacher["teacher_queries"], teacher["teacher_documents"]),

@@ -1,4 +1,5 @@
-"""Every shipped recipe in recipes/ validates (schema, data paths, pooling names) without loading a model."""
+"""Every shipped recipe in recipes/ validates (schema, data paths, pooling names) and its data reads as the recipe
+says (formats, columns, enough rows for a batch), without loading a model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from llm2emb.train.data import build_stage_data
+from llm2emb.train.objectives import read_texts
 from llm2emb.train.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
@@ -20,4 +23,12 @@ def test_the_documented_recipes_exist():
 def test_recipe_validates(path, shared_data):
     recipe = load_recipe(path)  # dataset and evaluation paths point into ../shared/data
     assert path.read_text().startswith("# "), "each recipe starts with a comment saying what it reproduces"
-    assert recipe.stages and all(stage.max_steps > 0 for stage in recipe.stages)
+    for index, stage in enumerate(recipe.stages):
+        if stage.objective == "contrastive" and stage.datasets:
+            data = build_stage_data(stage, index, recipe.on_bad_rows, recipe.seed)  # raises on a row it cannot read
+            item = data[0]
+            assert item["query"].strip() and item["positive"].strip()
+            assert len(item["negatives"]) == stage.hard_negatives
+        else:
+            for spec in stage.datasets:
+                assert len(read_texts(spec, recipe.on_bad_rows)) >= stage.batch_size

@@ -256,9 +256,11 @@ def add_mine(sub) -> None:
 
 def run_mine(args) -> None:
     from llm2emb.mine import mine, parse_window
+    from llm2emb.train.data import read_pairs
 
     stats = mine(
-        args.model, corpus=args.corpus, out=args.out, queries=args.queries, qrels=args.qrels, pairs=args.pairs,
+        args.model, corpus=args.corpus, out=args.out, queries=args.queries, qrels=args.qrels,
+        pairs=read_pairs(args.pairs) if args.pairs else None,
         top_k=args.top_k, rank_window=parse_window(args.rank_window) if args.rank_window else None,
         margin=args.margin, num_negatives=args.num_negatives, instruction=args.instruction,
         batch_size=args.batch_size,

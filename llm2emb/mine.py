@@ -9,7 +9,8 @@ dataset reads directly (`path: negatives.jsonl`, `hard_negatives: k`).
 
 Queries and positives come from a BEIR layout (`--queries queries.jsonl --qrels qrels.tsv`, relevance > 0) or
 from training pairs (`--pairs` with `query`, `positive` and optional `instruction` fields, any format the
-recipe's datasets read). Negatives are `--corpus` documents (BEIR corpus.jsonl: title and text joined as the
+recipe's datasets read; the CLI and a recipe's `mine:` read them with `llm2emb.train.data.read_pairs` and pass the
+`Pair`s in, so this module does not depend on the training package). Negatives are `--corpus` documents (BEIR corpus.jsonl: title and text joined as the
 BEIR loaders join them); a document whose text equals one of the query's positives is never a negative.
 """
 
@@ -101,29 +102,13 @@ def read_pairs_from_beir(queries_path: Path, corpus_ids: dict[str, int], documen
     return pairs
 
 
-def read_pairs_from_rows(path: Path) -> list[Pair]:
-    """Training rows (the formats a recipe's dataset reads) as (query, positive, instruction) pairs."""
-    from pydantic import ValidationError
-
-    from llm2emb.train.data import load_rows
-    from llm2emb.train.recipe import DatasetSpec
-
-    try:
-        spec = DatasetSpec.model_validate({"path": str(path)}, context={"base_dir": Path.cwd()})
-    except ValidationError as exc:
-        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise UserError(f"--pairs: {message}") from None
-    rows = load_rows(spec, key="--pairs").rows
-    return [Pair(r["query"], r["positive"], r["instruction"]) for r in rows]
-
-
 def mine(
     model,
     corpus: str | Path,
     out: str | Path,
     queries: str | Path | None = None,
     qrels: str | Path | None = None,
-    pairs: str | Path | None = None,
+    pairs: Sequence[Pair] | None = None,
     top_k: int = 100,
     rank_window: tuple[int, int] | None = None,
     margin: float | None = 0.95,
@@ -134,7 +119,7 @@ def mine(
     """Mine hard negatives with `model` (an Embedder or a path for `Embedder.from_pretrained`); see the module doc.
 
     `rank_window` defaults to (0, top_k). `instruction` goes on every query (a pair's own instruction wins) and
-    is written into the rows.
+    is written into the rows. Give `queries` and `qrels` (BEIR files) or `pairs` (`Pair`s already read).
     """
     from llm2emb.evaluate.search import top_k as search
     from llm2emb.model import Embedder
@@ -161,7 +146,7 @@ def mine(
     if qrels is not None:
         found = read_pairs_from_beir(Path(queries), {d: i for i, d in enumerate(doc_ids)}, documents, Path(qrels))
     else:
-        found = read_pairs_from_rows(Path(pairs))
+        found = list(pairs)
     if not found:
         raise UserError("no (query, positive) pairs to mine for")
     embedder = model if isinstance(model, Embedder) else Embedder.from_pretrained(model)

@@ -172,6 +172,22 @@ def test_a_stage_mines_with_its_starting_weights_and_a_resume_reuses_the_file(ti
     assert data.parts[-1].rows[0]["negatives"] == rows[0]["negatives"] and len(data.parts) == 1
 
 
+def test_a_stage_mines_for_its_training_pairs(tiny_qwen2, beir, tmp_path):
+    from llm2emb.train.recipe import validate_recipe
+    from llm2emb.train.remine import MINED_NAME
+    from llm2emb.train.runner import run_recipe
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("query,positive,instruction\n"
+                     + "".join(f"{QUERIES[q]},{doc_text(d)},Answer\n" for q, d in (("q0", "d0"), ("q1", "d3"))))
+    data = recipe_with_mining(tiny_qwen2, beir, tmp_path / "run", margin=None, queries=None, qrels=None,
+                              pairs=str(pairs))
+    run_recipe(validate_recipe(data))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "stages" / "0-mined" / MINED_NAME).read_text().splitlines()]
+    assert [(r["query"], r["instruction"]) for r in rows] == [(QUERIES["q0"], "Answer"), (QUERIES["q1"], "Answer")]
+    assert all(len(r["negatives"]) == 2 and r["positive"] not in r["negatives"] for r in rows)
+
+
 @pytest.mark.parametrize(
     ("keys", "message"),
     [

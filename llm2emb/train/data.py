@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from llm2emb.errors import UserError
+from llm2emb.mine import Pair
 from llm2emb.readers import BadRow, delimited_records, jsonl_records, qrel_pairs
 from llm2emb.tokenization import locate_texts
 from llm2emb.train.recipe import DatasetSpec, StageSpec, format_key_path
@@ -323,6 +324,19 @@ def build_stage_data(
             f"stages[{stage_index}].batch_size: {stage.batch_size} must be a multiple of the {world_size} processes"
         )
     return StageData(parts, stage.batch_size, stage.hard_negatives, seed)
+
+
+def read_pairs(path: str | Path, key: str = "--pairs") -> list[Pair]:
+    """Training rows of any format a recipe's dataset reads, as (query, positive, instruction) pairs to mine for."""
+    from pydantic import ValidationError
+
+    try:
+        spec = DatasetSpec.model_validate({"path": str(path)}, context={"base_dir": Path.cwd()})
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UserError(f"{key}: {message}") from None
+    rows = load_rows(spec, key=key).rows
+    return [Pair(r["query"], r["positive"], r["instruction"]) for r in rows]
 
 
 # ---- collator ------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from llm2emb.train.data import StageData, load_rows
+from llm2emb.mine import mine
+from llm2emb.train.data import StageData, load_rows, read_pairs
 from llm2emb.train.recipe import DatasetSpec, StageSpec, format_key_path
 
 logger = logging.getLogger(__name__)
@@ -21,8 +22,6 @@ MINED_NAME = "mined.jsonl"
 def with_mined_negatives(stage: StageSpec, index: int, data: StageData, embedder, stage_dir: Path,
                          on_bad_rows: str, seed: int) -> StageData:
     """`data` plus the rows mined for this stage (mined now with `embedder`, or read back when resuming)."""
-    from llm2emb.mine import mine
-
     spec = stage.mine
     target = Path(stage_dir) / MINED_NAME
     if target.is_file():
@@ -30,7 +29,8 @@ def with_mined_negatives(stage: StageSpec, index: int, data: StageData, embedder
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         was_training = embedder.training
-        stats = mine(embedder, spec.corpus, target, queries=spec.queries, qrels=spec.qrels, pairs=spec.pairs,
+        stats = mine(embedder, spec.corpus, target, queries=spec.queries, qrels=spec.qrels,
+                     pairs=read_pairs(spec.pairs, format_key_path(("stages", index, "mine", "pairs"))) if spec.pairs else None,
                      top_k=spec.top_k, rank_window=spec.rank_window, margin=spec.margin,
                      num_negatives=spec.num_negatives, instruction=spec.instruction, batch_size=spec.batch_size)
         embedder.train(was_training)

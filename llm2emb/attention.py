@@ -1,8 +1,8 @@
 """Attention backends: padded batches, or packed rows attended per text by a varlen kernel.
 
 Packed rows (llm2emb.packing) need attention that stays inside each text: transformers' bidirectional
-mask ignores packing, so `position_ids` alone leak attention across texts (DESIGN.md §3). We register one
-attention function, `llm2emb_varlen`, through transformers' AttentionInterface (with sdpa's mask
+mask ignores packing, so `position_ids` alone leak attention across texts (docs/ARCHITECTURE.md, "Verified
+facts"). We register one attention function, `llm2emb_varlen`, through transformers' AttentionInterface (with sdpa's mask
 function in the AttentionMaskInterface). When the model call carries `cu_seq_lens_q` it runs a varlen
 kernel with `causal` taken from the config (False for embedders); otherwise it is plain sdpa, so a
 backbone switched to it behaves exactly as before for padded batches. The choice lives in the call's

@@ -4,7 +4,7 @@ Since transformers 5.2 the decoder families below read `config.is_causal`: set t
 object, their eager, sdpa, flex and flash paths all build a full (padding-only) mask, so no modeling
 code is copied or patched (llm2vec's copies broke on every transformers release). The flag must be
 set on the config object: `from_pretrained(..., is_causal=False)` raises and
-`AutoConfig.from_pretrained(..., is_causal=False)` ignores it (DESIGN.md §3).
+`AutoConfig.from_pretrained(..., is_causal=False)` ignores it (docs/ARCHITECTURE.md, "Verified facts").
 
 Other decoders are tried too, but every load runs `verify_attention`, a two-forward leak check, and
 refuses a model whose attention stayed causal or whose padding leaks: a silent causal fallback costs
@@ -95,7 +95,8 @@ def load_config(base: BaseRef, attention: str):
             VERIFIED_MODEL_TYPES,
         )
     config.is_causal = attention == "causal"
-    # Mistral's eager/sdpa and flash paths disagree on the window edge (DESIGN.md §3); embedders see the whole text.
+    # Mistral's eager/sdpa and flash paths disagree on the window edge (docs/ARCHITECTURE.md, "Verified facts");
+    # embedders see the whole text.
     if getattr(config, "sliding_window", None) is not None:
         config.sliding_window = None
     if hasattr(config, "use_sliding_window"):

@@ -1,4 +1,5 @@
-"""`llm2emb.json`: what a model folder is (DESIGN.md §2), so any folder reloads into the same Embedder."""
+"""`llm2emb.json`: what a model folder is (docs/ARCHITECTURE.md, "The model folder"), so any folder reloads into
+the same Embedder."""
 
 from __future__ import annotations
 

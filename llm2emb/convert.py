@@ -1,4 +1,5 @@
-"""`llm2emb convert`: a base decoder becomes a self-contained bidirectional model folder (DESIGN.md §2)."""
+"""`llm2emb convert`: a base decoder becomes a self-contained bidirectional model folder (docs/ARCHITECTURE.md,
+"The model folder")."""
 
 from __future__ import annotations
 

@@ -406,7 +406,8 @@ class Embedder(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write the model folder (DESIGN.md §2) atomically: into a temporary sibling, then renamed."""
+        """Write the model folder (docs/ARCHITECTURE.md, "The model folder") atomically: into a temporary sibling,
+        then renamed."""
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()) and not overwrite:
             raise UserError(f"{directory}: folder exists and is not empty (pass overwrite to replace it)")

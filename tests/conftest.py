@@ -32,7 +32,8 @@ ARCHITECTURES = VERIFIED_MODEL_TYPES  # every verified type gets a tiny model an
 
 
 def build_tokenizer(directory: Path | None = None, vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with a few hundred merges and an end-of-text token, as DESIGN.md §3 prescribes."""
+    """A byte-level BPE with a few hundred merges and an end-of-text token (docs/ARCHITECTURE.md, "Verified
+    facts", says why)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

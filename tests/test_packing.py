@@ -94,7 +94,8 @@ def test_varlen_attention_equals_block_diagonal_mask(tiny_qwen2):
                         attention_mask=additive).last_hidden_state
     assert (varlen - blocked).abs().max().item() <= 1e-5
     leaky = reference(input_ids=packed.input_ids, position_ids=packed.position_ids).last_hidden_state
-    assert (varlen - leaky).abs().max().item() > 1e-3  # position_ids alone leak across texts (DESIGN.md §3)
+    # position_ids alone leak across texts (docs/ARCHITECTURE.md, "Verified facts")
+    assert (varlen - leaky).abs().max().item() > 1e-3
 
 
 # ---------------------------------------------------------------- the packed Embedder

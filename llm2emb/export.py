@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from llm2emb.errors import UserError
+from llm2emb.files import atomic_folder, refuse_non_empty
 from llm2emb.model import Embedder, is_peft
 
 FORMATS = ("sentence-transformers", "llm2emb")
@@ -41,11 +42,6 @@ def merged(embedder: Embedder) -> Embedder:
 def export_merged(model: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """A standalone llm2emb folder with the adapter merged: loads without the base model or peft."""
     return merged(Embedder.from_pretrained(model, torch_dtype="auto")).save_pretrained(out, overwrite=overwrite)
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
 
 
 def _query_prompt(embedder: Embedder) -> str | None:
@@ -92,7 +88,7 @@ def export_sentence_transformers(model: str | Path, out: str | Path, overwrite: 
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     out = Path(out)
-    _check_out(out, overwrite)
+    refuse_non_empty(out, overwrite)
     embedder = merged(Embedder.from_pretrained(model, torch_dtype="auto"))
     config, pooling = embedder.config, embedder.config.pooling["type"]
     portable = pooling in PORTABLE_POOLING
@@ -120,14 +116,10 @@ def export_sentence_transformers(model: str | Path, out: str | Path, overwrite: 
         if config.default_document_instruction:
             raise UserError(f"{model}: a default document instruction has no sentence-transformers equivalent")
         st = SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine", device="cpu")
-        staging = Path(tmp) / "st"
-        st.save(str(staging))
-        if not portable:
-            shutil.copy(CUSTOM_MODULE, staging / CUSTOM_MODULE.name)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), str(out))
+        with atomic_folder(out) as staging:
+            st.save(str(staging))
+            if not portable:
+                shutil.copy(CUSTOM_MODULE, staging / CUSTOM_MODULE.name)
     return out
 
 

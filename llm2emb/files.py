@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,37 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `target` to fill; it replaces `target` (and whatever was there) when the block ends
+    without an error, so a crash never leaves half a folder under the final name. On an error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; a saved folder gets the usual permissions
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def refuse_non_empty(folder: str | Path, overwrite: bool, option: str = "--overwrite") -> None:
+    """The one check before writing a folder: an existing non-empty one is replaced only with `overwrite`."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise UserError(f"{folder}: folder exists and is not empty (pass {option} to replace it)")
 
 
 def write_text_atomic(target: str | Path, text: str) -> Path:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from llm2emb.attention import resolve_backend, use_varlen_attention
 from llm2emb.backbone import BaseRef, load_backbone, load_tokenizer, resolve_base, verify_attention
 from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
+from llm2emb.files import atomic_folder, refuse_non_empty
 from llm2emb.packing import pack, token_budget_batches, unpack
 from llm2emb.pooling import Pooler, build_pooler, pooler_spec
 from llm2emb.prompts import Prompts
@@ -408,21 +406,10 @@ class Embedder(nn.Module):
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the model folder (docs/ARCHITECTURE.md, "The model folder") atomically: into a temporary sibling,
         then renamed."""
-        directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()) and not overwrite:
-            raise UserError(f"{directory}: folder exists and is not empty (pass overwrite to replace it)")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        staging.chmod(0o777 & ~_umask())
-        try:
+        refuse_non_empty(directory, overwrite, option="overwrite=True")
+        with atomic_folder(directory) as staging:
             self._write(staging)
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return directory
+        return Path(directory)
 
     def _write(self, folder: Path) -> None:
         config = EmbedderConfig(**{**self.config.__dict__})
@@ -462,10 +449,6 @@ def load_prompt_tokenizer(
                            POOLERS[kind].needs_eos, max_length or config.max_length)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def is_peft(module: nn.Module) -> bool:

@@ -10,6 +10,8 @@ need no synchronisation at all. This works unchanged with GradCache: the gather 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -19,6 +21,16 @@ import torch.nn.functional as F
 def world_size() -> int:
     """Number of processes in the default group, 1 when torch.distributed is not in use."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def launched_processes() -> int:
+    """Processes the launcher (torchrun, accelerate launch) started, known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this is the launcher's rank 0 (the one that writes files and prints), also before the group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _gather_rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import resource
 import shutil
 import sys
@@ -39,6 +38,7 @@ from llm2emb.config import CONFIG_NAME
 from llm2emb.errors import UserError
 from llm2emb.files import atomic_path, damaged_file, folder_lock, write_text_atomic
 from llm2emb.train.data import StageData
+from llm2emb.train.distributed import is_main_process, launched_processes
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.fit import check_fit
 from llm2emb.train.objectives import build_objective_data, build_trainer
@@ -136,7 +136,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, callbacks: list[TrainerCall
     """Train every stage of a validated recipe; with `resume`, continue a run from its last checkpoint."""
     check_hardware(recipe)
     root = Path(recipe.output_dir)
-    lock = folder_lock(root, "output_dir") if _is_main_process() else contextlib.nullcontext()
+    lock = folder_lock(root, "output_dir") if is_main_process() else contextlib.nullcontext()
     with lock:
         return _run_locked(recipe, root, resume, callbacks)
 
@@ -145,7 +145,7 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
     """The run, while this process holds output_dir. Nothing is written before the model is loaded and every
     dataset's prompts are known to fit: a run that fails before its first step leaves the folder as it was."""
     continuing = _check_output(recipe, root, resume)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_processes()
     stage_data = [
         build_objective_data(stage, index, recipe.on_bad_rows, recipe.seed, world_size)
         for index, stage in enumerate(recipe.stages)
@@ -155,11 +155,11 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
     embedder = load_embedder(recipe)
     for index, (stage, data) in enumerate(zip(recipe.stages, stage_data)):
         check_fit(stage, index, data, embedder.prompt_tokenizer, stage.max_length or recipe.model.max_length)
-    if _is_main_process():
+    if is_main_process():
         _start_output(recipe, root, continuing)
     summary = TrainSummary(output_dir=str(root), model_dir=str(root / "model"))
-    log = MetricsLog(root / METRICS_NAME, enabled=_is_main_process())
-    if evaluator and recipe.eval.at_start and not continuing and _is_main_process():
+    log = MetricsLog(root / METRICS_NAME, enabled=is_main_process())
+    if evaluator and recipe.eval.at_start and not continuing and is_main_process():
         summary.evaluations.append(evaluator.run(embedder, log, stage="start", step=0))
     started = time.perf_counter()
     weights_from: Path | None = None
@@ -177,7 +177,7 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
         checkpoint = last_checkpoint(stage_dir) if continuing else None
         stats = run_stage(recipe, index, stage, data, embedder, stage_dir, checkpoint, log, evaluator, callbacks)
         summary.stages.append(stats)
-        if _is_main_process():
+        if is_main_process():
             embedder.save_pretrained(final, overwrite=True)
     if weights_from is not None:
         embedder.load_weights(weights_from)
@@ -186,7 +186,7 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
     summary.samples = sum(s["samples"] for s in summary.stages)
     summary.tokens = sum(s["tokens"] for s in summary.stages)
     summary.peak_memory_mb = peak_memory_mb()
-    if _is_main_process():
+    if is_main_process():
         embedder.save_pretrained(root / "model", overwrite=True)
         if evaluator and recipe.eval.at_end:
             summary.evaluations.append(evaluator.run(embedder, log, stage="end", step=summary.steps))
@@ -267,10 +267,6 @@ def _diff(a: Any, b: Any, prefix: tuple = ()) -> list[tuple]:
     return [] if a == b else [prefix]
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def load_embedder(recipe: Recipe):
     """The Embedder of `model:`, with LoRA (and a 4/8-bit base for QLoRA) applied as the recipe says."""
     from llm2emb.model import Embedder
@@ -300,7 +296,7 @@ def resolve_lora(recipe: Recipe, embedder) -> LoraSpec | None:
         return recipe.lora
     parameters = sum(p.numel() for p in embedder.backbone.parameters())
     full = recipe.quantization == "none" and parameters < LORA_AUTO_MAX_PARAMETERS
-    if _is_main_process():
+    if is_main_process():
         print(f"lora: auto -> {'full fine-tuning' if full else 'a LoRA adapter'} "
               f"({parameters / 1e6:.0f}M parameters)", file=sys.stderr)
     return None if full else LoraSpec()
@@ -394,7 +390,7 @@ def run_stage(
     checkpoint: str | None, log: MetricsLog, evaluator: Evaluator | None, callbacks,
 ) -> dict:
     """Train one stage (from `checkpoint` when resuming); returns its step, sample and token counts."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_processes()
     args = training_arguments(recipe, stage, stage_dir, world_size)
     # contrastive (with the stage's loss options), simcse or mntp: see llm2emb.train.objectives
     trainer = build_trainer(stage, index, embedder, args, data, stage.max_length or recipe.model.max_length)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
+from llm2emb.model import Embedder, adapter_base_reference
 
 COMPARED = ("attention", "pooling", "query_template", "document_template", "padding_side")
 """llm2emb.json keys that must agree between merged models (besides the base)."""
@@ -42,16 +43,6 @@ def parse_weights(text: str | None, count: int) -> list[float]:
     return [v / sum(values) for v in values]
 
 
-def _base_of(folder: Path, config: EmbedderConfig) -> str:
-    """The adapter's base as an absolute path when it is local (relative bases are relative to the folder)."""
-    base = config.base or ""
-    candidate = folder / base
-    if base and candidate.exists():
-        return str(candidate.resolve())
-    path = Path(base).expanduser()
-    return str(path.resolve()) if base and path.exists() else base
-
-
 def check_mergeable(folders: Sequence[Path]) -> list[EmbedderConfig]:
     """Every folder an llm2emb adapter folder of the same base, attention, pooling and templates; else UserError."""
     import json
@@ -67,9 +58,9 @@ def check_mergeable(folders: Sequence[Path]) -> list[EmbedderConfig]:
         if adapter.get("use_dora") or adapter.get("use_rslora"):
             raise UserError(f"{folder}: DoRA / rsLoRA adapters cannot be merged exactly by concatenation")
         configs.append(config)
-    first, first_base = configs[0], _base_of(folders[0], configs[0])
+    first, first_base = configs[0], adapter_base_reference(Path(folders[0]), configs[0].base)
     for folder, config in zip(folders[1:], configs[1:]):
-        base = _base_of(folder, config)
+        base = adapter_base_reference(Path(folder), config.base)
         if base != first_base:
             raise UserError(f"{folder}: trained from {base}, but {folders[0]} from {first_base}; merge needs one base")
         for key in COMPARED:
@@ -82,8 +73,6 @@ def check_mergeable(folders: Sequence[Path]) -> list[EmbedderConfig]:
 def merge(models: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None,
           overwrite: bool = False) -> Path:
     """Write the weighted merge of `models` (llm2emb adapter folders of one base) to `out`; see the module doc."""
-    from llm2emb.model import Embedder
-
     folders = [Path(m) for m in models]
     if len(folders) < 2:
         raise UserError("merge needs at least two model folders")
@@ -104,5 +93,5 @@ def merge(models: Sequence[str | Path], out: str | Path, weights: Sequence[float
         states = [load_file(str(folder / POOLING_WEIGHTS_NAME)) for folder in folders]
         averaged = {key: sum(w * state[key].float() for w, state in zip(weights, states)) for key in states[0]}
         merged.pooler.load_state_dict(averaged)
-    merged.config.base = _base_of(folders[0], merged.config)
+    merged.config.base = adapter_base_reference(Path(folders[0]), merged.config.base)
     return merged.save_pretrained(out, overwrite=overwrite)

@@ -470,12 +470,18 @@ def _decoder(backbone: nn.Module) -> nn.Module:
     return model
 
 
-def resolve_adapter_base(folder: Path, base: str | None) -> BaseRef:
-    """The adapter's base: llm2emb.json's `base`, else adapter_config.json's; relative paths from the folder."""
+def adapter_base_reference(folder: Path, base: str | None) -> str:
+    """The adapter's base as written in llm2emb.json (`base`), else in adapter_config.json; a path relative to the
+    folder comes back absolute, a hub id or asset alias as it is."""
     if base is None:
-        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+        adapter_config = json.loads((Path(folder) / "adapter_config.json").read_text())
         base = adapter_config.get("base_model_name_or_path")
     if base is None:
         raise UserError(f"{folder}: adapter folder names no base model")
-    candidate = folder / base
-    return resolve_base(candidate if candidate.exists() else base)
+    candidate = Path(folder) / Path(base).expanduser()
+    return str(candidate.resolve()) if candidate.exists() else base
+
+
+def resolve_adapter_base(folder: Path, base: str | None) -> BaseRef:
+    """Where the adapter's base loads from (see `adapter_base_reference`)."""
+    return resolve_base(adapter_base_reference(folder, base))

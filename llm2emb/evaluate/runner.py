@@ -129,23 +129,9 @@ def evaluate_model(
         raise UserError("nothing to evaluate: give at least one --sts FILE or --beir DIR")
     sts_data = [item if isinstance(item, StsData) else load_sts(item) for item in sts]
     beir_data = [item if isinstance(item, BeirData) else load_beir(item, split) for item in beir]
-    encoder = as_encoder(model, batch_size)
     cache = EmbeddingCache(cache_dir) if use_cache else None
-    fingerprint = model_fingerprint(model) if cache is not None and beir_data else None
-    results = []
-    for data in sts_data:
-        results.append(evaluate_sts(encoder, data, instruction=sts_instruction))
-        if progress:
-            progress(results[-1])
-    for data in beir_data:
-        results.append(
-            evaluate_retrieval(
-                encoder, data, query_instruction=query_instruction, metrics=metrics,
-                cache=cache, fingerprint=fingerprint, cache_settings=_model_settings(model),
-            )
-        )
-        if progress:
-            progress(results[-1])
+    results = run_tasks(model, sts_data, [(data, query_instruction) for data in beir_data], batch_size=batch_size,
+                        sts_instruction=sts_instruction, metrics=metrics, cache=cache, progress=progress)
     settings = {
         "split": split,
         "query_instruction": query_instruction,
@@ -155,6 +141,37 @@ def evaluate_model(
     }
     return EvalReport(model=name or type(model).__name__, results=results, settings=settings,
                       environment=environment())
+
+
+def run_tasks(
+    model: Any,
+    sts: Sequence[StsData],
+    beir: Sequence[tuple[BeirData, str | None]],
+    batch_size: int = 32,
+    sts_instruction: str | None = None,
+    metrics: Sequence[str] = DEFAULT_RETRIEVAL_METRICS,
+    cache: EmbeddingCache | None = None,
+    progress: Any = None,
+) -> list[TaskResult]:
+    """The one evaluation loop (`llm2emb eval` and evaluation during training): each loaded STS task, then each
+    BEIR task with its own query instruction; document embeddings go through `cache` when given."""
+    encoder = as_encoder(model, batch_size)
+    fingerprint = model_fingerprint(model) if cache is not None and beir else None
+    results = []
+    for data in sts:
+        results.append(evaluate_sts(encoder, data, instruction=sts_instruction))
+        if progress:
+            progress(results[-1])
+    for data, instruction in beir:
+        results.append(
+            evaluate_retrieval(
+                encoder, data, query_instruction=instruction, metrics=metrics,
+                cache=cache, fingerprint=fingerprint, cache_settings=_model_settings(model),
+            )
+        )
+        if progress:
+            progress(results[-1])
+    return results
 
 
 def _model_settings(model: Any) -> dict[str, Any]:

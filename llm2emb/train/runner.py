@@ -546,11 +546,9 @@ class Evaluator:
         )
 
     def run(self, embedder, log: MetricsLog, stage: str, step: int) -> dict:
-        from llm2emb.evaluate import evaluate_retrieval, evaluate_sts
+        from llm2emb.evaluate.runner import run_tasks
 
-        results = [evaluate_sts(embedder, data, batch_size=self.batch_size) for data in self.sts]
-        results += [evaluate_retrieval(embedder, data, query_instruction=instruction, batch_size=self.batch_size)
-                    for data, instruction in self.beir]
+        results = run_tasks(embedder, self.sts, self.beir, batch_size=self.batch_size)
         scores = {f"eval/{r.task}/{r.main_score}": round(r.main, 2) for r in results}
         record = {"stage": stage, "step": step, "time": time.time(), **scores}
         log.write(record)

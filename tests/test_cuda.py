@@ -72,7 +72,8 @@ def test_qlora_trains_a_4bit_base_and_saves_a_loadable_model(tiny_qwen2, tmp_pat
     import bitsandbytes as bnb
 
     from llm2emb.train.recipe import load_recipe
-    from llm2emb.train.runner import load_embedder, train
+    from llm2emb.train.runner import train
+    from llm2emb.train.setup import load_embedder
 
     base = tmp_path / "emb"
     convert(str(tiny_qwen2), base, pooling="mean", dtype="float32")

@@ -153,9 +153,10 @@ def recipe_with_mining(base: Path, beir: Path, out: Path, **mine_keys) -> dict:
 
 
 def test_a_stage_mines_with_its_starting_weights_and_a_resume_reuses_the_file(tiny_qwen2, beir, tmp_path):
+    from llm2emb.train.objectives import build_objective_data
     from llm2emb.train.recipe import validate_recipe
     from llm2emb.train.remine import MINED_NAME, with_mined_negatives
-    from llm2emb.train.runner import build_objective_data, run_recipe
+    from llm2emb.train.runner import run_recipe
 
     recipe = validate_recipe(recipe_with_mining(tiny_qwen2, beir, tmp_path / "run", margin=None))
     summary = run_recipe(recipe)

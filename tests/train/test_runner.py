@@ -15,9 +15,10 @@ from transformers import AutoModel, TrainerCallback
 from llm2emb.convert import convert
 from llm2emb.errors import UserError
 from llm2emb.model import Embedder
+from llm2emb.train.callbacks import Evaluator
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.recipe import RESOLVED_NAME, load_recipe
-from llm2emb.train.runner import Evaluator, check_recipe, train
+from llm2emb.train.runner import check_recipe, train
 
 SUBJECTS = ["man", "woman", "cat", "dog", "chef", "enzyme", "protein", "capital"]
 PLACES = ["street", "kitchen", "mat", "garden"]
@@ -220,7 +221,7 @@ def test_quantization_needs_a_gpu(converted, tmp_path):
 
 
 def test_lora_auto_trains_every_weight_of_a_small_base_and_an_adapter_otherwise(converted, tmp_path, monkeypatch):
-    from llm2emb.train import runner
+    from llm2emb.train import setup as runner
     from llm2emb.train.recipe import LoraSpec
 
     path = write_workspace(tmp_path, converted)

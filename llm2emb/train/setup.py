@@ -1,0 +1,134 @@
+"""Before the first step: the hardware check, the model with its LoRA choice, and transformers' TrainingArguments of
+a stage."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from llm2emb.errors import UserError
+from llm2emb.train.distributed import is_main_process
+from llm2emb.train.recipe import (
+    LORA_AUTO_MAX_PARAMETERS,
+    LoraSpec,
+    Recipe,
+    StageSpec,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def check_hardware(recipe: Recipe) -> None:
+    """Fail in one line, before any loading, when the recipe needs hardware this machine lacks."""
+    if recipe.quantization != "none" and not torch.cuda.is_available():
+        raise UserError(f"quantization: {recipe.quantization} (QLoRA through bitsandbytes) needs a CUDA GPU; "
+                        "none is visible (set quantization: none to train on the CPU)")
+    if recipe.bf16 and not torch.cuda.is_available() and not _cpu_supports_bf16():
+        raise UserError("bf16: this CPU has no bfloat16 support; set bf16: false")
+
+
+def _cpu_supports_bf16() -> bool:
+    try:
+        torch.zeros(1, dtype=torch.bfloat16) @ torch.zeros(1, 1, dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+def load_embedder(recipe: Recipe):
+    """The Embedder of `model:`, with LoRA (and a 4/8-bit base for QLoRA) applied as the recipe says."""
+    from llm2emb.model import Embedder
+
+    spec = recipe.model
+    dtype = spec.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    quantization = None if recipe.quantization == "none" else recipe.quantization
+    embedder = Embedder.from_pretrained(spec.base, pooling=spec.pooling, attention=spec.attention,
+                                        torch_dtype=getattr(torch, dtype), quantization=quantization)
+    embedder.config.max_length = spec.max_length
+    lora = resolve_lora(recipe, embedder)
+    if lora is not None:
+        apply_lora(embedder, recipe, lora)
+    if recipe.gradient_checkpointing:
+        embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:
+            embedder.backbone.enable_input_require_grads()
+    embedder.pooler.requires_grad_(embedder.pooler.trainable)
+    return embedder.train()
+
+
+def resolve_lora(recipe: Recipe, embedder) -> LoraSpec | None:
+    """The adapter to train, or None to train every weight; `lora: auto` decides by the base's size (see Recipe)."""
+    if recipe.lora != "auto":
+        return recipe.lora
+    parameters = sum(p.numel() for p in embedder.backbone.parameters())
+    full = recipe.quantization == "none" and parameters < LORA_AUTO_MAX_PARAMETERS
+    if is_main_process():
+        print(f"lora: auto -> {'full fine-tuning' if full else 'a LoRA adapter'} "
+              f"({parameters / 1e6:.0f}M parameters)", file=sys.stderr)
+    return None if full else LoraSpec()
+
+
+def apply_lora(embedder, recipe: Recipe, lora: LoraSpec) -> None:
+    """Wrap the backbone in a PEFT LoRA model; with a quantized base, prepare it for k-bit training first."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    backbone = embedder.backbone
+    if recipe.quantization != "none":
+        backbone = prepare_model_for_kbit_training(
+            backbone, use_gradient_checkpointing=recipe.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, bias="none")
+    try:
+        embedder.backbone = get_peft_model(backbone, config)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules: {exc}") from None
+
+
+def training_arguments(recipe: Recipe, stage: StageSpec, stage_dir: Path, world_size: int) -> TrainingArguments:
+    """The HF TrainingArguments of one stage (checked against transformers 5.23's signature)."""
+    return TrainingArguments(
+        output_dir=str(stage_dir),
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.batch_size // world_size,
+        learning_rate=stage.learning_rate,
+        lr_scheduler_type=stage.lr_scheduler,
+        warmup_steps=stage.warmup_steps,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        bf16=recipe.bf16,
+        logging_steps=recipe.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        seed=recipe.seed,
+        report_to=[name for name in available_reporters(recipe.report_to) if name != "tensorboard"] or ["none"],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # a recipe's batch_size is the global contrastive batch: each process gets a slice of the same batch
+        accelerator_config={"split_batches": True},
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+
+
+def available_reporters(wanted: list[str]) -> list[str]:
+    """Trainer integrations that are installed; tensorboard is optional."""
+    import importlib.util
+
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+    kept = [name for name in wanted if name != "none" and importlib.util.find_spec(modules.get(name, name)) is not None]
+    for name in set(wanted) - set(kept) - {"none"}:
+        logger.warning("report_to: %s is not installed; not reporting to it", name)
+    return kept

@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 from llm2emb.errors import UserError
-from llm2emb.train.recipe import load_recipe
+from llm2emb.train.recipe_file import load_recipe
 from llm2emb.train.runner import run_recipe
 
 

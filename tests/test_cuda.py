@@ -71,7 +71,7 @@ def test_cuda_kernel_has_no_attention_across_texts(tiny_qwen2, kernel):
 def test_qlora_trains_a_4bit_base_and_saves_a_loadable_model(tiny_qwen2, tmp_path):
     import bitsandbytes as bnb
 
-    from llm2emb.train.recipe import load_recipe
+    from llm2emb.train.recipe_file import load_recipe
     from llm2emb.train.runner import train
     from llm2emb.train.setup import load_embedder
 

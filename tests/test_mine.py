@@ -154,7 +154,7 @@ def recipe_with_mining(base: Path, beir: Path, out: Path, **mine_keys) -> dict:
 
 def test_a_stage_mines_with_its_starting_weights_and_a_resume_reuses_the_file(tiny_qwen2, beir, tmp_path):
     from llm2emb.train.objectives import build_objective_data
-    from llm2emb.train.recipe import validate_recipe
+    from llm2emb.train.recipe_file import validate_recipe
     from llm2emb.train.remine import MINED_NAME, with_mined_negatives
     from llm2emb.train.runner import run_recipe
 
@@ -174,7 +174,7 @@ def test_a_stage_mines_with_its_starting_weights_and_a_resume_reuses_the_file(ti
 
 
 def test_a_stage_mines_for_its_training_pairs(tiny_qwen2, beir, tmp_path):
-    from llm2emb.train.recipe import validate_recipe
+    from llm2emb.train.recipe_file import validate_recipe
     from llm2emb.train.remine import MINED_NAME
     from llm2emb.train.runner import run_recipe
 
@@ -198,7 +198,7 @@ def test_a_stage_mines_for_its_training_pairs(tiny_qwen2, beir, tmp_path):
     ],
 )
 def test_mine_stage_keys_are_validated(tiny_qwen2, beir, tmp_path, keys, message):
-    from llm2emb.train.recipe import validate_recipe
+    from llm2emb.train.recipe_file import validate_recipe
 
     data = recipe_with_mining(tiny_qwen2, beir, tmp_path / "run")
     data["stages"][0]["mine"].update(keys)

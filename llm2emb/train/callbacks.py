@@ -11,9 +11,7 @@ from pathlib import Path
 
 from transformers import ProgressCallback, TrainerCallback
 
-from llm2emb.train.recipe import (
-    Recipe,
-)
+from llm2emb.train.recipe import Recipe
 
 
 class StageProgress(ProgressCallback):

@@ -12,7 +12,8 @@ from llm2emb.errors import UserError
 from llm2emb.train.distillation import Distillation
 from llm2emb.train.graded import GradedPairLoss
 from llm2emb.train.losses import InfoNCELoss, Temperature
-from llm2emb.train.recipe import StageSpec, format_key_path
+from llm2emb.train.recipe import StageSpec
+from llm2emb.train.recipe_file import format_key_path
 from llm2emb.train.teacher import Teacher, load_teacher
 
 

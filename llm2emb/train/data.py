@@ -34,7 +34,8 @@ from llm2emb.errors import UserError
 from llm2emb.mine import Pair
 from llm2emb.readers import BadRow, delimited_records, jsonl_records, qrel_pairs
 from llm2emb.tokenization import locate_texts
-from llm2emb.train.recipe import DatasetSpec, StageSpec, format_key_path
+from llm2emb.train.recipe import DatasetSpec, StageSpec
+from llm2emb.train.recipe_file import format_key_path
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from llm2emb.errors import UserError
 from llm2emb.tokenization import PromptTokenizer, locate_texts, no_room_detail
 from llm2emb.train.data import StageData
-from llm2emb.train.recipe import StageSpec, format_key_path
+from llm2emb.train.recipe import StageSpec
+from llm2emb.train.recipe_file import format_key_path
 
 TOKENIZED_OBJECTIVES = ("contrastive", "simcse")
 """Objectives whose batches go through the prompt templates (MNTP tokenizes raw text its own way)."""

@@ -32,7 +32,8 @@ from llm2emb.errors import UserError
 from llm2emb.readers import BadRow
 from llm2emb.train.data import ContrastiveCollator, LoadedDataset, StageData, build_stage_data, records
 from llm2emb.train.errors import NonFiniteLossError
-from llm2emb.train.recipe import DatasetSpec, StageSpec, format_key_path
+from llm2emb.train.recipe import DatasetSpec, StageSpec
+from llm2emb.train.recipe_file import format_key_path
 from llm2emb.train.trainer import ContrastiveTrainer
 
 MASK_TOKEN = "_"

@@ -1,38 +1,26 @@
-"""The training recipe: one YAML file, validated completely before any model or data loads.
+"""The training recipe's schema: every key, its default and its checks, as pydantic models.
 
-Every error names its key path (`stages[1].datasets[0].path: file not found`) and, when the key came from
-the file, the file and line, found by composing the YAML node tree. `--set key.path=value` overrides are
-applied to the raw mapping before validation, so they get the same checks. Stage keys left out inherit
-from the previous stage (NV-Embed's second stage usually changes only its data), and the resolved recipe
-that is saved next to the run spells every inherited value out.
-
-Relative dataset, evaluation and model paths resolve against the recipe file's folder; `output_dir`
-resolves against the working directory (where a user expects `runs/...` to appear).
+Reading a recipe file (YAML, `--set` overrides, stage-key inheritance, errors with file:line) is
+`llm2emb.train.recipe_file`. Relative dataset, evaluation and model paths resolve against the recipe file's folder
+(passed as validation context); `output_dir` resolves against the working directory (where a user expects `runs/...`
+to appear).
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-
-from llm2emb.errors import UserError
-from llm2emb.files import write_text_atomic
 
 RESOLVED_NAME = "recipe.resolved.yaml"
 ROW_FILE_SUFFIXES = {
@@ -143,22 +131,22 @@ class DatasetSpec(_Strict):
             return self
         if not path.exists():
             hint = " (for a dataset from the hub set format: hf)" if self.format == "auto" else ""
-            raise _KeyError("path", f"{self.path}: file not found{hint}")
+            raise KeyPathError("path", f"{self.path}: file not found{hint}")
         if self.format == "auto":
             if path.is_dir():
                 if not (path / "corpus.jsonl").is_file():
-                    raise _KeyError("path", f"{self.path}: a folder must be BEIR-shaped (corpus.jsonl missing)")
+                    raise KeyPathError("path", f"{self.path}: a folder must be BEIR-shaped (corpus.jsonl missing)")
                 self.format = "beir"
             elif path.suffix.lower() in ROW_FILE_SUFFIXES:
                 self.format = ROW_FILE_SUFFIXES[path.suffix.lower()]
             else:
-                raise _KeyError("path", f"{self.path}: unknown file type {path.suffix!r}; set format:")
+                raise KeyPathError("path", f"{self.path}: unknown file type {path.suffix!r}; set format:")
         elif self.format == "beir" and not path.is_dir():
-            raise _KeyError("path", f"{self.path}: format beir needs a folder")
+            raise KeyPathError("path", f"{self.path}: format beir needs a folder")
         elif self.format != "beir" and path.is_dir():
-            raise _KeyError("path", f"{self.path}: is a folder, format {self.format} needs a file")
+            raise KeyPathError("path", f"{self.path}: is a folder, format {self.format} needs a file")
         if self.format == "beir" and not (path / "qrels" / f"{self.split}.tsv").is_file():
-            raise _KeyError("split", f"{self.split}: {path / 'qrels' / (self.split + '.tsv')} not found")
+            raise KeyPathError("split", f"{self.split}: {path / 'qrels' / (self.split + '.tsv')} not found")
         self.path = str(path.resolve())
         return self
 
@@ -190,14 +178,14 @@ class MineSpec(_Strict):
             if value is not None:
                 path = _local_path(value, info)
                 if not path.is_file():
-                    raise _KeyError(name, f"{value}: file not found")
+                    raise KeyPathError(name, f"{value}: file not found")
                 setattr(self, name, str(path.resolve()))
         if (self.qrels is None) == (self.pairs is None):
-            raise _KeyError("qrels", "give exactly one of qrels (with queries) or pairs")
+            raise KeyPathError("qrels", "give exactly one of qrels (with queries) or pairs")
         if self.qrels is not None and self.queries is None:
-            raise _KeyError("queries", "qrels needs queries (BEIR queries.jsonl)")
+            raise KeyPathError("queries", "qrels needs queries (BEIR queries.jsonl)")
         if self.rank_window is not None and not self.rank_window[0] < self.rank_window[1] <= self.top_k:
-            raise _KeyError("rank_window", f"{list(self.rank_window)} must satisfy start < end <= top_k ({self.top_k})")
+            raise KeyPathError("rank_window", f"{list(self.rank_window)} must satisfy start < end <= top_k ({self.top_k})")
         return self
 
 
@@ -234,7 +222,7 @@ class TeacherSpec(_Strict):
     @model_validator(mode="after")
     def _something_to_learn(self) -> TeacherSpec:
         if not (self.kl_weight or self.margin_weight):
-            raise _KeyError("kl_weight", "kl_weight and margin_weight are both 0: the teacher would teach nothing")
+            raise KeyPathError("kl_weight", "kl_weight and margin_weight are both 0: the teacher would teach nothing")
         return self
 
 
@@ -314,28 +302,28 @@ class StageSpec(_Strict):
         if self.gradcache_chunk is None:
             self.gradcache_chunk = self.batch_size
         if self.batch_size % self.gradcache_chunk:
-            raise _KeyError("gradcache_chunk", f"{self.gradcache_chunk} must divide batch_size ({self.batch_size})")
+            raise KeyPathError("gradcache_chunk", f"{self.gradcache_chunk} must divide batch_size ({self.batch_size})")
         if self.warmup_steps >= self.max_steps:
-            raise _KeyError("warmup_steps", f"{self.warmup_steps} must be below max_steps ({self.max_steps})")
+            raise KeyPathError("warmup_steps", f"{self.warmup_steps} must be below max_steps ({self.max_steps})")
         if not self.datasets and self.mine is None:
-            raise _KeyError("datasets", "a stage needs at least one dataset (or mine:)")
+            raise KeyPathError("datasets", "a stage needs at least one dataset (or mine:)")
         if self.mine is not None and (self.objective != "contrastive" or not self.hard_negatives):
-            raise _KeyError("mine", "mined negatives need objective contrastive and hard_negatives >= 1")
+            raise KeyPathError("mine", "mined negatives need objective contrastive and hard_negatives >= 1")
         if self.objective != "contrastive" and self.hard_negatives:
-            raise _KeyError("hard_negatives", f"objective {self.objective} trains on raw text; set 0")
+            raise KeyPathError("hard_negatives", f"objective {self.objective} trains on raw text; set 0")
         if self.teacher is not None and self.objective != "contrastive":
-            raise _KeyError("teacher", f"objective {self.objective} has no query-document scores to distill")
+            raise KeyPathError("teacher", f"objective {self.objective} has no query-document scores to distill")
         if self.teacher is not None and self.teacher.margin_weight and not self.hard_negatives:
-            raise _KeyError(("teacher", "margin_weight"), "MarginMSE scores hard negatives: set hard_negatives >= 1")
+            raise KeyPathError(("teacher", "margin_weight"), "MarginMSE scores hard negatives: set hard_negatives >= 1")
         for index, dataset in enumerate(self.datasets):
             if dataset.format == "text" and self.objective == "contrastive":
-                raise _KeyError(("datasets", index, "path"),
+                raise KeyPathError(("datasets", index, "path"),
                                 f"{Path(dataset.path).name}: a .txt file holds raw text, for objective mntp or simcse")
             if not dataset.in_batch_negatives and self.objective == "simcse":
-                raise _KeyError(("datasets", index, "in_batch_negatives"),
+                raise KeyPathError(("datasets", index, "in_batch_negatives"),
                                 "objective simcse needs in-batch negatives (they are its only negatives)")
             if not dataset.in_batch_negatives and self.hard_negatives == 0:
-                raise _KeyError(
+                raise KeyPathError(
                     ("datasets", index, "in_batch_negatives"),
                     "false with hard_negatives: 0 leaves each query one candidate (its positive): nothing to learn",
                 )
@@ -366,9 +354,9 @@ class BeirEvalSpec(_Strict):
     def _exists(self, info: ValidationInfo) -> BeirEvalSpec:
         path = _local_path(self.path, info)
         if not path.is_dir():
-            raise _KeyError("path", f"{self.path}: BEIR folder not found")
+            raise KeyPathError("path", f"{self.path}: BEIR folder not found")
         if not (path / "qrels" / f"{self.split}.tsv").is_file():
-            raise _KeyError("split", f"{self.split}: {path / 'qrels' / (self.split + '.tsv')} not found")
+            raise KeyPathError("split", f"{self.split}: {path / 'qrels' / (self.split + '.tsv')} not found")
         self.path = str(path.resolve())
         return self
 
@@ -424,15 +412,15 @@ class Recipe(_Strict):
         names = [stage.name for stage in self.stages]
         for index, name in enumerate(names):
             if name in names[:index]:
-                raise _KeyError(("stages", index, "name"), f"{name}: stage names must be unique")
+                raise KeyPathError(("stages", index, "name"), f"{name}: stage names must be unique")
         for index, stage in enumerate(self.stages):
             if stage.loss != "infonce":
                 graded_stage_problem(stage, index)
             if stage.bidirectional_warmup and self.model.attention != "bidirectional":
-                raise _KeyError(("stages", index, "bidirectional_warmup"),
+                raise KeyPathError(("stages", index, "bidirectional_warmup"),
                                 "the causal-to-bidirectional curriculum needs model.attention: bidirectional")
         if self.quantization != "none" and self.lora is None:
-            raise _KeyError("quantization", f"{self.quantization} needs lora: a quantized base trains only an adapter")
+            raise KeyPathError("quantization", f"{self.quantization} needs lora: a quantized base trains only an adapter")
         return self
 
 
@@ -444,251 +432,23 @@ INFONCE_ONLY_KEYS = ("hardness_weight", "false_negative_margin", "guide_model", 
 def graded_stage_problem(stage: StageSpec, index: int) -> None:
     """Raise the key error of a cosent/angle stage that cannot run: it ranks scored pairs, with no negatives."""
     if stage.objective != "contrastive":
-        raise _KeyError(("stages", index, "loss"), f"{stage.loss} needs objective: contrastive")
+        raise KeyPathError(("stages", index, "loss"), f"{stage.loss} needs objective: contrastive")
     if stage.hard_negatives:
-        raise _KeyError(("stages", index, "hard_negatives"), f"loss {stage.loss} ranks pairs: set hard_negatives: 0")
+        raise KeyPathError(("stages", index, "hard_negatives"), f"loss {stage.loss} ranks pairs: set hard_negatives: 0")
     for key in INFONCE_ONLY_KEYS:
         if getattr(stage, key) not in (None, 0, 0.0, []):
-            raise _KeyError(("stages", index, key), f"acts on InfoNCE's negatives; loss {stage.loss} has none")
+            raise KeyPathError(("stages", index, key), f"acts on InfoNCE's negatives; loss {stage.loss} has none")
     for position, dataset in enumerate(stage.datasets):
         if dataset.format != "scored_pairs":
-            raise _KeyError(("stages", index, "datasets", position, "format"),
+            raise KeyPathError(("stages", index, "datasets", position, "format"),
                             f"loss {stage.loss} needs graded pairs: format scored_pairs, got {dataset.format}")
 
 
-class _KeyError(ValueError):
-    """A validation failure that belongs to a sub-key of the model that raises it."""
+class KeyPathError(ValueError):
+    """A validation failure that belongs to a sub-key of the model that raises it (`key`, relative to the model);
+    recipe_file turns it into the full key path with the file and line."""
 
     def __init__(self, key: str | tuple, message: str):
         super().__init__(message)
         self.key = (key,) if isinstance(key, str) else key
         self.message = message
-
-
-# ---- loading, overrides, errors -------------------------------------------------------------------------
-
-
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe; every problem raises one UserError listing them all."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-        lines = key_lines(yaml.compose(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe is a mapping with model, output_dir and stages")
-    overridden = set()
-    for item in overrides:
-        overridden.add(apply_override(data, item))
-    return validate_recipe(data, base_dir=path.parent, source=path, lines=lines, overridden=overridden)
-
-
-def validate_recipe(
-    data: dict,
-    base_dir: str | Path = ".",
-    source: str | Path = "<recipe>",
-    lines: dict[tuple, int] | None = None,
-    overridden: set[tuple] = frozenset(),
-) -> Recipe:
-    """Validate a raw mapping; errors name key paths, with `source:line` where the line is known."""
-    data = copy.deepcopy(data)
-    inherited = inherit_stage_keys(data)
-    raw = copy.deepcopy(data)
-    try:
-        return Recipe.model_validate(data, context={"base_dir": Path(base_dir).resolve()})
-    except ValidationError as exc:
-        messages = [_format_error(err, raw, source, lines or {}, overridden, inherited) for err in exc.errors()]
-        raise UserError("; ".join(dict.fromkeys(messages))) from None  # every problem, on one line
-
-
-def inherit_stage_keys(data: Any) -> dict[tuple, tuple]:
-    """Fill each stage's missing training keys from the stage before; returns {inherited path: origin path}."""
-    stages = data.get("stages") if isinstance(data, dict) else None
-    inherited: dict[tuple, tuple] = {}
-    if not isinstance(stages, list):
-        return inherited
-    for index, stage in enumerate(stages):
-        if not isinstance(stage, dict):
-            continue
-        previous = stages[index - 1] if index and isinstance(stages[index - 1], dict) else {}
-        for key, value in previous.items():
-            if key in StageSpec.model_fields and key not in NOT_INHERITED and key not in stage:
-                stage[key] = copy.deepcopy(value)
-                origin = inherited.get(("stages", index - 1, key), ("stages", index - 1, key))
-                inherited[("stages", index, key)] = origin
-        stage.setdefault("name", f"stage{index}")
-    return inherited
-
-
-def _format_error(
-    err: dict, raw: Any, source: Any, lines: dict[tuple, int], overridden: set[tuple], inherited: dict[tuple, tuple]
-) -> str:
-    loc = _clean_loc(err["loc"], raw)
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] not in ("value_error", "missing", "extra_forbidden") and isinstance(err.get("input"), (int, float, str)):
-        message += f" (got {err['input']!r})"
-    ctx_error = (err.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, _KeyError):
-        loc = loc + ctx_error.key
-        message = ctx_error.message
-    elif err["type"] == "extra_forbidden":
-        message = "unknown key"
-        siblings = _allowed_keys(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), siblings, n=1)
-        if close:
-            message += f" (did you mean {close[0]!r}?)"
-    elif err["type"] == "missing":
-        message = "missing required key"
-    where = str(source)
-    key_path = format_key_path(loc) or "<top>"
-    origin = inherited.get(loc[:3])
-    if origin is not None:
-        key_path += f" (inherited from {format_key_path(origin)})"
-        loc = origin + loc[3:]
-    if any(loc[: len(key)] == key for key in overridden):
-        where += " (--set)"
-    else:
-        line = _nearest_line(loc, lines)
-        if line is not None:
-            where += f":{line}"
-    return f"{where}: {key_path}: {message}"
-
-
-def _clean_loc(loc: tuple, raw: Any) -> tuple:
-    """Drop pydantic's union-member tags (`str`, `function-after[...]`) that are not keys of the data."""
-    kept: list = []
-    node = raw
-    for position, part in enumerate(loc):
-        last = position == len(loc) - 1
-        if isinstance(node, dict) and part in node:
-            kept.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            kept.append(part)
-            node = node[part]
-        elif last and isinstance(node, dict) and isinstance(part, str) and not _is_tag(part):
-            kept.append(part)
-        else:
-            node = None if not _is_tag(str(part)) else node
-    return tuple(kept)
-
-
-def _is_tag(part: str) -> bool:
-    return part in {"str", "int", "float", "bool", "list[str]", "dict[str,any]"} or "[" in part or "-" in part
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: Any = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return []
-        model = _model_in(field.annotation)
-    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _nearest_line(loc: tuple, lines: dict[tuple, int]) -> int | None:
-    for end in range(len(loc), -1, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
-
-
-def format_key_path(loc: tuple) -> str:
-    """('stages', 1, 'datasets', 0, 'path') -> 'stages[1].datasets[0].path'."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def parse_key_path(text: str) -> tuple:
-    """'stages[1].max_steps' or 'stages.1.max_steps' -> ('stages', 1, 'max_steps')."""
-    parts: list = []
-    for piece in re.split(r"\.|(?=\[)", text):
-        if not piece:
-            raise UserError(f"--set {text}: empty key in the key path")
-        index = re.fullmatch(r"\[(\d+)\]", piece)
-        if index:
-            parts.append(int(index.group(1)))
-        elif piece.isdigit():
-            parts.append(int(piece))
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", piece):
-            parts.append(piece)
-        else:
-            raise UserError(f"--set {text}: {piece!r} is not a key or a list index")
-    return tuple(parts)
-
-
-def apply_override(data: dict, item: str) -> tuple:
-    """Apply `key.path=value` (value read as YAML) to the raw mapping; returns the key path set."""
-    key_text, sep, value_text = item.partition("=")
-    if not sep or not key_text.strip():
-        raise UserError(f"--set {item}: expected key.path=value")
-    key = parse_key_path(key_text.strip())
-    try:
-        value = yaml.safe_load(value_text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"--set {item}: value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    node: Any = data
-    for position, part in enumerate(key[:-1]):
-        where = format_key_path(key[: position + 1])
-        if isinstance(part, int):
-            if not isinstance(node, list) or part >= len(node):
-                size = len(node) if isinstance(node, list) else 0
-                raise UserError(f"--set {item}: {where}: index {part} out of range ({size} items)")
-            node = node[part]
-        else:
-            if not isinstance(node, dict):
-                raise UserError(f"--set {item}: {format_key_path(key[:position]) or '<top>'} is not a mapping")
-            node = node.setdefault(part, {})
-    last = key[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise UserError(f"--set {item}: {format_key_path(key)}: index out of range")
-    elif not isinstance(node, dict):
-        raise UserError(f"--set {item}: {format_key_path(key[:-1]) or '<top>'} is not a mapping")
-    node[last] = value
-    return key
-
-
-def key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
-    """Map every key path of a composed YAML document to its 1-based line."""
-    lines: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = (*prefix, key_node.value)
-            lines[path] = key_node.start_mark.line + 1
-            lines.update(key_lines(value_node, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            path = (*prefix, index)
-            lines[path] = item.start_mark.line + 1
-            lines.update(key_lines(item, path))
-    return lines
-
-
-def save_resolved(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
-    """Write the fully resolved recipe (absolute paths, inherited keys spelled out) into the run folder."""
-    directory = Path(output_dir or recipe.output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    return write_text_atomic(directory / RESOLVED_NAME,
-                             yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True))

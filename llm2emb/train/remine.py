@@ -12,7 +12,8 @@ from pathlib import Path
 
 from llm2emb.mine import mine
 from llm2emb.train.data import StageData, load_rows, read_pairs
-from llm2emb.train.recipe import DatasetSpec, StageSpec, format_key_path
+from llm2emb.train.recipe import DatasetSpec, StageSpec
+from llm2emb.train.recipe_file import format_key_path
 
 logger = logging.getLogger(__name__)
 

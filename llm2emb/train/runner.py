@@ -39,11 +39,8 @@ from llm2emb.train.distributed import is_main_process, launched_processes
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.fit import check_fit
 from llm2emb.train.objectives import build_objective_data, build_trainer
-from llm2emb.train.recipe import (
-    Recipe,
-    StageSpec,
-    load_recipe,
-)
+from llm2emb.train.recipe import Recipe, StageSpec
+from llm2emb.train.recipe_file import load_recipe
 from llm2emb.train.remine import with_mined_negatives
 from llm2emb.train.reporting import METRICS_NAME, SUMMARY_NAME, TrainSummary, peak_memory_mb, plot_loss
 from llm2emb.train.run_folder import TRAINER_STATE, check_output, last_checkpoint, start_output

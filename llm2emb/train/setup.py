@@ -12,12 +12,7 @@ from transformers import TrainingArguments
 
 from llm2emb.errors import UserError
 from llm2emb.train.distributed import is_main_process
-from llm2emb.train.recipe import (
-    LORA_AUTO_MAX_PARAMETERS,
-    LoraSpec,
-    Recipe,
-    StageSpec,
-)
+from llm2emb.train.recipe import LORA_AUTO_MAX_PARAMETERS, LoraSpec, Recipe, StageSpec
 
 logger = logging.getLogger(__name__)
 

@@ -139,7 +139,7 @@ def test_two_dimensional_matryoshka_step_equals_full_batch(tiny_qwen2, data_file
     ],
 )
 def test_recipe_rejects_bad_trick_keys(data_file, keys, message):
-    from llm2emb.train.recipe import validate_recipe
+    from llm2emb.train.recipe_file import validate_recipe
 
     recipe = {"model": {"base": "org/model"}, "output_dir": "out",
               "stages": [{"max_steps": 2, "datasets": [{"path": str(data_file)}], **keys}]}

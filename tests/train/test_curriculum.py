@@ -76,7 +76,7 @@ def test_a_stage_anneals_the_weight_and_saves_a_bidirectional_model(tiny_qwen2, 
 
 
 def test_the_curriculum_is_refused_on_packed_batches_and_for_a_causal_recipe(models, tiny_qwen2, tmp_path):
-    from llm2emb.train.recipe import load_recipe
+    from llm2emb.train.recipe_file import load_recipe
 
     bidirectional, _ = models
     batch = bidirectional.tokenize(TEXTS)

@@ -18,7 +18,8 @@ from llm2emb.train.contrastive import trainer_options
 from llm2emb.train.data import ContrastiveCollator, StageData, load_rows
 from llm2emb.train.distillation import Distillation, kl_divergence, margin_mse
 from llm2emb.train.losses import InfoNCELoss, candidate_mask
-from llm2emb.train.recipe import DatasetSpec, StageSpec, validate_recipe
+from llm2emb.train.recipe import DatasetSpec, StageSpec
+from llm2emb.train.recipe_file import validate_recipe
 from llm2emb.train.teacher import load_teacher
 from llm2emb.train.trainer import ContrastiveTrainer
 

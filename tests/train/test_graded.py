@@ -11,7 +11,7 @@ from llm2emb import Embedder
 from llm2emb.errors import UserError
 from llm2emb.train.gradcache import gradcache_backward
 from llm2emb.train.graded import GradedPairLoss, angle_alignment, ranking_loss
-from llm2emb.train.recipe import load_recipe
+from llm2emb.train.recipe_file import load_recipe
 
 
 def test_ranking_loss_equals_the_hand_computation_and_ignores_ties():

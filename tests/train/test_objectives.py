@@ -25,7 +25,8 @@ from llm2emb.train.objectives import (
     lm_head,
     mntp_loss,
 )
-from llm2emb.train.recipe import StageSpec, load_recipe
+from llm2emb.train.recipe import StageSpec
+from llm2emb.train.recipe_file import load_recipe
 from llm2emb.train.runner import train
 
 TEXTS = [f"The {a} {b} on the {c}." for a in ("cat", "dog", "man", "chef") for b in ("sat", "slept") for c in ("mat", "street")]

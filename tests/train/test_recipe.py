@@ -9,13 +9,8 @@ import pytest
 import yaml
 
 from llm2emb.errors import UserError
-from llm2emb.train.recipe import (
-    RESOLVED_NAME,
-    apply_override,
-    load_recipe,
-    parse_key_path,
-    save_resolved,
-)
+from llm2emb.train.recipe import RESOLVED_NAME
+from llm2emb.train.recipe_file import apply_override, load_recipe, parse_key_path, save_resolved
 
 
 @pytest.fixture

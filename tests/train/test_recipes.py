@@ -9,7 +9,7 @@ import pytest
 
 from llm2emb.train.data import build_stage_data
 from llm2emb.train.objectives import read_texts
-from llm2emb.train.recipe import load_recipe
+from llm2emb.train.recipe_file import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 

@@ -17,7 +17,8 @@ from llm2emb.errors import UserError
 from llm2emb.model import Embedder
 from llm2emb.train.callbacks import Evaluator
 from llm2emb.train.errors import NonFiniteLossError
-from llm2emb.train.recipe import RESOLVED_NAME, load_recipe
+from llm2emb.train.recipe import RESOLVED_NAME
+from llm2emb.train.recipe_file import load_recipe
 from llm2emb.train.runner import check_recipe, train
 
 SUBJECTS = ["man", "woman", "cat", "dog", "chef", "enzyme", "protein", "capital"]

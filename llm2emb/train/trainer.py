@@ -1,40 +1,26 @@
-"""`ContrastiveTrainer`: transformers' Trainer driving an Embedder with GradCache and InfoNCE.
+"""`ContrastiveTrainer`: the contrastive objective (InfoNCE or graded pairs) on an `EmbedderTrainer`.
 
-Trainer (through accelerate) keeps what it does well: DDP/FSDP wrapping, mixed precision, gradient accumulation,
-optimizer, scheduler, logging, RNG and trainer-state checkpoints, resume and its data skip. This subclass changes
-only what a contrastive embedder needs: the training step (GradCache over the whole contrastive batch, a loss whose
-temperature may be a parameter outside the model), a stop on a non-finite loss before the optimizer step, and
-checkpoints that are model folders (`Embedder.save_pretrained`) and appear on disk only once complete.
+It changes only what a contrastive embedder needs: the training step (GradCache over the whole contrastive batch,
+a loss whose temperature may be a parameter outside the model, a guide's or a teacher's embeddings of the batch,
+the causal-to-bidirectional curriculum) and a stop on a non-finite loss before the optimizer step.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
-from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from llm2emb.config import is_model_folder
 from llm2emb.errors import UserError
+from llm2emb.train.embedder_trainer import EmbedderTrainer
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.gradcache import chunks, gradcache_backward
 from llm2emb.train.graded import GradedPairLoss
 from llm2emb.train.losses import InfoNCELoss
 
-LOSS_STATE_NAME = "contrastive_loss.safetensors"
-"""The loss module's state (the temperature) inside each checkpoint, so a learnable temperature resumes too."""
-STAGING_NAME = ".checkpoint-staging"
-"""Checkpoints are assembled here and renamed to checkpoint-N only when every file is written."""
 
-
-class ContrastiveTrainer(Trainer):
+class ContrastiveTrainer(EmbedderTrainer):
     """Trainer for the training batch of docs/CONTRACTS.md; `model` is an `Embedder`.
 
     ``gradcache_chunk``: rows embedded at once (None: the whole batch in one forward). ``loss``: the contrastive
@@ -67,35 +53,12 @@ class ContrastiveTrainer(Trainer):
         self.teacher = teacher
         self.layers = list(layers) if layers else None
         self.bidirectional_warmup = bidirectional_warmup
-        self._staging_dir: str | None = None
         super().__init__(model=model, args=args, **kwargs)
-        # Trainer sets `model.config.use_cache`; on an Embedder that is llm2emb.json's config, which must not grow
-        # unknown keys. The flag belongs to the backbone, where False also stops training forwards building KV caches.
-        vars(self.model.config).pop("use_cache", None)
-        self.model.backbone.config.use_cache = self.args.use_cache
         self.contrastive_loss.to(self.args.device)
         if self.guide is not None:
             self.guide.to(self.args.device)
         if self.teacher is not None:
             self.teacher.to(self.args.device)
-
-    # ------------------------------------------------------------------ data
-    def get_train_dataloader(self) -> DataLoader:
-        """One-dataset batches from the dataset's own batch sampler (docs/CONTRACTS.md, "Training data")."""
-        batch_sampler = getattr(self.train_dataset, "batch_sampler", None)
-        if batch_sampler is None:
-            return super().get_train_dataloader()
-        workers = self.args.dataloader_num_workers
-        loader = DataLoader(
-            self.train_dataset,
-            batch_sampler=batch_sampler,
-            collate_fn=self.data_collator,
-            num_workers=workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
-            prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None,
-        )
-        return self.accelerator.prepare(loader)
 
     # ------------------------------------------------------------------ loss and step
     def embed_fn(self, model):
@@ -141,18 +104,10 @@ class ContrastiveTrainer(Trainer):
                 **({"scores": inputs["scores"]} if "scores" in inputs else {}),
             )
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(self._non_finite_message(loss.item()))
+                raise NonFiniteLossError(self.non_finite_message(loss.item()))
             return loss * scale
 
         return loss_fn
-
-    def _non_finite_message(self, value: float) -> str:
-        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-        kept = f"the last checkpoint {last} is intact" if last else "no checkpoint had been written yet"
-        return (
-            f"loss became {value} at step {self.state.global_step + 1}; stopped before the optimizer step and "
-            f"{kept} (try a lower learning rate, a larger temperature or fp32)"
-        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Plain (no GradCache) loss, used by evaluation; training goes through `training_step`."""
@@ -189,6 +144,12 @@ class ContrastiveTrainer(Trainer):
             if self.bidirectional_warmup:
                 self.model.set_future_attention(1.0)
 
+    def extra_state(self) -> dict:
+        return dict(self.contrastive_loss.state_dict())
+
+    def load_extra_state(self, state: dict) -> None:
+        self.contrastive_loss.load_state_dict(state)
+
     def create_optimizer(self, model=None):
         """Trainer's optimizer over the model, plus the loss's own parameters (no weight decay)."""
         optimizer = super().create_optimizer(model)
@@ -216,74 +177,3 @@ class ContrastiveTrainer(Trainer):
         if "loss" in logs and self.contrastive_loss.temperature.learnable:
             logs["temperature"] = round(self.contrastive_loss.temperature().item(), 6)
         super().log(logs, start_time)
-
-    # ------------------------------------------------------------------ checkpoints
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write a model folder (adapter or weights, pooling.safetensors, llm2emb.json) via `Embedder.save_pretrained`.
-
-        `state_dict` (passed by Trainer under FSDP/DeepSpeed) is not used: the Embedder saves its live modules.
-        """
-        if not self.args.should_save:
-            return
-        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
-        embedder = self.accelerator.unwrap_model(self.model)
-        if self._staging_dir is not None and Path(self._staging_dir) in output_dir.parents:
-            # A checkpoint being assembled may already hold other processes' rng_state_<rank>.pth, which
-            # save_pretrained (it replaces the whole folder) would delete: save beside it and move the files in.
-            beside = output_dir.with_name(output_dir.name + ".model")
-            embedder.save_pretrained(beside, overwrite=True)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            for item in beside.iterdir():
-                os.replace(item, output_dir / item.name)
-            beside.rmdir()
-            return
-        if output_dir.is_dir() and any(output_dir.iterdir()) and not is_model_folder(output_dir):
-            raise UserError(f"{output_dir}: not empty and not a model folder; save the model into a folder of its own")
-        embedder.save_pretrained(output_dir, overwrite=True)
-
-    def _get_output_dir(self, trial) -> str:
-        return self._staging_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint, assembled in a staging folder and renamed into place once every process is done.
-
-        A crash mid-save leaves only the staging folder, which resume ignores (it does not match checkpoint-N).
-        """
-        run_dir = Path(self._get_output_dir(trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = run_dir / STAGING_NAME
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        self._staging_dir = str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.contrastive_loss.state_dict().items()}
-            save_file(state, str(staging / name / LOSS_STATE_NAME))
-            final = run_dir / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging / name, final)
-            shutil.rmtree(staging)
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Restore adapter (or weights), pooler and loss state in place, so the optimizer's references stay valid."""
-        embedder = self.model if model is None else model
-        super()._load_from_checkpoint(resume_from_checkpoint, model=embedder.backbone)
-        folder = Path(resume_from_checkpoint)
-        if embedder.pooler.trainable:
-            embedder.load_pooler_weights(folder)
-        if (folder / LOSS_STATE_NAME).is_file():
-            self.contrastive_loss.load_state_dict(load_file(str(folder / LOSS_STATE_NAME)))

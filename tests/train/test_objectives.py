@@ -16,18 +16,12 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, TrainingArguments
 
 from llm2emb.errors import UserError
 from llm2emb.model import Embedder
-from llm2emb.train.objectives import (
-    MASK_TOKEN,
-    AttentionDropout,
-    MNTPCollator,
-    MNTPTrainer,
-    build_objective_data,
-    lm_head,
-    mntp_loss,
-)
+from llm2emb.train.mntp import MASK_TOKEN, MNTPCollator, MNTPTrainer, lm_head, mntp_loss
+from llm2emb.train.objectives import build_objective_data
 from llm2emb.train.recipe import StageSpec
 from llm2emb.train.recipe_file import load_recipe
 from llm2emb.train.runner import train
+from llm2emb.train.simcse import AttentionDropout
 
 TEXTS = [f"The {a} {b} on the {c}." for a in ("cat", "dog", "man", "chef") for b in ("sat", "slept") for c in ("mat", "street")]
 

@@ -13,10 +13,11 @@ from transformers import TrainerCallback, TrainingArguments
 
 from llm2emb.model import Embedder
 from llm2emb.train.data import ContrastiveCollator, StageData, load_rows
+from llm2emb.train.embedder_trainer import EXTRA_STATE_NAME, STAGING_NAME
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.losses import InfoNCELoss
 from llm2emb.train.recipe import DatasetSpec
-from llm2emb.train.trainer import LOSS_STATE_NAME, STAGING_NAME, ContrastiveTrainer
+from llm2emb.train.trainer import ContrastiveTrainer
 
 SUBJECTS = ["man", "woman", "cat", "dog", "chef", "enzyme", "protein", "capital"]
 PLACES = ["street", "kitchen", "mat", "garden"]
@@ -155,7 +156,7 @@ def test_checkpoints_are_complete_model_folders_and_resume_exactly(tiny_qwen2, d
     full.train()
     checkpoint = tmp_path / "a" / "checkpoint-2"
     files = {p.name for p in checkpoint.iterdir()}
-    assert {"llm2emb.json", "adapter_model.safetensors", "pooling.safetensors", LOSS_STATE_NAME} <= files
+    assert {"llm2emb.json", "adapter_model.safetensors", "pooling.safetensors", EXTRA_STATE_NAME} <= files
     assert {"optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"} <= files
     assert not (tmp_path / "a" / STAGING_NAME).exists()
     reloaded = Embedder.from_pretrained(checkpoint)

@@ -79,14 +79,6 @@ def make_trainer(model, data_file, out, chunk, **options) -> ContrastiveTrainer:
                               data_collator=ContrastiveCollator(model), **options)
 
 
-def step_gradients(trainer) -> dict[str, torch.Tensor]:
-    trainer.create_optimizer()
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in trainer.model.modules())  # deterministic
-    trainer.training_step(trainer.model, batch)
-    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-
-
 def assert_same(got: dict, want: dict) -> None:
     assert want and got.keys() == want.keys()
     for name, value in want.items():
@@ -94,7 +86,9 @@ def assert_same(got: dict, want: dict) -> None:
         assert ((got[name] - value).norm() / value.norm()).item() < 1e-5, name
 
 
-def test_guide_masks_in_training_and_gradcache_keeps_full_batch_gradients(tiny_qwen2, data_file, tmp_path):
+def test_guide_masks_in_training_and_gradcache_keeps_full_batch_gradients(
+    step_gradients, tiny_qwen2, data_file, tmp_path
+):
     spec = stage(data_file, guide_model=str(tiny_qwen2))
     grads = {}
     for chunk in (None, 2):
@@ -111,7 +105,7 @@ def test_guide_masks_in_training_and_gradcache_keeps_full_batch_gradients(tiny_q
     assert (plain & ~guide_mask(scores)).any()
 
 
-def test_two_dimensional_matryoshka_step_equals_full_batch(tiny_qwen2, data_file, tmp_path):
+def test_two_dimensional_matryoshka_step_equals_full_batch(step_gradients, tiny_qwen2, data_file, tmp_path):
     spec = stage(data_file, matryoshka_layers=[[1, 16], [2, 64]])
     grads = {}
     for chunk in (None, 2):

@@ -185,15 +185,9 @@ def make_trainer(model, data_file, out, chunk, options, max_steps=1, learning_ra
                               **options)
 
 
-def step_gradients(trainer) -> dict[str, torch.Tensor]:
-    trainer.create_optimizer()
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in trainer.model.modules())  # deterministic
-    trainer.training_step(trainer.model, batch)
-    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-
-
-def test_gradcache_with_a_teacher_gives_the_full_batch_gradients(tiny_qwen2, data_file, teacher_folder, tmp_path):
+def test_gradcache_with_a_teacher_gives_the_full_batch_gradients(
+    step_gradients, tiny_qwen2, data_file, teacher_folder, tmp_path
+):
     spec = stage(data_file, teacher={"model": str(teacher_folder), "kl_weight": 1.0, "margin_weight": 0.5})
     grads, teachers = {}, {}
     for chunk in (None, 2):

@@ -21,7 +21,7 @@ from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
 from llm2emb.files import atomic_folder, refuse_non_empty
 from llm2emb.packing import pack, token_budget_batches, unpack
-from llm2emb.pooling import Pooler, build_pooler, pooler_spec
+from llm2emb.pooling import Pooler, as_pooling_spec, build_pooler, pooler_spec
 from llm2emb.prompts import Prompts
 from llm2emb.tokenization import PromptTokenizer, UnembeddableText
 
@@ -74,7 +74,7 @@ class Embedder(nn.Module):
             base = resolve_base(path_or_id)
             config = EmbedderConfig(base=str(path_or_id), attention=attention or "bidirectional")
             if pooling is not None:
-                config.pooling = {"type": pooling} if isinstance(pooling, str) else dict(pooling)
+                config.pooling = as_pooling_spec(pooling)
             backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device, quantization)
             tokenizer = load_tokenizer(base, config.padding_side)
             embedder = cls.assemble(backbone, tokenizer, config)
@@ -87,7 +87,7 @@ class Embedder(nn.Module):
         if attention is not None and attention != config.attention:
             raise UserError(f"{folder}: built with attention {config.attention!r}; cannot load it as {attention!r}")
         if pooling is not None:
-            wanted = {"type": pooling} if isinstance(pooling, str) else dict(pooling)
+            wanted = as_pooling_spec(pooling)
             if wanted.get("type") != config.pooling.get("type"):
                 raise UserError(
                     f"{folder}: built with pooling {config.pooling.get('type')!r}; "
@@ -439,7 +439,7 @@ def load_prompt_tokenizer(
     else:
         config = EmbedderConfig(base=str(path_or_id))
         if pooling is not None:
-            config.pooling = {"type": pooling} if isinstance(pooling, str) else dict(pooling)
+            config.pooling = as_pooling_spec(pooling)
     kind = config.pooling.get("type")
     if kind not in POOLERS:
         raise UserError(f"pooling: unknown type {kind!r}; choose one of {sorted(POOLERS)}")

@@ -6,7 +6,7 @@
 from typing import Any
 
 from llm2emb.errors import UserError
-from llm2emb.pooling.base import POOLERS, Pooler, masked_mean, pooler_spec
+from llm2emb.pooling.base import POOLERS, Pooler, as_pooling_spec, masked_mean, pooler_spec
 from llm2emb.pooling.last_token import LastTokenPooler
 from llm2emb.pooling.latent_attention import LatentAttentionPooler
 from llm2emb.pooling.mean import MeanPooler
@@ -15,6 +15,7 @@ from llm2emb.pooling.weighted_mean import WeightedMeanPooler
 
 __all__ = [
     "POOLERS",
+    "as_pooling_spec",
     "Pooler",
     "build_pooler",
     "masked_mean",
@@ -29,7 +30,7 @@ __all__ = [
 
 def build_pooler(spec: str | dict[str, Any], hidden_size: int, num_layers: int) -> Pooler:
     """Build a pooler from `"mean"` or `{"type": "latent_attention", "num_latents": 64, ...}`."""
-    spec = {"type": spec} if isinstance(spec, str) else dict(spec)
+    spec = as_pooling_spec(spec)
     kind = spec.pop("type", None)
     if kind not in POOLERS:
         raise UserError(f"pooling: unknown type {kind!r}; choose one of {sorted(POOLERS)}")

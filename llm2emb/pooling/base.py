@@ -53,5 +53,10 @@ def masked_mean(hidden_states: torch.Tensor, pool_mask: torch.Tensor) -> torch.T
     return (hidden_states * weights).sum(dim=-2) / weights.sum(dim=-2).clamp_min(1.0)
 
 
+def as_pooling_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """`"mean"` or `{"type": "mean", ...}` as the dict form (a copy), the one way llm2emb.json stores pooling."""
+    return {"type": spec} if isinstance(spec, str) else dict(spec)
+
+
 def pooler_spec(pooler: Pooler) -> dict[str, Any]:
     return {"type": pooler.name, **pooler.params()}

@@ -80,11 +80,11 @@ class ModelSpec(_Strict):
         """Unknown pooler names and arguments fail here, not after the model has loaded."""
         import inspect
 
-        from llm2emb.pooling import POOLERS
+        from llm2emb.pooling import POOLERS, as_pooling_spec
 
         if value is None:
             return value
-        spec = {"type": value} if isinstance(value, str) else dict(value)
+        spec = as_pooling_spec(value)
         kind = spec.pop("type", None)
         if kind not in POOLERS:
             raise ValueError(f"unknown pooling type {kind!r}; choose one of {sorted(POOLERS)}")

@@ -9,7 +9,6 @@ of its own batches and the loss gathers the vectors with the batch (llm2emb.trai
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,5 +85,4 @@ def load_teacher(model: str, name: str, torch_dtype: Any = None, max_length: int
     loaded.eval()
     for parameter in loaded.parameters():
         parameter.requires_grad_(False)
-    label = Path(path).name if Path(path).exists() else model
-    return Teacher(loaded, batch_size=batch_size, instructions=instructions, name=f"{name} ({label})")
+    return Teacher(loaded, batch_size=batch_size, instructions=instructions, name=f"{name} ({model})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -55,64 +56,68 @@ def run_convert(args) -> None:
 
 # ---------------------------------------------------------------- encode
 def add_encode(sub) -> None:
-    p = sub.add_parser("encode", help="embed a text file (one text per line) into a .npy matrix")
+    p = sub.add_parser("encode", help="embed a text or JSONL file into a .npy matrix (streamed, resumable)")
     p.add_argument("model", help="llm2emb folder, or a base model with --pooling")
-    p.add_argument("--input", required=True, help="text file, one text per line ('-' for stdin)")
-    p.add_argument("--output", required=True, help=".npy file to write")
+    p.add_argument("--input", required=True,
+                   help="text file (one text per line, '-' for stdin) or JSONL (.jsonl/.json: --text-field, title)")
+    p.add_argument("--output", required=True, help=".npy file to write (row i = line i, or JSONL record i)")
     p.add_argument("--instruction", help="instruction for every line (query template)")
     p.add_argument("--documents", action="store_true", help="encode as documents (document template)")
     p.add_argument("--pooling", type=_pooling_arg, help="pooling when MODEL is a base model")
+    p.add_argument("--text-field", default="text", help="JSONL: the field holding the text (default: text)")
+    p.add_argument("--id-field", help="JSONL: write this field of every record to OUTPUT.ids.txt, line i for row i")
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="texts read, encoded and written at a time; a killed run resumes after its last chunk")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dim", type=int, help="keep the first DIM components (Matryoshka)")
     p.add_argument("--layers", type=int, help="run only the first LAYERS transformer layers (Matryoshka layers)")
     p.add_argument("--max-tokens", type=int, help="token budget per batch (texts are sorted by length first)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "padded", "packed", "flash_attn", "varlen_attn"],
                    help="padded batches, or packed rows with a varlen kernel (auto: the fastest available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_encode)
 
 
 def run_encode(args) -> None:
-    import numpy as np
+    import shutil
 
-    from llm2emb.files import atomic_path
+    from llm2emb.corpus import encode_corpus, scan, sidecar
     from llm2emb.model import Embedder
-    from llm2emb.tokenization import locate_texts
+    from llm2emb.train.distributed import launched_processes
 
-    texts = _read_lines(args.input)
-    embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, attention_backend=args.attention_backend)
-    encode = embedder.encode_documents if args.documents else embedder.encode
-    with locate_texts(lambda i: f"{_source_name(args.input)}:{i + 1}"):  # row i is line i + 1 of the input
-        vectors = encode(texts, instruction=args.instruction, batch_size=args.batch_size, dim=args.dim,
-                         layers=args.layers, max_tokens=args.max_tokens)
-    with atomic_path(args.output) as staging, staging.open("wb") as handle:
-        np.save(handle, vectors)
-    print(f"wrote {args.output}: {vectors.shape[0]} x {vectors.shape[1]} float32")
+    output = Path(args.output)
+    world = launched_processes()
+    rank, barrier, device = 0, (lambda: None), None
+    if world > 1:  # torchrun --nproc_per_node N: each process a share of the chunks, one output
+        import torch
+        import torch.distributed as dist
 
-
-def _source_name(source: str) -> str:
-    return "<stdin>" if source == "-" else source
-
-
-def _read_lines(source: str) -> list[str]:
-    """Every line is one text, so row i of the output is line i + 1: a blank line is refused, never dropped."""
-    if source == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise UserError(f"{source}: input file not found")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{source}: not UTF-8 text (byte {exc.start})") from None
-    if not any(line.strip() for line in lines):
-        raise UserError(f"{_source_name(source)}: input has no text lines")
-    blank = [number for number, line in enumerate(lines, start=1) if not line.strip()]
-    if blank:
-        shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
-        raise UserError(f"{_source_name(source)}: blank line(s) {shown}: each line is one text and row i of the "
-                        "output is line i, so remove them (or put text on them)")
-    return lines
+        if args.input == "-":
+            raise UserError("--input -: standard input cannot be split across processes; give a file")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, barrier = dist.get_rank(), dist.barrier
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    source = Path(args.input)
+    if args.input == "-":  # spooled to a file beside the output, so it is read in chunks like any input
+        source = sidecar(output, "stdin.txt")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with source.open("wb") as spool:
+            shutil.copyfileobj(sys.stdin.buffer, spool)
+    try:
+        corpus = scan(source, text_field=args.text_field, id_field=args.id_field, chunk_size=args.chunk_size)
+        embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, attention_backend=args.attention_backend,
+                                            device=device)
+        stats = encode_corpus(
+            embedder, corpus, output, instruction=args.instruction, documents=args.documents,
+            batch_size=args.batch_size, dim=args.dim, layers=args.layers, max_tokens=args.max_tokens,
+            rank=rank, world_size=world, barrier=barrier, progress=not args.quiet,
+        )
+    finally:
+        if args.input == "-":
+            source.unlink(missing_ok=True)
+    if rank == 0:
+        print(stats.format(output))
 
 
 # ---------------------------------------------------------------- info

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +346,7 @@ class Embedder(nn.Module):
         kind: str = "query",
         max_tokens: int | None = None,
         layers: int | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """Embeddings (n, d) as float32 numpy, L2-normalised, in the order of `texts`.
 
@@ -353,7 +354,7 @@ class Embedder(nn.Module):
         `batch_size` caps the rows of a batch and `max_tokens` (optional) its tokens — rows x longest text when
         padded, the sum of lengths when packed — so short texts travel in large batches and long ones in small.
         `dim` keeps the first `dim` components (Matryoshka truncation) before normalising; `layers` runs only the
-        first `layers` transformer layers.
+        first `layers` transformer layers. `on_batch(texts, tokens)` is called after each batch (progress reports).
         """
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
@@ -389,6 +390,8 @@ class Embedder(nn.Module):
                 if normalize:
                     vectors = torch.nn.functional.normalize(vectors, dim=-1)
                 result[index] = vectors.cpu().numpy()
+                if on_batch is not None:
+                    on_batch(len(index), int(sum(lengths[i] for i in index)))
         finally:
             self.train(was_training)
         return result

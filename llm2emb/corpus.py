@@ -1,0 +1,259 @@
+"""`llm2emb encode` for corpora of millions: streamed in chunks, written as it goes, resumable, split across processes.
+
+The input is read twice and never held: a first pass checks every row (blank lines, JSON, the text field), counts
+the rows and notes where each chunk of `chunk_size` rows starts; then each chunk is read back from its offset,
+encoded, and its rows written into a memory-mapped `.npy` beside the output (`.<name>.partial.npy`). A chunk that is
+written and flushed is recorded in a progress file, so a killed run started again with the same input, model and
+settings skips what was done (`plan.json` holds what must match); anything else starts over. The partial file is
+renamed to the output only when every chunk is done, so the output never exists half-written.
+
+Under `torchrun --nproc_per_node N` every process takes every N-th chunk (on its own GPU when there are several),
+writes its rows into the same memory-mapped file and its own progress file; process 0 finishes the file.
+
+Inputs: a text file (one text per line; row i is line i, so a blank line is refused rather than dropped), or
+JSONL (`.jsonl` / `.json`: one object per line, the text in `text_field`, joined after `title` when the object has
+one, as BEIR corpora are; with `id_field`, the ids are written to `<output>.ids.txt`, line i for row i).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llm2emb.errors import UserError
+from llm2emb.files import write_text_atomic
+from llm2emb.tokenization import locate_texts
+
+PLAN_FORMAT = 1
+
+
+@dataclass
+class Corpus:
+    """Where the rows of an input file are, found by one pass that holds no text."""
+
+    path: Path
+    jsonl: bool
+    text_field: str = "text"
+    id_field: str | None = None
+    chunk_size: int = 4096
+    rows: int = 0
+    offsets: list[int] = field(default_factory=list)
+    """Byte offset of the first line of every chunk."""
+    line_numbers: list[int] = field(default_factory=list)
+    """Line number (1-based) of the first row of every chunk, for error locations."""
+
+    def read_chunk(self, chunk: int) -> tuple[list[str], list[str], list[str | None]]:
+        """(texts, locations, ids) of one chunk's rows."""
+        texts, where, ids = [], [], []
+        with self.path.open("rb") as handle:
+            handle.seek(self.offsets[chunk])
+            for line_number, text, row_id in self._rows(handle, self.line_numbers[chunk]):
+                texts.append(text)
+                where.append(f"{self.path}:{line_number}")
+                ids.append(row_id)
+                if len(texts) == self.chunk_size:
+                    break
+        return texts, where, ids
+
+    def _rows(self, handle, first_line: int) -> Iterator[tuple[int, str, str | None]]:
+        """(line number, text, id) of every row from the handle's position; the checks of `scan`."""
+        for line_number, raw in enumerate(handle, start=first_line):
+            line = _decode(raw, self.path, line_number).rstrip("\r\n")
+            if not self.jsonl:
+                yield line_number, line, None
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{self.path}:{line_number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{self.path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            text = record.get(self.text_field)
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"{self.path}:{line_number}: field {self.text_field!r} must be a non-empty string")
+            title = record.get("title")
+            if isinstance(title, str) and title.strip():
+                text = f"{title} {text}".strip()
+            row_id = None
+            if self.id_field is not None:
+                if self.id_field not in record:
+                    raise UserError(f"{self.path}:{line_number}: missing id field {self.id_field!r}")
+                row_id = str(record[self.id_field])
+            yield line_number, text, row_id
+
+
+def _decode(raw: bytes, path: Path, line_number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}:{line_number}: not UTF-8 text (byte {exc.start})") from None
+
+
+def scan(path: Path, text_field: str = "text", id_field: str | None = None, chunk_size: int = 4096) -> Corpus:
+    """Check every row and note where each chunk starts; blank text lines are refused with their numbers."""
+    if not path.is_file():
+        raise UserError(f"{path}: input file not found")
+    jsonl = path.suffix.lower() in (".jsonl", ".json")
+    if chunk_size < 1:
+        raise UserError(f"chunk size must be at least 1, got {chunk_size}")
+    corpus = Corpus(path, jsonl, text_field, id_field, chunk_size)
+    blank: list[int] = []
+    blank_count = 0
+    with path.open("rb") as handle:
+        offset, line_number = 0, 0
+        for raw in handle:
+            line_number += 1
+            start, offset = offset, offset + len(raw)
+            line = _decode(raw, path, line_number).rstrip("\r\n")
+            if not line.strip():
+                if not jsonl:
+                    blank_count += 1
+                    if len(blank) < 10:
+                        blank.append(line_number)
+                continue
+            if corpus.rows % chunk_size == 0:
+                corpus.offsets.append(start)
+                corpus.line_numbers.append(line_number)
+            if jsonl:  # the same checks the encoding pass makes, so a bad row fails before any encoding
+                next(corpus._rows([raw], line_number))
+            corpus.rows += 1
+    if not corpus.rows:
+        raise UserError(f"{path}: input has no text lines")
+    if blank_count:
+        more = f" and {blank_count - len(blank)} more" if blank_count > len(blank) else ""
+        raise UserError(f"{path}: blank line(s) {', '.join(map(str, blank))}{more}: each line is one text and row i "
+                        "of the output is line i, so remove them (or put text on them)")
+    return corpus
+
+
+@dataclass
+class EncodeStats:
+    rows: int
+    dim: int
+    seconds: float
+    texts: int = 0
+    tokens: int = 0
+    resumed_rows: int = 0
+
+    def format(self, output: Path) -> str:
+        rate = f"{self.texts / self.seconds:.1f} texts/s, {self.tokens / self.seconds:.0f} tokens/s" if self.seconds else ""
+        resumed = f", {self.resumed_rows} rows kept from an interrupted run" if self.resumed_rows else ""
+        return f"wrote {output}: {self.rows} x {self.dim} float32 ({rate}{resumed})"
+
+
+def sidecar(output: Path, suffix: str) -> Path:
+    """A hidden file beside the output that belongs to its run (`.out.npy.partial.npy`, `.out.npy.plan.json`)."""
+    return output.with_name(f".{output.name}.{suffix}")
+
+
+def encode_corpus(
+    embedder,
+    corpus: Corpus,
+    output: str | Path,
+    instruction: str | None = None,
+    documents: bool = False,
+    batch_size: int = 32,
+    dim: int | None = None,
+    layers: int | None = None,
+    max_tokens: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=lambda: None,
+    progress: bool = True,
+) -> EncodeStats:
+    """Encode `corpus` into `output` (.npy) chunk by chunk; see the module doc. `barrier` synchronises processes."""
+    from tqdm.auto import tqdm
+
+    from llm2emb.evaluate.cache import model_fingerprint
+
+    output = Path(output)
+    width = dim or embedder.dim
+    partial, plan_path = sidecar(output, "partial.npy"), sidecar(output, "plan.json")
+    stat = corpus.path.stat()
+    plan = {
+        "format": PLAN_FORMAT, "input": str(corpus.path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "rows": corpus.rows, "chunk_size": corpus.chunk_size, "dim": width, "model": model_fingerprint(embedder),
+        "instruction": instruction, "documents": documents, "layers": layers, "text_field": corpus.text_field,
+    }
+    chunks = len(corpus.offsets)
+    if rank == 0:
+        kept = plan_path.is_file() and partial.is_file() and json.loads(plan_path.read_text()) == plan
+        if not kept:
+            for stale in (partial, *_progress_files(output)):
+                stale.unlink(missing_ok=True)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(corpus.rows, width)).flush()
+            write_text_atomic(plan_path, json.dumps(plan, indent=2) + "\n")
+    barrier()
+    done = set().union(*(set(json.loads(p.read_text())) for p in _progress_files(output)))
+    resumed_rows = sum(_chunk_rows(corpus, c) for c in done)
+    if rank == 0 and done:
+        print(f"resuming: {resumed_rows} of {corpus.rows} rows were encoded by an interrupted run", file=sys.stderr)
+    mine = [c for c in range(chunks) if c % world_size == rank and c not in done]
+    matrix = np.lib.format.open_memmap(partial, mode="r+")
+    progress_path = sidecar(output, f"progress-{rank}.json")
+    finished = sorted(c for c in done if c % world_size == rank)
+    encode = embedder.encode_documents if documents else embedder.encode
+    stats = EncodeStats(corpus.rows, width, 0.0, resumed_rows=resumed_rows)
+    from llm2emb.model import PROGRESS_BAR_MIN_TEXTS
+
+    shown = progress and rank == 0 and corpus.rows >= PROGRESS_BAR_MIN_TEXTS
+    bar = tqdm(total=sum(_chunk_rows(corpus, c) for c in mine), disable=not shown, desc="encode", unit="text")
+    started = time.perf_counter()
+
+    def advance(texts: int, tokens: int) -> None:
+        stats.texts += texts
+        stats.tokens += tokens
+        elapsed = time.perf_counter() - started
+        bar.update(texts)
+        bar.set_postfix_str(f"{stats.texts / elapsed:.1f} texts/s, {stats.tokens / elapsed:.0f} tokens/s")
+
+    with bar:
+        for chunk in mine:
+            texts, where, _ = corpus.read_chunk(chunk)
+            with locate_texts(lambda i, where=where: where[i]):
+                vectors = encode(texts, instruction=instruction, batch_size=batch_size, dim=dim, layers=layers,
+                                 max_tokens=max_tokens, show_progress_bar=False, on_batch=advance)
+            first = chunk * corpus.chunk_size
+            matrix[first : first + len(texts)] = vectors
+            matrix.flush()
+            finished.append(chunk)
+            write_text_atomic(progress_path, json.dumps(finished) + "\n")
+    stats.seconds = time.perf_counter() - started
+    del matrix
+    barrier()
+    if rank == 0:
+        if corpus.id_field is not None:
+            _write_ids(corpus, output)
+        os.replace(partial, output)
+        for stale in (plan_path, *_progress_files(output)):
+            stale.unlink(missing_ok=True)
+    barrier()
+    return stats
+
+
+def _chunk_rows(corpus: Corpus, chunk: int) -> int:
+    return min(corpus.chunk_size, corpus.rows - chunk * corpus.chunk_size)
+
+
+def _progress_files(output: Path) -> list[Path]:
+    return sorted(output.parent.glob(f".{output.name}.progress-*.json"))
+
+
+def _write_ids(corpus: Corpus, output: Path) -> None:
+    """`<output>.ids.txt`, line i the id of row i, written atomically chunk by chunk (no texts held)."""
+    from llm2emb.files import atomic_path
+
+    target = output.with_name(output.name + ".ids.txt")
+    with atomic_path(target) as staging, staging.open("w", encoding="utf-8") as handle:
+        for chunk in range(len(corpus.offsets)):
+            handle.writelines(f"{row_id}\n" for row_id in corpus.read_chunk(chunk)[2])

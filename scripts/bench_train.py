@@ -34,7 +34,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
 from llm2emb import Embedder
 from llm2emb.train.data import text_id
@@ -163,7 +163,8 @@ def build_sentence_transformers(args, device, dtype):
                                 device=str(device))
     if args.lora:
         torch.manual_seed(0)
-        transformer.auto_model.add_adapter(lora_config(args.lora))
+        # peft's own injection: transformers' add_adapter insists on a newer peft than the registry has.
+        inject_adapter_in_model(lora_config(args.lora), transformer.auto_model)
         for name, parameter in model.named_parameters():
             parameter.requires_grad = "lora_" in name
     loss = CachedMultipleNegativesRankingLoss(model, scale=SCALE, mini_batch_size=args.mini_batch)

@@ -20,6 +20,11 @@ from transformers import AutoModel, LlamaConfig, Qwen2Config
 from llm2emb.convert import convert
 
 SHAPES = {
+    # Not a real model: a SmolLM2-vocabulary model small enough that tokenization and I/O, not the model, dominate
+    # (memory and streaming benchmarks).
+    "tiny-llama": (LlamaConfig, dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                     max_position_embeddings=8192)),
     "smollm2-135m": (LlamaConfig, dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
                                        rope_theta=100000.0, max_position_embeddings=8192)),

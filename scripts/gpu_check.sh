@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One command for a lent GPU (issue 14): the CUDA tests, encoding speed against sentence-transformers at three model
+# shapes (random weights: speed depends on the shape), and a training step against CachedMNRL; every figure kept.
+#
+#   scripts/gpu_check.sh OUT [DATA]
+#
+# OUT receives four files (the device tool brings back at most eight): gpu_check.json (every benchmark's report),
+# gpu_check.md (one table), test_cuda.txt (the test run) and gpu_check.log. DATA holds scifact/corpus.jsonl,
+# snli/triplets.jsonl and tokenizer/ (SmolLM2's tokenizer.json and tokenizer_config.json); default
+# .gpu-data, made by `scripts/gpu_check.sh --prepare` from ../shared/data and a converted SmolLM2 folder
+# (it is git-ignored, about 12 MB, and must be named in the device tool's `carry`).
+# Environment: GPU_CHECK_SHAPES (default "smollm2-135m qwen2.5-1.5b qwen2.5-7b"), GPU_CHECK_DEVICE (default cuda;
+# cpu with GPU_CHECK_SHAPES=tiny-llama checks the plumbing on a laptop), GPU_CHECK_LIMIT (documents encoded, 2000).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+    tokenizer_from=${2:?"--prepare TOKENIZER_FOLDER (a converted SmolLM2 folder)"}
+    rm -rf .gpu-data && mkdir -p .gpu-data/scifact .gpu-data/snli .gpu-data/tokenizer
+    cp ../shared/data/scifact/corpus.jsonl .gpu-data/scifact/
+    head -n 2000 ../shared/data/snli/triplets.jsonl > .gpu-data/snli/triplets.jsonl
+    cp "$tokenizer_from"/tokenizer.json "$tokenizer_from"/tokenizer_config.json .gpu-data/tokenizer/
+    du -sh .gpu-data
+    exit 0
+fi
+
+out=${1:?usage: scripts/gpu_check.sh OUT [DATA]}
+data=${2:-.gpu-data}
+shapes=${GPU_CHECK_SHAPES:-smollm2-135m qwen2.5-1.5b qwen2.5-7b}
+device=${GPU_CHECK_DEVICE:-cuda}
+limit=${GPU_CHECK_LIMIT:-2000}
+dtype=bfloat16
+[ "$device" = cpu ] && dtype=float32
+work=$(mktemp -d)
+mkdir -p "$out"
+log="$out/gpu_check.log"
+: > "$log"
+step() { echo "== $*" | tee -a "$log"; }
+
+step "nvidia-smi"; (nvidia-smi || true) >> "$log" 2>&1
+step "CUDA tests"; python -m pytest -q tests/test_cuda.py > "$out/test_cuda.txt" 2>&1; echo "exit $?" >> "$out/test_cuda.txt"
+flash=$(python -c "import importlib.util as u; print(int(u.find_spec('flash_attn') is not None))")
+backends="padded,packed"; st_attns="sdpa"
+if [ "$flash" = 1 ]; then backends="padded,packed,flash_attn"; st_attns="sdpa flash_attention_2"; fi
+[ "$device" = cpu ] && backends="padded,packed"
+
+for shape in $shapes; do
+    step "model $shape"
+    python -m scripts.random_model --shape "$shape" --tokenizer "$data/tokenizer" --out "$work/$shape" \
+        --dtype "$dtype" >> "$log" 2>&1 || { echo "model $shape failed" >> "$log"; continue; }
+    for st_attn in $st_attns; do
+        step "encode $shape (sentence-transformers $st_attn)"
+        python -m scripts.bench_encode --model "$work/$shape" --data "$data/scifact" --limit "$limit" \
+            --device "$device" --dtype "$dtype" --backends "$backends" --st-attn "$st_attn" --max-length 512 \
+            --batch-size 64 --json "$work/encode-$shape-$st_attn.json" >> "$log" 2>&1 || echo "failed" >> "$log"
+    done
+    if [ "$shape" != qwen2.5-7b ]; then
+        step "train $shape"
+        python -m scripts.bench_train --model "$work/$shape" --data "$data/snli/triplets.jsonl" --device "$device" \
+            --dtype "$dtype" --batch-size 64 --mini-batch 16 --max-length 128 --lora 16 \
+            --json "$work/train-$shape.json" >> "$log" 2>&1 || echo "failed" >> "$log"
+    fi
+    rm -rf "${work:?}/$shape"  # the next shape's weights need the disk
+done
+
+step "summary"
+python - "$work" "$out" <<'PY' >> "$log" 2>&1
+import json, sys
+from pathlib import Path
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+reports = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
+(out / "gpu_check.json").write_text(json.dumps(reports, indent=2) + "\n")
+lines = ["| benchmark | system | median s (encode: corpus, train: step) | tokens/s | vs sentence-transformers | MFU "
+         "| peak MiB |", "|---|---|---|---|---|---|---|"]
+for name, report in reports.items():
+    for row in report.get("results", []):
+        ratio = row.get("speedup_vs_st", report.get("tokens_per_s_ratio_llm2emb_over_st", "-"))
+        lines.append(f"| {name} | {row.get('system')} | {row.get('median_s', row.get('median_step_s', '-'))} | "
+                     f"{row.get('tokens_per_s', '-')} | {ratio} | {row.get('mfu', '-')} | "
+                     f"{row.get('peak_memory_mib', '-')} |")
+(out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
+rm -rf "$work"
+echo "done: $out" | tee -a "$log"

@@ -2,13 +2,14 @@
 
 The input is read twice and never held: a first pass checks every row (blank lines, JSON, the text field), counts
 the rows and notes where each chunk of `chunk_size` rows starts; then each chunk is read back from its offset,
-encoded, and its rows written into a memory-mapped `.npy` beside the output (`.<name>.partial.npy`). A chunk that is
+encoded, and its rows written at their place in a `.npy` beside the output (`.<name>.partial.npy`, created at full
+size up front; plain positioned writes, so the process's memory does not grow with the file). A chunk that is
 written and flushed is recorded in a progress file, so a killed run started again with the same input, model and
 settings skips what was done (`plan.json` holds what must match); anything else starts over. The partial file is
 renamed to the output only when every chunk is done, so the output never exists half-written.
 
 Under `torchrun --nproc_per_node N` every process takes every N-th chunk (on its own GPU when there are several),
-writes its rows into the same memory-mapped file and its own progress file; process 0 finishes the file.
+writes its rows into the same file and its own progress file; process 0 finishes the file.
 
 Inputs: a text file (one text per line; row i is line i, so a blank line is refused rather than dropped), or
 JSONL (`.jsonl` / `.json`: one object per line, the text in `text_field`, joined after `title` when the object has
@@ -199,7 +200,7 @@ def encode_corpus(
     if rank == 0 and done:
         print(f"resuming: {resumed_rows} of {corpus.rows} rows were encoded by an interrupted run", file=sys.stderr)
     mine = [c for c in range(chunks) if c % world_size == rank and c not in done]
-    matrix = np.lib.format.open_memmap(partial, mode="r+")
+    offset = _data_offset(partial)
     progress_path = sidecar(output, f"progress-{rank}.json")
     finished = sorted(c for c in done if c % world_size == rank)
     encode = embedder.encode_documents if documents else embedder.encode
@@ -223,13 +224,15 @@ def encode_corpus(
             with locate_texts(lambda i, where=where: where[i]):
                 vectors = encode(texts, instruction=instruction, batch_size=batch_size, dim=dim, layers=layers,
                                  max_tokens=max_tokens, show_progress_bar=False, on_batch=advance)
-            first = chunk * corpus.chunk_size
-            matrix[first : first + len(texts)] = vectors
-            matrix.flush()
+            # Plain positioned writes, not a memory map: mapped pages would count in the process's memory.
+            with partial.open("r+b") as handle:
+                handle.seek(offset + chunk * corpus.chunk_size * width * 4)
+                handle.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+                handle.flush()
+                os.fsync(handle.fileno())
             finished.append(chunk)
             write_text_atomic(progress_path, json.dumps(finished) + "\n")
     stats.seconds = time.perf_counter() - started
-    del matrix
     barrier()
     if rank == 0:
         if corpus.id_field is not None:
@@ -239,6 +242,17 @@ def encode_corpus(
             stale.unlink(missing_ok=True)
     barrier()
     return stats
+
+
+def _data_offset(path: Path) -> int:
+    """Where the rows of a .npy file start (after its header)."""
+    with path.open("rb") as handle:
+        major, _ = np.lib.format.read_magic(handle)
+        if major == 1:
+            np.lib.format.read_array_header_1_0(handle)
+        else:
+            np.lib.format.read_array_header_2_0(handle)
+        return handle.tell()
 
 
 def _chunk_rows(corpus: Corpus, chunk: int) -> int:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
 
 
-RESUME_IGNORED_KEYS = {"eval", "logging_steps", "report_to", "save_total_limit"}
+RESUME_IGNORED_KEYS = {"eval", "logging_steps", "report_to", "save_steps", "save_total_limit"}
 """Keys a resumed run may change: they do not affect the weights."""
 
 

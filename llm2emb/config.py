@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2emb.errors import UserError
+from llm2emb.files import write_text_atomic
 
 CONFIG_NAME = "llm2emb.json"
 POOLING_WEIGHTS_NAME = "pooling.safetensors"
@@ -37,7 +38,7 @@ class EmbedderConfig:
     format_version: int = FORMAT_VERSION
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_text_atomic(Path(directory) / CONFIG_NAME, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> EmbedderConfig:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm2emb.files import write_text_atomic
+
 
 @dataclass
 class TaskResult:
@@ -48,7 +50,4 @@ def to_json(results: list[TaskResult], **metadata: Any) -> dict[str, Any]:
 
 
 def write_json(path: str | Path, results: list[TaskResult], **metadata: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_json(results, **metadata), indent=2) + "\n")
-    return path
+    return write_text_atomic(path, json.dumps(to_json(results, **metadata), indent=2) + "\n")

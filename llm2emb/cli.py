@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from llm2emb.errors import UserError
+from llm2emb.precision import PRECISIONS
 
 EXIT_USAGE = 2
 
@@ -74,6 +75,11 @@ def add_encode(sub) -> None:
     p.add_argument("--max-tokens", type=int, help="token budget per batch (texts are sorted by length first)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "padded", "packed", "flash_attn", "varlen_attn"],
                    help="padded batches, or packed rows with a varlen kernel (auto: the fastest available)")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="write compressed codes: float16, int8/uint8 (need --calibration), binary/ubinary (packed bits)")
+    p.add_argument("--calibration", metavar="NPY",
+                   help="int8/uint8: float embeddings of a sample (e.g. an earlier float32 encode), or a saved "
+                        "OUTPUT.ranges.npy, whose per-dimension min and max set the levels")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_encode)
 
@@ -86,6 +92,15 @@ def run_encode(args) -> None:
     from llm2emb.train.distributed import launched_processes
 
     output = Path(args.output)
+    ranges = None
+    if args.calibration:
+        import numpy as np
+
+        from llm2emb.precision import calibration_ranges
+
+        if not Path(args.calibration).is_file():
+            raise UserError(f"--calibration {args.calibration}: file not found")
+        ranges = calibration_ranges(np.load(args.calibration, allow_pickle=False))
     world = launched_processes()
     rank, barrier, device = 0, (lambda: None), None
     if world > 1:  # torchrun --nproc_per_node N: each process a share of the chunks, one output
@@ -112,6 +127,7 @@ def run_encode(args) -> None:
             embedder, corpus, output, instruction=args.instruction, documents=args.documents,
             batch_size=args.batch_size, dim=args.dim, layers=args.layers, max_tokens=args.max_tokens,
             rank=rank, world_size=world, barrier=barrier, progress=not args.quiet,
+            precision=args.precision, ranges=ranges,
         )
     finally:
         if args.input == "-":
@@ -161,6 +177,10 @@ def add_eval(sub) -> None:
                    help="quick run: keep N corpus documents (every relevant one plus random others, seed 0)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom modules of an exported sentence-transformers folder")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="rank compressed vectors (int8/uint8 calibrated on each corpus; binary by Hamming)")
+    p.add_argument("--rescore", type=int, metavar="R",
+                   help="binary precisions: take R x more candidates by Hamming, re-rank them with the float query")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.set_defaults(run=run_eval)
 
@@ -176,7 +196,7 @@ def run_eval(args) -> None:
         trust_remote_code=args.trust_remote_code, sts=args.sts, beir=args.beir, split=args.split,
         query_instruction=args.query_instruction, sts_instruction=args.sts_instruction,
         batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-        corpus_sample=args.corpus_sample,
+        corpus_sample=args.corpus_sample, precision=args.precision, rescore=args.rescore,
     )
     print(format_table(report.results))
     if args.json:

@@ -18,6 +18,7 @@ one, as BEIR corpora are; with `id_field`, the ids are written to `<output>.ids.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -29,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from llm2emb.errors import UserError
-from llm2emb.files import write_text_atomic
+from llm2emb.files import atomic_path, write_text_atomic
+from llm2emb.precision import quantize
 from llm2emb.tokenization import locate_texts
 
 PLAN_FORMAT = 1
@@ -144,11 +146,13 @@ class EncodeStats:
     texts: int = 0
     tokens: int = 0
     resumed_rows: int = 0
+    precision: str = "float32"
 
     def format(self, output: Path) -> str:
         rate = f"{self.texts / self.seconds:.1f} texts/s, {self.tokens / self.seconds:.0f} tokens/s" if self.seconds else ""
         resumed = f", {self.resumed_rows} rows kept from an interrupted run" if self.resumed_rows else ""
-        return f"wrote {output}: {self.rows} x {self.dim} float32 ({rate}{resumed})"
+        kind = "float32" if self.precision == "float32" else f"{self.precision} codes"
+        return f"wrote {output}: {self.rows} x {self.dim} {kind} ({rate}{resumed})"
 
 
 def sidecar(output: Path, suffix: str) -> Path:
@@ -170,20 +174,27 @@ def encode_corpus(
     world_size: int = 1,
     barrier=lambda: None,
     progress: bool = True,
+    precision: str = "float32",
+    ranges: np.ndarray | None = None,
 ) -> EncodeStats:
-    """Encode `corpus` into `output` (.npy) chunk by chunk; see the module doc. `barrier` synchronises processes."""
+    """Encode `corpus` into `output` (.npy) chunk by chunk; see the module doc. `barrier` synchronises processes.
+
+    `precision` writes compressed codes (llm2emb.precision); int8/uint8 need calibration `ranges`, which are saved
+    beside the output (`<output>.ranges.npy`) so that queries can be quantized alike."""
     from tqdm.auto import tqdm
 
     from llm2emb.evaluate.cache import model_fingerprint
 
     output = Path(output)
     width = dim or embedder.dim
+    probe = quantize(np.zeros((1, width), np.float32), precision, ranges)  # the codes' dtype and row width
     partial, plan_path = sidecar(output, "partial.npy"), sidecar(output, "plan.json")
     stat = corpus.path.stat()
     plan = {
         "format": PLAN_FORMAT, "input": str(corpus.path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
         "rows": corpus.rows, "chunk_size": corpus.chunk_size, "dim": width, "model": model_fingerprint(embedder),
         "instruction": instruction, "documents": documents, "layers": layers, "text_field": corpus.text_field,
+        "precision": precision, "ranges": None if ranges is None else hashlib.sha256(ranges.tobytes()).hexdigest(),
     }
     chunks = len(corpus.offsets)
     if rank == 0:
@@ -192,7 +203,7 @@ def encode_corpus(
             for stale in (partial, *_progress_files(output)):
                 stale.unlink(missing_ok=True)
             output.parent.mkdir(parents=True, exist_ok=True)
-            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(corpus.rows, width)).flush()
+            np.lib.format.open_memmap(partial, mode="w+", dtype=probe.dtype, shape=(corpus.rows, probe.shape[1])).flush()
             write_text_atomic(plan_path, json.dumps(plan, indent=2) + "\n")
     barrier()
     done = set().union(*(set(json.loads(p.read_text())) for p in _progress_files(output)))
@@ -204,7 +215,7 @@ def encode_corpus(
     progress_path = sidecar(output, f"progress-{rank}.json")
     finished = sorted(c for c in done if c % world_size == rank)
     encode = embedder.encode_documents if documents else embedder.encode
-    stats = EncodeStats(corpus.rows, width, 0.0, resumed_rows=resumed_rows)
+    stats = EncodeStats(corpus.rows, width, 0.0, resumed_rows=resumed_rows, precision=precision)
     from llm2emb.model import PROGRESS_BAR_MIN_TEXTS
 
     shown = progress and rank == 0 and corpus.rows >= PROGRESS_BAR_MIN_TEXTS
@@ -223,11 +234,12 @@ def encode_corpus(
             texts, where, _ = corpus.read_chunk(chunk)
             with locate_texts(lambda i, where=where: where[i]):
                 vectors = encode(texts, instruction=instruction, batch_size=batch_size, dim=dim, layers=layers,
-                                 max_tokens=max_tokens, show_progress_bar=False, on_batch=advance)
+                                 max_tokens=max_tokens, show_progress_bar=False, on_batch=advance,
+                                 precision=precision, ranges=ranges)
             # Plain positioned writes, not a memory map: mapped pages would count in the process's memory.
             with partial.open("r+b") as handle:
-                handle.seek(offset + chunk * corpus.chunk_size * width * 4)
-                handle.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+                handle.seek(offset + chunk * corpus.chunk_size * probe.nbytes)
+                handle.write(np.ascontiguousarray(vectors, dtype=probe.dtype).tobytes())
                 handle.flush()
                 os.fsync(handle.fileno())
             finished.append(chunk)
@@ -237,6 +249,9 @@ def encode_corpus(
     if rank == 0:
         if corpus.id_field is not None:
             _write_ids(corpus, output)
+        if ranges is not None:
+            with atomic_path(output.with_name(output.name + ".ranges.npy")) as staging, staging.open("wb") as handle:
+                np.save(handle, np.asarray(ranges, np.float32))
         os.replace(partial, output)
         for stale in (plan_path, *_progress_files(output)):
             stale.unlink(missing_ok=True)
@@ -265,8 +280,6 @@ def _progress_files(output: Path) -> list[Path]:
 
 def _write_ids(corpus: Corpus, output: Path) -> None:
     """`<output>.ids.txt`, line i the id of row i, written atomically chunk by chunk (no texts held)."""
-    from llm2emb.files import atomic_path
-
     target = output.with_name(output.name + ".ids.txt")
     with atomic_path(target) as staging, staging.open("w", encoding="utf-8") as handle:
         for chunk in range(len(corpus.offsets)):

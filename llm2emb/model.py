@@ -22,6 +22,7 @@ from llm2emb.errors import UserError
 from llm2emb.files import atomic_folder, refuse_non_empty
 from llm2emb.packing import pack, token_budget_batches, unpack
 from llm2emb.pooling import Pooler, as_pooling_spec, build_pooler, pooler_spec
+from llm2emb.precision import check_precision, needs_ranges, quantize
 from llm2emb.prompts import Prompts
 from llm2emb.tokenization import PromptTokenizer, UnembeddableText
 
@@ -347,6 +348,8 @@ class Embedder(nn.Module):
         max_tokens: int | None = None,
         layers: int | None = None,
         on_batch: Callable[[int, int], None] | None = None,
+        precision: str = "float32",
+        ranges: np.ndarray | None = None,
     ) -> np.ndarray:
         """Embeddings (n, d) as float32 numpy, L2-normalised, in the order of `texts`.
 
@@ -355,6 +358,8 @@ class Embedder(nn.Module):
         padded, the sum of lengths when packed — so short texts travel in large batches and long ones in small.
         `dim` keeps the first `dim` components (Matryoshka truncation) before normalising; `layers` runs only the
         first `layers` transformer layers. `on_batch(texts, tokens)` is called after each batch (progress reports).
+        `precision` (float16, int8/uint8 with calibration `ranges`, binary/ubinary) returns compressed codes
+        (llm2emb.precision).
         """
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
@@ -362,6 +367,9 @@ class Embedder(nn.Module):
             raise UserError(f"max_tokens must be at least 1, got {max_tokens}")
         if dim is not None and not 0 < dim <= self.dim:
             raise UserError(f"dim must be between 1 and {self.dim}, got {dim}")
+        check_precision(precision)
+        if needs_ranges(precision) and ranges is None:
+            raise UserError(f"precision {precision} needs calibration ranges (llm2emb.precision.calibration_ranges)")
         normalize = self.config.normalize if normalize is None else normalize
         if show_progress_bar is None:
             show_progress_bar = len(texts) >= PROGRESS_BAR_MIN_TEXTS
@@ -394,7 +402,7 @@ class Embedder(nn.Module):
                     on_batch(len(index), int(sum(lengths[i] for i in index)))
         finally:
             self.train(was_training)
-        return result
+        return quantize(result, precision, ranges)
 
     def encode_queries(self, texts: Sequence[str], instruction: str | None = None, **kwargs) -> np.ndarray:
         """Queries get the instruction (the folder's default when None) through the query template."""

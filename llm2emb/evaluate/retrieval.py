@@ -6,12 +6,20 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from llm2emb.errors import UserError
 from llm2emb.evaluate.cache import EmbeddingCache
 from llm2emb.evaluate.data import BeirData
 from llm2emb.evaluate.encoders import as_encoder, normalized
 from llm2emb.evaluate.metrics import DEFAULT_RETRIEVAL_METRICS, evaluated_queries, retrieval_scores
 from llm2emb.evaluate.results import TaskResult
-from llm2emb.evaluate.search import top_k
+from llm2emb.evaluate.search import search_codes, top_k
+from llm2emb.precision import (
+    bytes_per_vector,
+    calibration_ranges,
+    check_precision,
+    needs_ranges,
+    quantize,
+)
 from llm2emb.tokenization import locate_texts
 
 
@@ -50,11 +58,18 @@ def evaluate_retrieval(
     fingerprint: str | None = None,
     cache_settings: dict[str, Any] | None = None,
     corpus_chunk: int = 16384,
+    precision: str = "float32",
+    rescore: int | None = None,
 ) -> TaskResult:
     """Rank the whole corpus for every query that has a relevant document and score the rankings.
 
     The instruction goes on queries only (documents are encoded as they are); None means the model's default.
+    `precision` ranks compressed vectors instead (llm2emb.precision; int8/uint8 calibrated on this corpus's
+    embeddings), `rescore` re-ranks binary candidates with the float query.
     """
+    check_precision(precision)
+    if rescore is not None and (rescore < 1 or precision not in ("binary", "ubinary")):
+        raise UserError(f"rescore {rescore}: a positive factor, for the binary precisions only")
     encoder = as_encoder(model, batch_size)
     start = time.perf_counter()
     if fingerprint is None and cache is not None:
@@ -68,7 +83,12 @@ def evaluate_retrieval(
     with locate_texts(lambda i: f"{data.name}: query {query_ids[i]}"):
         queries = normalized(encoder.encode_queries(texts, instruction=query_instruction))
     depth = max(int(m.partition("@")[2]) for m in metrics)
-    indices, _ = top_k(queries, corpus, depth, corpus_chunk=corpus_chunk)
+    if precision == "float32":
+        indices, _ = top_k(queries, corpus, depth, corpus_chunk=corpus_chunk)
+    else:
+        ranges = calibration_ranges(corpus) if needs_ranges(precision) else None
+        codes = quantize(corpus, precision, ranges)
+        indices, _ = search_codes(queries, codes, precision, depth, ranges, rescore=rescore, corpus_chunk=corpus_chunk)
     ranking = {q: [data.doc_ids[i] for i in row] for q, row in zip(query_ids, indices)}
     return TaskResult(
         task=f"{data.name}/{data.split}",
@@ -79,5 +99,6 @@ def evaluate_retrieval(
         documents=len(data.documents),
         seconds=time.perf_counter() - start,
         corpus_cached=cached if cache is not None else None,
-        extra={"query_instruction": query_instruction},
+        extra={"query_instruction": query_instruction, "precision": precision, "rescore": rescore,
+               "bytes_per_vector": bytes_per_vector(precision, corpus.shape[1])},
     )

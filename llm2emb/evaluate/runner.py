@@ -119,6 +119,8 @@ def evaluate_model(
     use_cache: bool = True,
     name: str | None = None,
     progress: Any = None,
+    precision: str = "float32",
+    rescore: int | None = None,
 ) -> EvalReport:
     """Evaluate a loaded model (Embedder, SentenceTransformer, or any TextEncoder) on STS files and BEIR folders.
 
@@ -131,12 +133,15 @@ def evaluate_model(
     beir_data = [item if isinstance(item, BeirData) else load_beir(item, split) for item in beir]
     cache = EmbeddingCache(cache_dir) if use_cache else None
     results = run_tasks(model, sts_data, [(data, query_instruction) for data in beir_data], batch_size=batch_size,
-                        sts_instruction=sts_instruction, metrics=metrics, cache=cache, progress=progress)
+                        sts_instruction=sts_instruction, metrics=metrics, cache=cache, progress=progress,
+                        precision=precision, rescore=rescore)
     settings = {
         "split": split,
         "query_instruction": query_instruction,
         "sts_instruction": sts_instruction,
         "batch_size": batch_size,
+        "precision": precision,
+        "rescore": rescore,
         **_model_settings(model),
     }
     return EvalReport(model=name or type(model).__name__, results=results, settings=settings,
@@ -152,6 +157,8 @@ def run_tasks(
     metrics: Sequence[str] = DEFAULT_RETRIEVAL_METRICS,
     cache: EmbeddingCache | None = None,
     progress: Any = None,
+    precision: str = "float32",
+    rescore: int | None = None,
 ) -> list[TaskResult]:
     """The one evaluation loop (`llm2emb eval` and evaluation during training): each loaded STS task, then each
     BEIR task with its own query instruction; document embeddings go through `cache` when given."""
@@ -167,6 +174,7 @@ def run_tasks(
             evaluate_retrieval(
                 encoder, data, query_instruction=instruction, metrics=metrics,
                 cache=cache, fingerprint=fingerprint, cache_settings=_model_settings(model),
+                precision=precision, rescore=rescore,
             )
         )
         if progress:

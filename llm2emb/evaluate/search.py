@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llm2emb.precision import dequantize, quantize
+
 
 def top_k(
     queries: np.ndarray,
@@ -55,3 +57,28 @@ def top_k(
         best_scores[q0 : q0 + len(q)] = run_scores
         best_idx[q0 : q0 + len(q)] = run_idx
     return best_idx, best_scores
+
+
+def search_codes(
+    queries: np.ndarray,
+    corpus_codes: np.ndarray,
+    precision: str,
+    k: int,
+    ranges: np.ndarray | None = None,
+    rescore: int | None = None,
+    corpus_chunk: int = 16384,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k corpus rows for float `queries` against corpus codes; queries are quantized alike first.
+
+    `rescore` (binary/ubinary): take k x rescore candidates by Hamming, re-rank them by float query . document signs.
+    """
+    dim = queries.shape[-1]
+    corpus = dequantize(corpus_codes, precision, ranges, dim)
+    coded_queries = dequantize(quantize(queries, precision, ranges), precision, ranges, dim)
+    if not rescore or precision not in ("binary", "ubinary"):
+        return top_k(coded_queries, corpus, k, corpus_chunk=corpus_chunk)
+    candidates, _ = top_k(coded_queries, corpus, k * rescore, corpus_chunk=corpus_chunk)
+    scores = np.einsum("qd,qcd->qc", np.asarray(queries, np.float32), corpus[candidates])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(candidates, order, axis=1), np.take_along_axis(scores, order, axis=1)
+

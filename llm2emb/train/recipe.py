@@ -8,6 +8,7 @@ to appear).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -244,7 +245,11 @@ class StageSpec(_Strict):
     from its causal pretraining, and 5e-5 (sentence-transformers' default) adapts it too slowly; on SmolLM2-135M
     at 51 x 32, STS-B rose from 45 (5e-5) through 57 (1e-4) and 62-65 (2e-4) to 70 (4e-4)."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    warmup_steps: int | float = 0.1
+    """Linear warmup from 0 to learning_rate: a whole number counts steps, a fraction below 1 is that share of
+    max_steps, rounded down (so a run of under 10 steps has none by default). A LoRA adapter on a cold bidirectional model gets gradient norms in the hundreds on its
+    first steps; without warmup, Adam's first full-size updates sent one seed of three into a collapse it never
+    left (benchmarks/RESULTS.md, "Matched budget")."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     temperature: Annotated[float, Field(gt=0)] = 0.05
@@ -298,14 +303,31 @@ class StageSpec(_Strict):
                 raise ValueError(f"{list(repeated[0]) if isinstance(repeated[0], tuple) else repeated[0]} is listed twice")
         return value
 
+    @field_validator("warmup_steps")
+    @classmethod
+    def _steps_or_share(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value.is_integer() and value >= 1:
+            value = int(value)
+        if value < 0 or (isinstance(value, float) and value >= 1):
+            raise ValueError(f"{value}: a whole number of steps (>= 0) or a share of max_steps below 1 (e.g. 0.1)")
+        return value
+
+    @property
+    def warmup_step_count(self) -> int:
+        """warmup_steps as a number of optimizer steps."""
+        if isinstance(self.warmup_steps, float):
+            return math.floor(self.warmup_steps * self.max_steps)
+        return self.warmup_steps
+
     @model_validator(mode="after")
     def _chunk_divides_batch(self) -> StageSpec:
         if self.gradcache_chunk is None:
             self.gradcache_chunk = self.batch_size
         if self.batch_size % self.gradcache_chunk:
             raise KeyPathError("gradcache_chunk", f"{self.gradcache_chunk} must divide batch_size ({self.batch_size})")
-        if self.warmup_steps >= self.max_steps:
-            raise KeyPathError("warmup_steps", f"{self.warmup_steps} must be below max_steps ({self.max_steps})")
+        if self.warmup_step_count >= self.max_steps:
+            raise KeyPathError("warmup_steps", f"{self.warmup_steps} ({self.warmup_step_count} steps) leaves no step "
+                                              f"after warmup: max_steps is {self.max_steps}")
         if not self.datasets and self.mine is None:
             raise KeyPathError("datasets", "a stage needs at least one dataset (or mine:)")
         if self.mine is not None and (self.objective != "contrastive" or not self.hard_negatives):

@@ -95,7 +95,7 @@ def training_arguments(recipe: Recipe, stage: StageSpec, stage_dir: Path, world_
         per_device_train_batch_size=stage.batch_size // world_size,
         learning_rate=stage.learning_rate,
         lr_scheduler_type=stage.lr_scheduler,
-        warmup_steps=stage.warmup_steps,
+        warmup_steps=stage.warmup_step_count,
         weight_decay=stage.weight_decay,
         max_grad_norm=stage.max_grad_norm,
         bf16=recipe.bf16,

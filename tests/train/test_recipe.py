@@ -142,3 +142,20 @@ def test_lora_auto_is_the_default_and_a_bad_value_names_one_branch(recipe_dir):
     assert errors_of(write(recipe_dir, bad)).endswith("recipe.yaml:5: lora: Input should be 'auto' (got 'automatic')")
     wrong_key = GOOD.replace("OUT", "out").replace("r: 16,", "rank: 16,")
     assert errors_of(write(recipe_dir, wrong_key)).endswith("recipe.yaml:5: lora.rank: unknown key")
+
+
+def test_warmup_is_a_step_count_or_a_share_of_max_steps(recipe_dir, tmp_path):
+    from llm2emb.train.setup import training_arguments
+
+    path = write(recipe_dir, GOOD.replace("OUT", "out"))
+    recipe = load_recipe(path, ["stages.0.max_steps=51"])
+    stage = recipe.stages[0]
+    assert stage.warmup_steps == 0.1 and stage.warmup_step_count == 5  # the default: a tenth, rounded down
+    assert training_arguments(recipe, stage, tmp_path, world_size=1).warmup_steps == 5
+    assert load_recipe(path, ["stages.0.max_steps=9"]).stages[0].warmup_step_count == 0  # tiny runs: none
+    assert load_recipe(path, ["stages.0.warmup_steps=7"]).stages[0].warmup_step_count == 7
+    assert load_recipe(path, ["stages.0.warmup_steps=0.5"]).stages[1].warmup_step_count == 500  # inherited share
+    assert "stages[0].warmup_steps: 1000 (1000 steps) leaves no step after warmup: max_steps is 1000" in errors_of(
+        path, ["stages.0.warmup_steps=1000"])
+    assert "stages[0].warmup_steps: 1.5: a whole number of steps (>= 0) or a share of max_steps below 1" in errors_of(
+        path, ["stages.0.warmup_steps=1.5"])

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from llm2emb.errors import UserError
-from llm2emb.files import atomic_path, write_text_atomic
+from llm2emb.files import atomic_path, save_npy_atomic, write_text_atomic
 from llm2emb.precision import quantize
+from llm2emb.readers import BadRow, document_text, json_object
 from llm2emb.tokenization import locate_texts
 
 PLAN_FORMAT = 1
@@ -74,18 +75,13 @@ class Corpus:
                 continue
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{self.path}:{line_number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{self.path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            record = json_object(line, f"{self.path}:{line_number}")
+            if isinstance(record, BadRow):
+                raise UserError(str(record))
             text = record.get(self.text_field)
             if not isinstance(text, str) or not text.strip():
                 raise UserError(f"{self.path}:{line_number}: field {self.text_field!r} must be a non-empty string")
-            title = record.get("title")
-            if isinstance(title, str) and title.strip():
-                text = f"{title} {text}".strip()
+            text = document_text(record, self.text_field)
             row_id = None
             if self.id_field is not None:
                 if self.id_field not in record:
@@ -250,8 +246,7 @@ def encode_corpus(
         if corpus.id_field is not None:
             _write_ids(corpus, output)
         if ranges is not None:
-            with atomic_path(output.with_name(output.name + ".ranges.npy")) as staging, staging.open("wb") as handle:
-                np.save(handle, np.asarray(ranges, np.float32))
+            save_npy_atomic(output.with_name(output.name + ".ranges.npy"), ranges)
         os.replace(partial, output)
         for stale in (plan_path, *_progress_files(output)):
             stale.unlink(missing_ok=True)

@@ -69,6 +69,15 @@ def write_text_atomic(target: str | Path, text: str) -> Path:
     return Path(target)
 
 
+def save_npy_atomic(target: str | Path, array) -> Path:
+    """A float32 .npy written whole or not at all (no pickled objects)."""
+    import numpy as np
+
+    with atomic_path(target) as staging, staging.open("wb") as handle:
+        np.save(handle, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return Path(target)
+
+
 LOCK_NAME = ".lock"
 
 

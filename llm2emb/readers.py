@@ -27,13 +27,18 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                record = BadRow(f"{where}: not valid JSON ({exc.msg})")
-            if not isinstance(record, (dict, BadRow)):
-                record = BadRow(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+            yield where, json_object(line, where)
+
+
+def json_object(line: str, where: str) -> dict | BadRow:
+    """One JSONL line as a JSON object, or the BadRow that says why it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return BadRow(f"{where}: not valid JSON ({exc.msg})")
+    if not isinstance(record, dict):
+        return BadRow(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def delimited_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict | BadRow]]:
@@ -92,10 +97,11 @@ def read_qrels(path: Path) -> dict[str, dict[str, float]]:
     return qrels
 
 
-def document_text(row: dict) -> str:
+def document_text(row: dict, text_field: str = "text") -> str:
     """Title and text joined by a space, as BEIR and MTEB do (`(title + " " + text).strip()`)."""
     title = row.get("title") or ""
-    return (title + " " + row["text"]).strip() if title else row["text"]
+    text = row[text_field]
+    return (title + " " + text).strip() if isinstance(title, str) and title.strip() else text
 
 
 def qrel_pairs(

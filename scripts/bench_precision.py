@@ -64,27 +64,14 @@ def main(argv=None) -> None:
             if precision in ("int8", "uint8", "binary"):
                 theirs_codes = quantize_embeddings(corpus, precision, ranges=ranges)
                 # Their queries, quantized with their function too, ranked by the same search.
-                theirs = _search_their_codes(queries, theirs_codes, precision, ranges, rescore, quantize_embeddings)
+                theirs = search_codes(queries, theirs_codes, precision, 10, ranges, rescore,
+                                      quantizer=lambda v, p, r: quantize_embeddings(v, p, ranges=r))[0]
                 row["ndcg@10_sentence_transformers"] = ndcg(theirs)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "task": f"{data.name}/{args.split}",
                                                "documents": len(data.documents), "rows": rows}, indent=2) + "\n")
-
-
-def _search_their_codes(queries, corpus_codes, precision, ranges, rescore, quantize_embeddings):
-    from llm2emb.evaluate.search import top_k
-    from llm2emb.precision import dequantize
-
-    dim = queries.shape[1]
-    corpus = dequantize(corpus_codes, precision, ranges, dim)
-    coded = dequantize(quantize_embeddings(queries, precision, ranges=ranges), precision, ranges, dim)
-    if not rescore:
-        return top_k(coded, corpus, 10)[0]
-    candidates = top_k(coded, corpus, 10 * rescore)[0]
-    scores = np.einsum("qd,qcd->qc", queries, corpus[candidates])
-    return np.take_along_axis(candidates, np.argsort(-scores, axis=1, kind="stable")[:, :10], axis=1)
 
 
 if __name__ == "__main__":

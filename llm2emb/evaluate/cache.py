@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from llm2emb.assets import cache_dir
-from llm2emb.files import atomic_path
+from llm2emb.files import save_npy_atomic
 
 _SAMPLES_PER_TENSOR = 4096
 
@@ -99,6 +99,4 @@ class EmbeddingCache:
         return array if array.ndim == 2 and len(array) == rows else None
 
     def put(self, key: str, array: np.ndarray) -> Path:
-        with atomic_path(self.path(key)) as staging, staging.open("wb") as handle:
-            np.save(handle, np.asarray(array, dtype=np.float32), allow_pickle=False)
-        return self.path(key)
+        return save_npy_atomic(self.path(key), array)

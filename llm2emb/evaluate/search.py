@@ -67,14 +67,16 @@ def search_codes(
     ranges: np.ndarray | None = None,
     rescore: int | None = None,
     corpus_chunk: int = 16384,
+    quantizer=quantize,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k corpus rows for float `queries` against corpus codes; queries are quantized alike first.
 
     `rescore` (binary/ubinary): take k x rescore candidates by Hamming, re-rank them by float query . document signs.
+    `quantizer(vectors, precision, ranges)` codes the queries (another library's function, to compare codes).
     """
     dim = queries.shape[-1]
     corpus = dequantize(corpus_codes, precision, ranges, dim)
-    coded_queries = dequantize(quantize(queries, precision, ranges), precision, ranges, dim)
+    coded_queries = dequantize(quantizer(queries, precision, ranges), precision, ranges, dim)
     if not rescore or precision not in ("binary", "ubinary"):
         return top_k(coded_queries, corpus, k, corpus_chunk=corpus_chunk)
     candidates, _ = top_k(coded_queries, corpus, k * rescore, corpus_chunk=corpus_chunk)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -281,11 +282,14 @@ class Embedder(nn.Module):
 
         `layers=k` runs only the first k transformer layers (Matryoshka layers, see `_first_layers`). With a
         packed attention backend the batch's padding is dropped before the backbone and restored after it, so
-        the pooler sees the same (B, T, d) states either way.
+        the pooler sees the same (B, T, d) states either way. With `pool_rows` (C,) in the batch, `pool_mask` has C
+        rows and row c pools the states of input row `pool_rows[c]`: several vectors from one forward (situated
+        chunks, llm2emb.chunking).
         """
         attention_mask = batch["attention_mask"].to(self.device)
         input_ids = batch["input_ids"].to(self.device)
         pool_mask = batch["pool_mask"].to(self.device)
+        pool_rows = batch.get("pool_rows")
         empty = (pool_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
         if empty:  # a pooler would return zeros (mean) or a pad token's state: refuse, never a silent garbage vector
             raise UnembeddableText(empty[0], "no token of the text is in the batch's pool mask")
@@ -298,6 +302,10 @@ class Embedder(nn.Module):
             else:
                 hidden, all_layers = self._packed_states(input_ids, attention_mask, kernel)
         pooler_dtype = next(self.pooler.parameters(), torch.empty(0)).dtype
+        if pool_rows is not None:
+            pool_rows = pool_rows.to(self.device)
+            hidden = hidden[pool_rows]
+            all_layers = None if all_layers is None else tuple(h[pool_rows] for h in all_layers)
         if all_layers is not None:
             all_layers = tuple(h.to(pooler_dtype) for h in all_layers)
         return self.pooler(hidden.to(pooler_dtype), pool_mask, all_layers)
@@ -389,20 +397,84 @@ class Embedder(nn.Module):
                     vectors = self.forward(self._pad([rows[i] for i in index]), layers=layers).float()
                 except UnembeddableText as exc:
                     raise UnembeddableText(int(index[exc.index]), exc.detail) from None
-                if dim is not None:
-                    vectors = vectors[:, :dim]
-                norms = vectors.norm(dim=-1)
-                bad = (~torch.isfinite(norms) | (norms == 0)).nonzero().flatten().tolist()
-                if bad:  # never a zero or NaN row in the result: name the text instead
-                    raise UnembeddableText(int(index[bad[0]]), f"the model gave a vector of norm {norms[bad[0]].item()}")
-                if normalize:
-                    vectors = torch.nn.functional.normalize(vectors, dim=-1)
-                result[index] = vectors.cpu().numpy()
+                result[index] = finish_vectors(vectors, dim, normalize, index)
                 if on_batch is not None:
                     on_batch(len(index), int(sum(lengths[i] for i in index)))
         finally:
             self.train(was_training)
         return quantize(result, precision, ranges)
+
+    @torch.inference_mode()
+    def encode_chunks(
+        self,
+        documents: Sequence[str],
+        spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+        chunker: str | Callable[[str], list[tuple[int, int]]] = "sentences",
+        window: int | None = None,
+        instruction: str | None = None,
+        kind: str = "document",
+        batch_size: int = 8,
+        normalize: bool | None = None,
+        dim: int | None = None,
+        show_progress_bar: bool | None = None,
+        precision: str = "float32",
+        ranges: np.ndarray | None = None,
+    ) -> list[DocumentChunks]:
+        """Situated chunks (llm2emb.chunking): each chunk of each document embedded in its document's context.
+
+        `spans[i]` are character spans of `documents[i]`; without them `chunker` ("sentences", "words:N" or a
+        callable text -> spans) makes them. Forwards are at most `window` tokens (default max_length). Returns one
+        `DocumentChunks(spans, vectors)` per document, vectors (chunks, d) like `encode`'s. Documents get the
+        folder's default document instruction unless `instruction` is given.
+        """
+        from llm2emb.chunking import check_spans, chunk_windows, chunker_from_spec
+
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        if dim is not None and not 0 < dim <= self.dim:
+            raise UserError(f"dim must be between 1 and {self.dim}, got {dim}")
+        if isinstance(documents, str):
+            raise TypeError("documents must be a list of strings, not a single string")
+        if spans is not None and len(spans) != len(documents):
+            raise UserError(f"{len(spans)} span lists for {len(documents)} documents")
+        check_precision(precision)
+        if needs_ranges(precision) and ranges is None:
+            raise UserError(f"precision {precision} needs calibration ranges (llm2emb.precision.calibration_ranges)")
+        if kind == "document":
+            instruction = instruction or self.config.default_document_instruction
+        normalize = self.config.normalize if normalize is None else normalize
+        chunk = None if spans is not None else chunker_from_spec(chunker)
+        plans, windows = [], []
+        for number, text in enumerate(documents):
+            where = f"document {number}"
+            own = check_spans(text, spans[number] if spans is not None else chunk(text), where)
+            plans.append(own)
+            for piece in chunk_windows(self.prompt_tokenizer, text, own, instruction, kind, window, number):
+                windows.append((number, piece))
+        offsets = np.cumsum([0] + [len(own) for own in plans])
+        result = np.zeros((int(offsets[-1]), dim or self.dim), dtype=np.float32)
+        order = np.argsort([-len(piece.ids) for _, piece in windows], kind="stable")
+        if show_progress_bar is None:
+            show_progress_bar = len(windows) >= PROGRESS_BAR_MIN_TEXTS
+        was_training = self.training
+        self.eval()
+        try:
+            for begin in tqdm(range(0, len(order), batch_size), disable=not show_progress_bar, desc="encode",
+                              unit="batch"):
+                group = [windows[i] for i in order[begin:begin + batch_size]]
+                batch = self._pad([(piece.ids, piece.pools[0]) for _, piece in group])
+                chunk_rows = [(row, number, member, pool) for row, (number, piece) in enumerate(group)
+                              for member, pool in zip(piece.chunks, piece.pools)]
+                # the same ids padded alike, so each chunk's pool mask lines up with its window's row
+                batch["pool_mask"] = self._pad([(group[row][1].ids, pool) for row, _, _, pool in chunk_rows])["pool_mask"]
+                batch["pool_rows"] = torch.tensor([row for row, _, _, _ in chunk_rows])
+                targets = [int(offsets[number] + member) for _, number, member, _ in chunk_rows]
+                vectors = self.forward(batch).float()
+                result[targets] = finish_vectors(vectors, dim, normalize, [number for _, number, _, _ in chunk_rows])
+        finally:
+            self.train(was_training)
+        coded = quantize(result, precision, ranges)
+        return [DocumentChunks(own, coded[offsets[i]:offsets[i + 1]]) for i, own in enumerate(plans)]
 
     def encode_queries(self, texts: Sequence[str], instruction: str | None = None, **kwargs) -> np.ndarray:
         """Queries get the instruction (the folder's default when None) through the query template."""
@@ -436,6 +508,30 @@ class Embedder(nn.Module):
             state = {k: v.detach().contiguous().cpu() for k, v in self.pooler.state_dict().items()}
             save_file(state, str(folder / POOLING_WEIGHTS_NAME))
         config.save(folder)
+
+
+@dataclass(frozen=True)
+class DocumentChunks:
+    """One document's chunks: their character spans and their vectors (one row per span)."""
+
+    spans: list[tuple[int, int]]
+    vectors: np.ndarray
+
+
+def finish_vectors(vectors: torch.Tensor, dim: int | None, normalize: bool, texts: Sequence[int]) -> np.ndarray:
+    """Pooled vectors as encode returns them: truncated to `dim`, checked, normalised, numpy.
+
+    A zero or non-finite row raises `UnembeddableText` naming its text (`texts[row]`): never a zero or NaN row.
+    """
+    if dim is not None:
+        vectors = vectors[:, :dim]
+    norms = vectors.norm(dim=-1)
+    bad = (~torch.isfinite(norms) | (norms == 0)).nonzero().flatten().tolist()
+    if bad:
+        raise UnembeddableText(int(texts[bad[0]]), f"the model gave a vector of norm {norms[bad[0]].item()}")
+    if normalize:
+        vectors = torch.nn.functional.normalize(vectors, dim=-1)
+    return vectors.cpu().numpy()
 
 
 def load_prompt_tokenizer(

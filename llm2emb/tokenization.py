@@ -49,6 +49,24 @@ class TokenizedPrompt:
 
 
 @dataclass(frozen=True)
+class LocatedText:
+    """A prompt tokenized whole: its text's tokens are ids[first:last + 1]; the text starts at character
+    `text_start` of the prompt, the frame of `offsets`."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    first: int
+    last: int
+    text_start: int
+
+
+def _text_positions(prompt: Prompt, offsets, special) -> list[int]:
+    """Positions of the non-special tokens that overlap the prompt's text."""
+    return [i for i, ((begin, end), is_special) in enumerate(zip(offsets, special))
+            if not is_special and end > prompt.text_start and begin < prompt.text_end]
+
+
+@dataclass(frozen=True)
 class PromptTokenizer:
     """Renders texts through a folder's templates and tokenizes them under the truncation rule above."""
 
@@ -88,10 +106,7 @@ class PromptTokenizer:
                                 encoded["special_tokens_mask"][offset], limit, start + offset)
 
     def _fit(self, prompt: Prompt, ids, offsets, special, limit: int, index: int) -> TokenizedPrompt:
-        text_positions = [
-            i for i, ((begin, end), is_special) in enumerate(zip(offsets, special))
-            if not is_special and end > prompt.text_start and begin < prompt.text_end
-        ]
+        text_positions = _text_positions(prompt, offsets, special)
         budget = limit - int(self.append_eos)
         if not text_positions:
             raise UnembeddableText(index, "the text is empty (no token to embed)")
@@ -107,6 +122,18 @@ class PromptTokenizer:
             kept_ids.append(self.tokenizer.eos_token_id)
             pool.append(1)
         return TokenizedPrompt(kept_ids, pool, text_tokens - keep)
+
+    def locate_text(self, text: str, instruction: str | None = None, kind: str = "query") -> LocatedText | None:
+        """The whole prompt's ids and offsets, uncut, and where its text's tokens are; None if the text has none."""
+        render = self.prompts.query if kind == "query" else self.prompts.document
+        prompt = render(text, instruction)
+        encoded = self.tokenizer(prompt.string, add_special_tokens=True, return_offsets_mapping=True,
+                                 return_special_tokens_mask=True, verbose=False)
+        positions = _text_positions(prompt, encoded["offset_mapping"], encoded["special_tokens_mask"])
+        if not positions:
+            return None
+        return LocatedText(list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]],
+                           positions[0], positions[-1], prompt.text_start)
 
     def prompt_tokens(self, instruction: str | None, kind: str = "query") -> int:
         """Tokens the prompt takes besides its text (template, instruction, special tokens, appended EOS).

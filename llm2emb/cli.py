@@ -80,6 +80,10 @@ def add_encode(sub) -> None:
     p.add_argument("--calibration", metavar="NPY",
                    help="int8/uint8: float embeddings of a sample (e.g. an earlier float32 encode), or a saved "
                         "OUTPUT.ranges.npy, whose per-dimension min and max set the levels")
+    p.add_argument("--chunks", metavar="CHUNKER",
+                   help="situated chunks: split every text (sentences | words:N) and write one row per chunk, each "
+                        "embedded in its text's context; OUTPUT.chunks.jsonl maps rows to input rows and spans")
+    p.add_argument("--window", type=int, help="--chunks: tokens per forward over a text (default: max_length)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_encode)
 
@@ -120,14 +124,19 @@ def run_encode(args) -> None:
         with source.open("wb") as spool:
             shutil.copyfileobj(sys.stdin.buffer, spool)
     try:
-        corpus = scan(source, text_field=args.text_field, id_field=args.id_field, chunk_size=args.chunk_size)
+        if args.window is not None and not args.chunks:
+            raise UserError("--window sizes the forwards of --chunks; give --chunks too")
+        if args.window is not None and args.window < 2:
+            raise UserError(f"--window must be at least 2 tokens, got {args.window}")
+        corpus = scan(source, text_field=args.text_field, id_field=args.id_field, chunk_size=args.chunk_size,
+                      chunker=args.chunks)
         embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, attention_backend=args.attention_backend,
                                             device=device)
         stats = encode_corpus(
             embedder, corpus, output, instruction=args.instruction, documents=args.documents,
             batch_size=args.batch_size, dim=args.dim, layers=args.layers, max_tokens=args.max_tokens,
             rank=rank, world_size=world, barrier=barrier, progress=not args.quiet,
-            precision=args.precision, ranges=ranges,
+            precision=args.precision, ranges=ranges, window=args.window,
         )
     finally:
         if args.input == "-":

@@ -52,6 +52,20 @@ class Corpus:
     """Byte offset of the first line of every chunk."""
     line_numbers: list[int] = field(default_factory=list)
     """Line number (1-based) of the first row of every chunk, for error locations."""
+    chunker: str | None = None
+    """Situated chunks (llm2emb.chunking): `sentences` or `words:N` split each row into several output rows."""
+    vector_counts: list[int] = field(default_factory=list)
+    """Output rows of every chunk: its rows, or with `chunker` its rows' text chunks."""
+
+    @property
+    def vectors(self) -> int:
+        return sum(self.vector_counts)
+
+    def spans(self, text: str, where: str) -> list[tuple[int, int]]:
+        """The text chunks of one row (with `chunker`), refused with the row's location when there are none."""
+        from llm2emb.chunking import check_spans, chunker_from_spec
+
+        return check_spans(text, chunker_from_spec(self.chunker)(text), where)
 
     def read_chunk(self, chunk: int) -> tuple[list[str], list[str], list[str | None]]:
         """(texts, locations, ids) of one chunk's rows."""
@@ -97,14 +111,21 @@ def _decode(raw: bytes, path: Path, line_number: int) -> str:
         raise UserError(f"{path}:{line_number}: not UTF-8 text (byte {exc.start})") from None
 
 
-def scan(path: Path, text_field: str = "text", id_field: str | None = None, chunk_size: int = 4096) -> Corpus:
-    """Check every row and note where each chunk starts; blank text lines are refused with their numbers."""
+def scan(path: Path, text_field: str = "text", id_field: str | None = None, chunk_size: int = 4096,
+         chunker: str | None = None) -> Corpus:
+    """Check every row and note where each chunk starts; blank text lines are refused with their numbers.
+
+    With `chunker` every row is split here already, so the output's size is known before encoding starts."""
     if not path.is_file():
         raise UserError(f"{path}: input file not found")
     jsonl = path.suffix.lower() in (".jsonl", ".json")
     if chunk_size < 1:
         raise UserError(f"chunk size must be at least 1, got {chunk_size}")
-    corpus = Corpus(path, jsonl, text_field, id_field, chunk_size)
+    if chunker is not None:
+        from llm2emb.chunking import chunker_from_spec
+
+        chunker_from_spec(chunker)  # a bad spec fails before the pass
+    corpus = Corpus(path, jsonl, text_field, id_field, chunk_size, chunker=chunker)
     blank: list[int] = []
     blank_count = 0
     with path.open("rb") as handle:
@@ -122,8 +143,13 @@ def scan(path: Path, text_field: str = "text", id_field: str | None = None, chun
             if corpus.rows % chunk_size == 0:
                 corpus.offsets.append(start)
                 corpus.line_numbers.append(line_number)
-            if jsonl:  # the same checks the encoding pass makes, so a bad row fails before any encoding
-                next(corpus._rows([raw], line_number))
+                corpus.vector_counts.append(0)
+            vectors = 1
+            if jsonl or chunker:  # the same checks the encoding pass makes, so a bad row fails before any encoding
+                _, text, _ = next(corpus._rows([raw], line_number))
+                if chunker:
+                    vectors = len(corpus.spans(text, f"{path}:{line_number}"))
+            corpus.vector_counts[-1] += vectors
             corpus.rows += 1
     if not corpus.rows:
         raise UserError(f"{path}: input has no text lines")
@@ -172,16 +198,21 @@ def encode_corpus(
     progress: bool = True,
     precision: str = "float32",
     ranges: np.ndarray | None = None,
+    window: int | None = None,
 ) -> EncodeStats:
     """Encode `corpus` into `output` (.npy) chunk by chunk; see the module doc. `barrier` synchronises processes.
 
     `precision` writes compressed codes (llm2emb.precision); int8/uint8 need calibration `ranges`, which are saved
-    beside the output (`<output>.ranges.npy`) so that queries can be quantized alike."""
+    beside the output (`<output>.ranges.npy`) so that queries can be quantized alike. A corpus scanned with a
+    `chunker` gets one row per text chunk, each embedded in its row's context (`Embedder.encode_chunks`, forwards of
+    at most `window` tokens), and `<output>.chunks.jsonl` says which row and character span each output row is."""
     from tqdm.auto import tqdm
 
     from llm2emb.evaluate.cache import model_fingerprint
 
     output = Path(output)
+    if corpus.chunker and (layers or max_tokens):
+        raise UserError("--layers and --max-tokens are not available with --chunks")
     width = dim or embedder.dim
     probe = quantize(np.zeros((1, width), np.float32), precision, ranges)  # the codes' dtype and row width
     partial, plan_path = sidecar(output, "partial.npy"), sidecar(output, "plan.json")
@@ -191,6 +222,7 @@ def encode_corpus(
         "rows": corpus.rows, "chunk_size": corpus.chunk_size, "dim": width, "model": model_fingerprint(embedder),
         "instruction": instruction, "documents": documents, "layers": layers, "text_field": corpus.text_field,
         "precision": precision, "ranges": None if ranges is None else hashlib.sha256(ranges.tobytes()).hexdigest(),
+        "chunker": corpus.chunker, "window": window,
     }
     chunks = len(corpus.offsets)
     if rank == 0:
@@ -199,23 +231,27 @@ def encode_corpus(
             for stale in (partial, *_progress_files(output)):
                 stale.unlink(missing_ok=True)
             output.parent.mkdir(parents=True, exist_ok=True)
-            np.lib.format.open_memmap(partial, mode="w+", dtype=probe.dtype, shape=(corpus.rows, probe.shape[1])).flush()
+            np.lib.format.open_memmap(partial, mode="w+", dtype=probe.dtype, shape=(corpus.vectors, probe.shape[1])).flush()
             write_text_atomic(plan_path, json.dumps(plan, indent=2) + "\n")
     barrier()
     done = set().union(*(set(json.loads(p.read_text())) for p in _progress_files(output)))
-    resumed_rows = sum(_chunk_rows(corpus, c) for c in done)
+    resumed_rows = sum(corpus.vector_counts[c] for c in done)
     if rank == 0 and done:
-        print(f"resuming: {resumed_rows} of {corpus.rows} rows were encoded by an interrupted run", file=sys.stderr)
+        print(f"resuming: {resumed_rows} of {corpus.vectors} rows were encoded by an interrupted run", file=sys.stderr)
     mine = [c for c in range(chunks) if c % world_size == rank and c not in done]
     offset = _data_offset(partial)
     progress_path = sidecar(output, f"progress-{rank}.json")
     finished = sorted(c for c in done if c % world_size == rank)
-    encode = embedder.encode_documents if documents else embedder.encode
-    stats = EncodeStats(corpus.rows, width, 0.0, resumed_rows=resumed_rows, precision=precision)
+    kind = "document" if documents else "query"
+    if documents and not instruction:
+        instruction = embedder.config.default_document_instruction
+    first_vector = np.cumsum([0] + corpus.vector_counts)
+    stats = EncodeStats(corpus.vectors, width, 0.0, resumed_rows=resumed_rows, precision=precision)
     from llm2emb.model import PROGRESS_BAR_MIN_TEXTS
 
     shown = progress and rank == 0 and corpus.rows >= PROGRESS_BAR_MIN_TEXTS
-    bar = tqdm(total=sum(_chunk_rows(corpus, c) for c in mine), disable=not shown, desc="encode", unit="text")
+    bar = tqdm(total=sum(corpus.vector_counts[c] for c in mine), disable=not shown, desc="encode",
+               unit="chunk" if corpus.chunker else "text")
     started = time.perf_counter()
 
     def advance(texts: int, tokens: int) -> None:
@@ -229,12 +265,20 @@ def encode_corpus(
         for chunk in mine:
             texts, where, _ = corpus.read_chunk(chunk)
             with locate_texts(lambda i, where=where: where[i]):
-                vectors = encode(texts, instruction=instruction, batch_size=batch_size, dim=dim, layers=layers,
-                                 max_tokens=max_tokens, show_progress_bar=False, on_batch=advance,
-                                 precision=precision, ranges=ranges)
+                if corpus.chunker:
+                    pieces = embedder.encode_chunks(
+                        texts, spans=[corpus.spans(t, w) for t, w in zip(texts, where)], window=window,
+                        instruction=instruction, kind=kind, batch_size=batch_size, dim=dim, show_progress_bar=False,
+                        on_batch=advance, precision=precision, ranges=ranges)
+                    vectors = np.concatenate([piece.vectors for piece in pieces])
+                else:
+                    vectors = embedder.encode(
+                        texts, instruction=instruction, kind=kind, batch_size=batch_size, dim=dim, layers=layers,
+                        max_tokens=max_tokens, show_progress_bar=False, on_batch=advance, precision=precision,
+                        ranges=ranges)
             # Plain positioned writes, not a memory map: mapped pages would count in the process's memory.
             with partial.open("r+b") as handle:
-                handle.seek(offset + chunk * corpus.chunk_size * probe.nbytes)
+                handle.seek(offset + int(first_vector[chunk]) * probe.nbytes)
                 handle.write(np.ascontiguousarray(vectors, dtype=probe.dtype).tobytes())
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -245,6 +289,8 @@ def encode_corpus(
     if rank == 0:
         if corpus.id_field is not None:
             _write_ids(corpus, output)
+        if corpus.chunker:
+            _write_chunk_index(corpus, output)
         if ranges is not None:
             save_npy_atomic(output.with_name(output.name + ".ranges.npy"), ranges)
         os.replace(partial, output)
@@ -265,10 +311,6 @@ def _data_offset(path: Path) -> int:
         return handle.tell()
 
 
-def _chunk_rows(corpus: Corpus, chunk: int) -> int:
-    return min(corpus.chunk_size, corpus.rows - chunk * corpus.chunk_size)
-
-
 def _progress_files(output: Path) -> list[Path]:
     return sorted(output.parent.glob(f".{output.name}.progress-*.json"))
 
@@ -279,3 +321,16 @@ def _write_ids(corpus: Corpus, output: Path) -> None:
     with atomic_path(target) as staging, staging.open("w", encoding="utf-8") as handle:
         for chunk in range(len(corpus.offsets)):
             handle.writelines(f"{row_id}\n" for row_id in corpus.read_chunk(chunk)[2])
+
+
+def _write_chunk_index(corpus: Corpus, output: Path) -> None:
+    """`<output>.chunks.jsonl`: line i says which input row (and id) output row i comes from, and its span."""
+    target = output.with_name(output.name + ".chunks.jsonl")
+    with atomic_path(target) as staging, staging.open("w", encoding="utf-8") as handle:
+        for chunk in range(len(corpus.offsets)):
+            texts, where, ids = corpus.read_chunk(chunk)
+            for number, (text, location, row_id) in enumerate(zip(texts, where, ids)):
+                row = chunk * corpus.chunk_size + number
+                for start, end in corpus.spans(text, location):
+                    record = {"row": row, **({"id": row_id} if row_id is not None else {}), "start": start, "end": end}
+                    handle.write(json.dumps(record) + "\n")

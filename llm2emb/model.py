@@ -417,6 +417,7 @@ class Embedder(nn.Module):
         normalize: bool | None = None,
         dim: int | None = None,
         show_progress_bar: bool | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
         precision: str = "float32",
         ranges: np.ndarray | None = None,
     ) -> list[DocumentChunks]:
@@ -425,7 +426,8 @@ class Embedder(nn.Module):
         `spans[i]` are character spans of `documents[i]`; without them `chunker` ("sentences", "words:N" or a
         callable text -> spans) makes them. Forwards are at most `window` tokens (default max_length). Returns one
         `DocumentChunks(spans, vectors)` per document, vectors (chunks, d) like `encode`'s. Documents get the
-        folder's default document instruction unless `instruction` is given.
+        folder's default document instruction unless `instruction` is given. `on_batch(chunks, tokens)` is called
+        after each batch of forwards.
         """
         from llm2emb.chunking import check_spans, chunk_windows, chunker_from_spec
 
@@ -471,6 +473,8 @@ class Embedder(nn.Module):
                 targets = [int(offsets[number] + member) for _, number, member, _ in chunk_rows]
                 vectors = self.forward(batch).float()
                 result[targets] = finish_vectors(vectors, dim, normalize, [number for _, number, _, _ in chunk_rows])
+                if on_batch is not None:
+                    on_batch(len(chunk_rows), sum(len(piece.ids) for _, piece in group))
         finally:
             self.train(was_training)
         coded = quantize(result, precision, ranges)

@@ -141,3 +141,36 @@ def test_scan_refuses_what_has_no_rows(tmp_path):
     (tmp_path / "blank.jsonl").write_text("\n\n")
     with pytest.raises(UserError, match="input has no text lines"):
         scan(tmp_path / "blank.jsonl")
+
+
+def test_chunks_write_one_row_per_situated_chunk_and_an_index(converted, tmp_path, capsys):
+    documents = ["A cat sat. It purred loudly! Then it slept.", "One line only", "Dogs bark. Birds sing."]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n"
+                                                 for i, t in enumerate(documents)))
+    out = tmp_path / "chunks.npy"
+    assert main(["encode", str(converted), "--input", str(tmp_path / "docs.jsonl"), "--output", str(out),
+                 "--documents", "--chunks", "sentences", "--id-field", "_id", "--chunk-size", "2"]) == 0
+    assert "6 x 64 float32" in capsys.readouterr().out
+    want = Embedder.from_pretrained(converted).encode_chunks(documents)
+    np.testing.assert_allclose(np.load(out), np.concatenate([c.vectors for c in want]), atol=1e-5)
+    index = [json.loads(line) for line in (tmp_path / "chunks.npy.chunks.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["id"], documents[r["row"]][r["start"]:r["end"]]) for r in index] == [
+        (0, "d0", "A cat sat."), (0, "d0", "It purred loudly!"), (0, "d0", "Then it slept."),
+        (1, "d1", "One line only"), (2, "d2", "Dogs bark."), (2, "d2", "Birds sing.")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--chunks", "paragraphs"], r"chunker 'paragraphs': expected 'sentences' or 'words:N'"),
+        (["--window", "64"], r"--window sizes the forwards of --chunks"),
+        (["--chunks", "sentences", "--layers", "1"], r"--layers and --max-tokens are not available with --chunks"),
+    ],
+)
+def test_chunk_options_are_checked(converted, tmp_path, capsys, extra, message):
+    (tmp_path / "t.txt").write_text("a cat. a dog.\n")
+    code = main(["encode", str(converted), "--input", str(tmp_path / "t.txt"), "--output", str(tmp_path / "e.npy"),
+                 *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "e.npy").exists()

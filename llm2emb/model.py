@@ -244,13 +244,28 @@ class Embedder(nn.Module):
         instructions: str | Sequence[str | None] | None = None,
         max_length: int | None = None,
         kind: str = "query",
+        spans: Sequence[tuple[int, int] | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Token ids, attention mask and pool mask (1 on the text's own tokens, plus EOS if appended).
 
         `kind` picks the template the instruction goes through: "query" or "document". A prompt over `max_length`
         loses tokens of its text only; a text left no token raises `UnembeddableText` (llm2emb.tokenization).
+        `spans[i]` (characters of text i, or None) makes row i a situated chunk: the text is its context (a window
+        of `max_length` tokens around the span, llm2emb.chunking) and only the span's tokens are pooled.
         """
-        return self._pad(list(self._rows(texts, instructions, max_length, kind)))
+        rows = list(self._rows(texts, instructions, max_length, kind))
+        if spans is not None:
+            from llm2emb.chunking import chunk_windows
+
+            if len(spans) != len(texts):
+                raise ValueError(f"{len(spans)} spans for {len(texts)} texts")
+            per_text = instructions if isinstance(instructions, (list, tuple)) else [instructions] * len(texts)
+            for index, span in enumerate(spans):
+                if span is not None:
+                    [window] = chunk_windows(self.prompt_tokenizer, texts[index], [span], per_text[index], kind,
+                                             max_length or self.config.max_length, index)
+                    rows[index] = (window.ids, window.pools[0])
+        return self._pad(rows)
 
     @property
     def prompt_tokenizer(self) -> PromptTokenizer:

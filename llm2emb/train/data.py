@@ -39,7 +39,7 @@ from llm2emb.train.recipe_file import format_key_path
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("query", "positive", "negatives", "instruction")
+COLUMNS = ("query", "positive", "negatives", "instruction", "positive_span")
 ID_MASK = (1 << 63) - 1
 
 
@@ -99,6 +99,7 @@ def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset"
             "positive": datasets.Value("string"),
             "negatives": datasets.List(datasets.Value("string")),
             "instruction": datasets.Value("string"),
+            "positive_span": datasets.List(datasets.Value("int64")),
             **({"score": datasets.Value("float32")} if graded else {}),
         }
     )
@@ -168,19 +169,37 @@ def _triple(record: Any, spec: DatasetSpec, where: str) -> dict:
     instruction = _field(record, spec, "instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise BadRow(f"{where}: 'instruction' must be a string, got {instruction!r:.60}")
+    positive = _text(record, spec, "positive", where)
     return {
         "query": _text(record, spec, "query", where),
-        "positive": _text(record, spec, "positive", where),
+        "positive": positive,
         "negatives": negatives,
         "instruction": instruction or None,
+        "positive_span": _span(_field(record, spec, "positive_span"), positive, where, spec.format in ("csv", "tsv")),
     }
 
 
-def _json_list(text: str, where: str) -> list:
+def _span(value: Any, positive: str, where: str, in_cell: bool) -> list[int]:
+    """A situated positive's [start, end] characters inside `positive` (its context); [] when the row has none."""
+    if value in (None, "", []):
+        return []
+    if isinstance(value, str) and in_cell:
+        value = _json_list(value, where, "positive_span")
+    if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in value)):
+        raise BadRow(f"{where}: 'positive_span' must be [start, end] character offsets, got {value!r:.60}")
+    start, end = value
+    if not 0 <= start < end <= len(positive) or not positive[start:end].strip():
+        raise BadRow(f"{where}: 'positive_span' {value} is not a non-blank span of the positive "
+                     f"({len(positive)} characters)")
+    return [start, end]
+
+
+def _json_list(text: str, where: str, column: str = "negatives") -> list:
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        raise BadRow(f"{where}: 'negatives' in a CSV/TSV cell must be a JSON list of strings") from None
+        raise BadRow(f"{where}: '{column}' in a CSV/TSV cell must be a JSON list") from None
     return value
 
 
@@ -205,7 +224,7 @@ def _scored_pair(record: Any, spec: DatasetSpec, where: str, graded: bool = Fals
     for name, value in pair.items():
         if not value.strip():
             raise BadRow(f"{where}: empty {names['sentence1' if name == 'query' else 'sentence2']}")
-    return {**pair, "negatives": [], "instruction": None, "score": score}
+    return {**pair, "negatives": [], "instruction": None, "positive_span": [], "score": score}
 
 
 # ---- a stage's data and its batch order --------------------------------------------------------------------
@@ -285,6 +304,7 @@ class StageData(torch.utils.data.Dataset):
             "in_batch_negatives": part.spec.in_batch_negatives,
             "where": part.where(local),
             "score": row.get("score"),
+            "positive_span": tuple(row["positive_span"]) or None,
         }
 
     def _negatives(self, part: LoadedDataset, local: int, row: dict, rng: np.random.Generator) -> list[str]:
@@ -364,23 +384,29 @@ class ContrastiveCollator:
         if len({item["source"] for item in items}) != 1:
             raise ValueError("a training batch must come from one dataset (use StageData.batch_sampler)")
         documents = [item["positive"] for item in items] + [n for item in items for n in item["negatives"]]
+        spans = [item.get("positive_span") for item in items] + [None] * (len(documents) - len(items))
         queries = [item["query"] for item in items]
         instructions = [item["instruction"] for item in items]
         owners = [*range(len(items)), *(i for i, item in enumerate(items) for _ in item["negatives"])]
         with locate_texts(lambda i: f"{items[i]['where']}: query"):
             query_batch = dict(self.embedder.tokenize(queries, instructions=instructions, max_length=self.max_length))
         with locate_texts(lambda i: f"{items[owners[i]]['where']}: document"):
-            document_batch = dict(self.embedder.tokenize(documents, max_length=self.max_length, kind="document"))
+            document_batch = dict(self.embedder.tokenize(documents, max_length=self.max_length, kind="document",
+                                                         spans=spans if any(spans) else None))
         extra: dict[str, Any] = {}
         if items[0]["score"] is not None:  # a cosent/angle stage: the loss ranks pairs by these
             extra["scores"] = torch.tensor([item["score"] for item in items], dtype=torch.float32)
+        # A situated positive is its span in context: the teacher (no context) sees the span, and two spans of one
+        # document are two documents.
+        chunks = [text if span is None else text[span[0]:span[1]] for text, span in zip(documents, spans)]
+        keys = [text if span is None else f"{text}\x00{span[0]}:{span[1]}" for text, span in zip(documents, spans)]
         if self.keep_texts:
-            extra["texts"] = {"queries": queries, "instructions": instructions, "documents": documents}
+            extra["texts"] = {"queries": queries, "instructions": instructions, "documents": chunks}
         return {
             **extra,
             "queries": query_batch,
             "documents": document_batch,
             "query_ids": torch.tensor([text_id(text) for text in queries], dtype=torch.long),
-            "document_ids": torch.tensor([text_id(text) for text in documents], dtype=torch.long),
+            "document_ids": torch.tensor([text_id(key) for key in keys], dtype=torch.long),
             "in_batch_negatives": bool(items[0]["in_batch_negatives"]),
         }

@@ -112,7 +112,7 @@ class DatasetSpec(_Strict):
     """BEIR qrels split, or the split asked of `datasets.load_dataset`."""
     subset: str | None = None
     """The configuration name passed to `datasets.load_dataset` (format: hf)."""
-    columns: dict[Literal["query", "positive", "negative", "negatives", "instruction", "text"], str] = {}
+    columns: dict[Literal["query", "positive", "negative", "negatives", "instruction", "positive_span", "text"], str] = {}
     """Our field -> the column that holds it, e.g. {query: anchor, positive: pos}."""
     instruction: str | None = None
     """Put in front of every query of this dataset (a row's own `instruction` field wins)."""

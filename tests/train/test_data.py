@@ -195,3 +195,40 @@ def test_collator_layout(tmp_path, tiny_embedder):
     mixed = dict(items[1], source=1)
     with pytest.raises(ValueError, match="one dataset"):
         collator([items[0], mixed])
+
+
+def test_situated_positives_pool_their_span_in_context(tmp_path, tiny_embedder):
+    context = "Aspirin inhibits cyclooxygenase. It lowers fever. Ibuprofen does too."
+    spans = [[33, 49], [50, 69], [0, 32]]  # "It lowers fever.", "Ibuprofen does too.", the first sentence
+    rows = [{"query": f"claim {i}", "positive": context, "positive_span": span} for i, span in enumerate(spans)]
+    rows.append({"query": "plain", "positive": "A plain positive."})
+    part = loaded(tmp_path, "s", rows)
+    assert part.rows["positive_span"] == [*spans, []]
+    items = [StageData([part], batch_size=4, hard_negatives=0, seed=0)[i] for i in range(4)]
+    assert items[0]["positive_span"] == (33, 49) and items[3]["positive_span"] is None
+    batch = ContrastiveCollator(tiny_embedder, max_length=64, keep_texts=True)(items)
+    documents = batch["documents"]
+    located = tiny_embedder.prompt_tokenizer.locate_text(context, kind="document")
+    assert documents["input_ids"][0, :len(located.ids)].tolist() == located.ids  # the whole context goes in
+    pooled = [tiny_embedder.tokenizer.decode([t for t, keep in zip(documents["input_ids"][i], documents["pool_mask"][i])
+                                              if keep]).strip() for i in range(3)]
+    assert pooled == [context[a:b] for a, b in spans]  # only the span is pooled
+    with torch.no_grad():
+        vectors = torch.nn.functional.normalize(tiny_embedder.forward(documents), dim=-1)[:3].numpy()
+    [expected] = tiny_embedder.encode_chunks([context], spans=[[tuple(s) for s in spans]])
+    assert abs(vectors - expected.vectors).max() < 1e-5  # the training vector is the inference vector
+    # three spans of one context are three documents; the teacher, which has no context, sees the spans
+    assert len(set(batch["document_ids"][:3].tolist())) == 3
+    assert batch["texts"]["documents"][:4] == [context[a:b] for a, b in spans] + ["A plain positive."]
+
+
+@pytest.mark.parametrize(("span", "message"), [
+    ([5, 500], r"s.jsonl:1: 'positive_span' \[5, 500\] is not a non-blank span of the positive \(9 characters\)"),
+    ([3, 4], r"'positive_span' \[3, 4\] is not a non-blank span"),
+    ("x", r"s.jsonl:1: 'positive_span' must be \[start, end\] character offsets"),
+    ([1.5, 3], r"'positive_span' must be \[start, end\]"),
+])
+def test_bad_positive_spans_name_the_row(tmp_path, span, message):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"query": "q", "positive": "abc defgh", "positive_span": span}])
+    with pytest.raises(UserError, match=message):
+        load_rows(spec(path))

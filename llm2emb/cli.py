@@ -41,6 +41,9 @@ def add_convert(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--query-instruction", help="default instruction for queries")
+    p.add_argument("--rope-scaling", metavar="METHOD:FACTOR",
+                   help="stretch RoPE for texts beyond the trained window: pi | ntk | yarn, e.g. yarn:4 (texts "
+                        "within the window embed as before; raise --max-length to use it)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(run=run_convert)
 
@@ -51,8 +54,11 @@ def run_convert(args) -> None:
     embedder = convert(
         args.base, args.out, pooling=args.pooling, attention=args.attention, dtype=args.dtype,
         max_length=args.max_length, query_instruction=args.query_instruction, overwrite=args.overwrite,
+        rope_scaling=args.rope_scaling,
     )
-    print(f"wrote {args.out}: {embedder.config.attention} {embedder.pooler.name} pooling, dim {embedder.dim}")
+    window = embedder.rope_window
+    extended = f", RoPE {embedder.config.rope_scaling['method']} beyond {window} tokens" if window else ""
+    print(f"wrote {args.out}: {embedder.config.attention} {embedder.pooler.name} pooling, dim {embedder.dim}{extended}")
 
 
 # ---------------------------------------------------------------- encode

@@ -35,6 +35,8 @@ class EmbedderConfig:
     default_query_instruction: str | None = None
     default_document_instruction: str | None = None
     matryoshka_dims: list[int] | None = None
+    rope_scaling: dict[str, Any] | None = None
+    """{"method": pi | ntk | yarn, "factor": s}: RoPE stretched for texts beyond the trained window (llm2emb.rope)."""
     format_version: int = FORMAT_VERSION
 
     def save(self, directory: Path) -> None:

@@ -29,6 +29,8 @@ def describe(folder: str | Path) -> dict:
         "query_template": json.dumps(config.query_template),
         "default_query_instruction": config.default_query_instruction or "-",
         "matryoshka_dims": config.matryoshka_dims or "-",
+        "rope_scaling": (f"{config.rope_scaling['method']} x{config.rope_scaling['factor']:g}"
+                         if config.rope_scaling else "-"),
     }
     if config.backbone == "adapter":
         info["lora"] = f"r={details.get('r')} alpha={details.get('lora_alpha')} targets={details.get('target_modules')}"

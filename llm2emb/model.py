@@ -25,6 +25,7 @@ from llm2emb.packing import pack, token_budget_batches, unpack
 from llm2emb.pooling import Pooler, as_pooling_spec, build_pooler, pooler_spec
 from llm2emb.precision import check_precision, needs_ranges, quantize
 from llm2emb.prompts import Prompts
+from llm2emb.rope import extend_rope, parse_rope_scaling, rebuild_rotary, rope_window
 from llm2emb.tokenization import PromptTokenizer, UnembeddableText
 
 PROGRESS_BAR_MIN_TEXTS = 1000
@@ -59,6 +60,7 @@ class Embedder(nn.Module):
         attn_implementation: str | None = None,
         attention_backend: str = "auto",
         quantization: str | None = None,
+        rope_scaling: str | dict[str, Any] | None = None,
         **pooling_kwargs: Any,
     ) -> Embedder:
         """Load an llm2emb folder, or make an Embedder from a base (hub id, HF folder, .gguf, asset alias).
@@ -66,7 +68,10 @@ class Embedder(nn.Module):
         Every load verifies the attention mode (see `backbone.verify_attention`). `attention_backend` picks padded
         or packed batches (see `set_attention_backend`); a choice that cannot run here fails at load.
         `quantization` (4bit | 8bit, CUDA and bitsandbytes) loads the base quantized, for QLoRA training.
+        `rope_scaling` ("yarn:4", or {"method": pi | ntk | yarn, "factor": 4}) stretches RoPE for texts beyond the
+        trained window (llm2emb.rope); a folder saved with it keeps it.
         """
+        rope_scaling = parse_rope_scaling(rope_scaling)
         if pooling_kwargs:
             pooling = {"type": pooling or "mean", **pooling_kwargs} if not isinstance(pooling, dict) else pooling
         if is_model_folder(path_or_id):
@@ -80,8 +85,27 @@ class Embedder(nn.Module):
             backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device, quantization)
             tokenizer = load_tokenizer(base, config.padding_side)
             embedder = cls.assemble(backbone, tokenizer, config)
+        saved = embedder.config.rope_scaling
+        if rope_scaling is not None and saved not in (None, rope_scaling):
+            raise UserError(f"{path_or_id}: saved with rope scaling {saved}; cannot load it with {rope_scaling}")
+        embedder.config.rope_scaling = saved or rope_scaling
+        if embedder.config.rope_scaling is not None:
+            embedder._extend_rope(requested=saved is None)
         embedder.set_attention_backend(attention_backend)
         return embedder
+
+    def _extend_rope(self, requested: bool) -> None:
+        """Apply config.rope_scaling to the backbone: one asked for now, or a saved one whose backbone config does
+        not carry it yet (an adapter's base)."""
+        backbone_config = _base_model(self.backbone).config
+        if requested or rope_window(backbone_config) is None:
+            extend_rope(backbone_config, self.config.rope_scaling)
+            rebuild_rotary(_decoder(self.backbone))
+
+    @property
+    def rope_window(self) -> int | None:
+        """The trained window when RoPE is extended: longer texts get the stretched frequencies (llm2emb.rope)."""
+        return rope_window(_base_model(self.backbone).config)
 
     @classmethod
     def _load_folder(cls, folder, pooling, attention, torch_dtype, device, attn_implementation, quantization) -> Embedder:
@@ -401,7 +425,8 @@ class Embedder(nn.Module):
         lengths = [len(ids) for ids, _ in rows]
         order = np.argsort([-n for n in lengths], kind="stable")
         packed = self._kernel() != "padded"
-        groups = list(token_budget_batches([lengths[i] for i in order], max_tokens, batch_size, packed))
+        groups = list(token_budget_batches([lengths[i] for i in order], max_tokens, batch_size, packed,
+                                           boundary=self.rope_window))
         was_training = self.training
         self.eval()
         result = np.zeros((len(texts), dim or self.dim), dtype=np.float32)
@@ -471,14 +496,15 @@ class Embedder(nn.Module):
         offsets = np.cumsum([0] + [len(own) for own in plans])
         result = np.zeros((int(offsets[-1]), dim or self.dim), dtype=np.float32)
         order = np.argsort([-len(piece.ids) for _, piece in windows], kind="stable")
+        batches = list(token_budget_batches([len(windows[i][1].ids) for i in order], None, batch_size, packed=False,
+                                            boundary=self.rope_window))
         if show_progress_bar is None:
             show_progress_bar = len(windows) >= PROGRESS_BAR_MIN_TEXTS
         was_training = self.training
         self.eval()
         try:
-            for begin in tqdm(range(0, len(order), batch_size), disable=not show_progress_bar, desc="encode",
-                              unit="batch"):
-                group = [windows[i] for i in order[begin:begin + batch_size]]
+            for members in tqdm(batches, disable=not show_progress_bar, desc="encode", unit="batch"):
+                group = [windows[i] for i in order[members]]
                 batch = self._pad([(piece.ids, piece.pools[0]) for _, piece in group])
                 chunk_rows = [(row, number, member, pool) for row, (number, piece) in enumerate(group)
                               for member, pool in zip(piece.chunks, piece.pools)]

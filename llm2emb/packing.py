@@ -81,12 +81,13 @@ def block_diagonal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 
 def token_budget_batches(
-    lengths: Sequence[int], max_tokens: int | None, max_rows: int | None, packed: bool
+    lengths: Sequence[int], max_tokens: int | None, max_rows: int | None, packed: bool, boundary: int | None = None
 ) -> Iterator[list[int]]:
     """Consecutive index groups of texts (already sorted by length, longest first) within a token budget.
 
     A padded batch costs rows x its longest text; a packed one the sum of its lengths. A text longer than
-    the budget gets a batch of its own. `max_rows` caps the rows of a batch whatever the budget.
+    the budget gets a batch of its own. `max_rows` caps the rows of a batch whatever the budget. No batch holds
+    texts longer than `boundary` together with texts that are not (an extended RoPE window, llm2emb.rope).
     """
     batch: list[int] = []
     longest = total = 0
@@ -94,7 +95,8 @@ def token_budget_batches(
         new_longest, new_total = max(longest, length), total + length
         cost = new_total if packed else new_longest * (len(batch) + 1)
         over_budget = max_tokens is not None and cost > max_tokens
-        if batch and (over_budget or (max_rows is not None and len(batch) >= max_rows)):
+        crossing = boundary is not None and longest > boundary >= length
+        if batch and (over_budget or crossing or (max_rows is not None and len(batch) >= max_rows)):
             yield batch
             batch, new_longest, new_total = [], length, length
         batch.append(index)

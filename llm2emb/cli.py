@@ -196,6 +196,14 @@ def add_eval(sub) -> None:
                    help="rank compressed vectors (int8/uint8 calibrated on each corpus; binary by Hamming)")
     p.add_argument("--rescore", type=int, metavar="R",
                    help="binary precisions: take R x more candidates by Hamming, re-rank them with the float query")
+    p.add_argument("--long", nargs="+", default=[], choices=["passkey", "needle"], metavar="TASK",
+                   help="LongEmbed's synthetic long-document tasks (passkey, needle), generated at --lengths tokens")
+    p.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096, 8192], metavar="N",
+                   help="--long: document lengths in tokens")
+    p.add_argument("--long-documents", type=int, default=50, metavar="N", help="--long: documents per length")
+    p.add_argument("--haystack", metavar="FILE", help="--long needle: prose to hide the needles in (JSONL or text)")
+    p.add_argument("--rope-scaling", metavar="METHOD:FACTOR",
+                   help="load the model with RoPE stretched beyond its window: pi | ntk | yarn, e.g. yarn:4")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.set_defaults(run=run_eval)
 
@@ -212,6 +220,8 @@ def run_eval(args) -> None:
         query_instruction=args.query_instruction, sts_instruction=args.sts_instruction,
         batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
         corpus_sample=args.corpus_sample, precision=args.precision, rescore=args.rescore,
+        rope_scaling=args.rope_scaling, long_tasks=args.long, long_lengths=args.lengths,
+        long_documents=args.long_documents, haystack=args.haystack,
     )
     print(format_table(report.results))
     if args.json:

@@ -19,10 +19,12 @@ from llm2emb.errors import UserError
 from llm2emb.evaluate.cache import EmbeddingCache, model_fingerprint
 from llm2emb.evaluate.data import BeirData, StsData, load_beir, load_sts, subsample_corpus
 from llm2emb.evaluate.encoders import as_encoder
+from llm2emb.evaluate.longembed import long_task
 from llm2emb.evaluate.metrics import DEFAULT_RETRIEVAL_METRICS
 from llm2emb.evaluate.results import TaskResult
 from llm2emb.evaluate.retrieval import evaluate_retrieval
 from llm2emb.evaluate.sts import evaluate_sts
+from llm2emb.readers import document_text, read_jsonl
 
 
 @dataclass
@@ -48,11 +50,12 @@ def load_model(
     max_length: int | None = None,
     torch_dtype: Any = None,
     trust_remote_code: bool = False,
+    rope_scaling: str | dict[str, Any] | None = None,
 ) -> Any:
     """An Embedder for llm2emb folders and base models; a SentenceTransformer for exported / ST folders."""
     if is_sentence_transformers_folder(model):
-        if pooling is not None or attention is not None:
-            raise UserError(f"{model}: a sentence-transformers folder fixes its own pooling and attention")
+        if pooling is not None or attention is not None or rope_scaling is not None:
+            raise UserError(f"{model}: a sentence-transformers folder fixes its own pooling, attention and RoPE")
         from sentence_transformers import SentenceTransformer
 
         try:
@@ -66,7 +69,8 @@ def load_model(
         return st
     from llm2emb.model import Embedder
 
-    embedder = Embedder.from_pretrained(model, pooling=pooling, attention=attention, torch_dtype=torch_dtype)
+    embedder = Embedder.from_pretrained(model, pooling=pooling, attention=attention, torch_dtype=torch_dtype,
+                                        rope_scaling=rope_scaling)
     if max_length is not None:
         if max_length < 2:
             raise UserError(f"max_length must be at least 2, got {max_length}")
@@ -192,6 +196,11 @@ def _model_settings(model: Any) -> dict[str, Any]:
     return {}
 
 
+LONG_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+LONG_PROMPT_ROOM = 64
+"""Tokens beyond the longest synthetic document kept for special tokens and a document template."""
+
+
 def run_eval(
     model: str | Path,
     pooling: str | dict[str, Any] | None = None,
@@ -199,25 +208,70 @@ def run_eval(
     max_length: int | None = None,
     trust_remote_code: bool = False,
     corpus_sample: int | None = None,
+    rope_scaling: str | dict[str, Any] | None = None,
+    long_tasks: Sequence[str] = (),
+    long_lengths: Sequence[int] = LONG_LENGTHS,
+    long_documents: int = 50,
+    haystack: str | Path | None = None,
     **kwargs: Any,
 ) -> EvalReport:
     """Load `model` and evaluate it (see `evaluate_model` for the task arguments).
 
     `corpus_sample` shrinks each BEIR corpus to that many documents (all relevant ones kept; see
-    `subsample_corpus`) for quick runs on slow machines.
+    `subsample_corpus`) for quick runs on slow machines. `long_tasks` (passkey, needle) adds LongEmbed's synthetic
+    tasks at each of `long_lengths` tokens (llm2emb.evaluate.longembed; needle hides its facts in `haystack`, a
+    JSONL or text file of prose), scored by nDCG@1; without `max_length` the model's limit is raised to fit them.
     """
     split = kwargs.pop("split", "test")
     sts = [load_sts(path) for path in kwargs.pop("sts", ())]  # data errors surface before the slow model load
     beir = [load_beir(path, split) for path in kwargs.pop("beir", ())]
     if corpus_sample:
         beir = [subsample_corpus(data, corpus_sample) for data in beir]
-    if not sts and not beir:
-        raise UserError("nothing to evaluate: give at least one --sts FILE or --beir DIR")
+    if not sts and not beir and not long_tasks:
+        raise UserError("nothing to evaluate: give at least one --sts FILE, --beir DIR or --long TASK")
+    prose = read_haystack(haystack) if "needle" in long_tasks else None
+    if long_tasks and max_length is not None and max_length < max(long_lengths):
+        raise UserError(f"--max-length {max_length} would cut the {max(long_lengths)}-token documents of --long")
     start = time.perf_counter()
     loaded = load_model(model, pooling=pooling, attention=attention, max_length=max_length,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, rope_scaling=rope_scaling)
     load_seconds = time.perf_counter() - start
-    report = evaluate_model(loaded, sts=sts, beir=beir, split=split, name=str(model), **kwargs)
+    report = evaluate_model(loaded, sts=sts, beir=beir, split=split, name=str(model), **kwargs) if sts or beir else None
+    if long_tasks:
+        if max_length is None:
+            fit_length(loaded, max(long_lengths) + LONG_PROMPT_ROOM)
+        tasks = [long_task(kind, loaded.tokenizer, length, long_documents, haystack=prose)
+                 for kind in long_tasks for length in long_lengths]
+        extra = evaluate_model(loaded, beir=tasks, name=str(model), metrics=("ndcg@1", "ndcg@10"),
+                               **{k: v for k, v in kwargs.items() if k not in ("metrics", "query_instruction")})
+        if report is None:
+            report = extra
+        else:
+            report.results += extra.results
+        report.settings.update(long_documents=long_documents, rope_scaling=rope_scaling)
     report.load_seconds = load_seconds
     report.settings["corpus_sample"] = corpus_sample
     return report
+
+
+def fit_length(model: Any, length: int) -> None:
+    """Raise a loaded model's token limit to `length` (an Embedder's max_length or a SentenceTransformer's)."""
+    if hasattr(model, "max_seq_length"):
+        model.max_seq_length = max(model.max_seq_length, length)
+    else:
+        model.config.max_length = max(model.config.max_length, length)
+
+
+def read_haystack(path: str | Path | None) -> list[str]:
+    """Prose for the needle task: a JSONL file (`text`, after `title`) or a text file, one passage per line."""
+    if path is None:
+        raise UserError("--long needle hides its facts in real prose: give --haystack FILE (JSONL or text lines)")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--haystack {path}: file not found")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return [document_text(row) for row in read_jsonl(path, ("text",))]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"--haystack {path}: no text")
+    return lines

@@ -91,3 +91,28 @@ def test_eval_bad_input(tiny_qwen2, task_files, tmp_path, capsys, args, message)
     assert main(["eval", str(tiny_qwen2), "--pooling", "mean", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("llm2emb eval: error: ") and message in err[0], err
+
+
+def test_long_tasks_run_at_each_length_with_nDCG_at_1(tiny_qwen2, tmp_path, capsys):
+    haystack = tmp_path / "prose.txt"
+    haystack.write_text("Rivers carry silt to the sea. Deltas form where they slow.\nStars burn hydrogen.\n")
+    out = tmp_path / "long.json"
+    code = main(["eval", str(tiny_qwen2), "--pooling", "mean", "--long", "passkey", "needle", "--lengths", "40", "90",
+                 "--long-documents", "4", "--haystack", str(haystack), "--rope-scaling", "ntk:2", "--no-cache",
+                 "--json", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["task"] for r in results] == ["passkey@40/test", "passkey@90/test", "needle@40/test", "needle@90/test"]
+    assert all(r["main_score"] == "ndcg@1" and 0 <= r["scores"]["ndcg@1"] <= 100 for r in results)
+    assert all(r["scores"]["ndcg@10"] >= r["scores"]["ndcg@1"] for r in results)
+    assert "passkey@90" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--long", "needle"], "give --haystack FILE"),
+    (["--long", "passkey", "--lengths", "500", "--max-length", "100"], "--max-length 100 would cut the 500-token"),
+])
+def test_long_task_mistakes_are_one_line(tiny_qwen2, capsys, extra, message):
+    assert main(["eval", str(tiny_qwen2), "--pooling", "mean", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -1,0 +1,83 @@
+"""Long context without retraining: passkey and needle accuracy against document length, per RoPE extension.
+
+For each method (none, and pi / ntk / yarn at --factor) the model is loaded with that extension and scored on
+LongEmbed's synthetic tasks generated at --lengths tokens (`llm2emb eval --long`; needles hidden in SciFact
+abstracts). Within the trained window every method gives the untouched model's vectors (llm2emb.rope), so the
+columns differ only beyond it. Each method writes `<out>/<method>.json` and is skipped when that exists, so methods
+can run as separate processes side by side; a table is made from what is there:
+
+    python -m scripts.bench_long runs/q/smol-bi --lengths 1024 4096 8192 12288 16384 --documents 20 \
+        --methods none yarn --out runs/long --table benchmarks/long.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+METHODS = ("none", "pi", "ntk", "yarn")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="llm2emb model folder (a RoPE decoder)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--factor", type=float, default=4.0, help="window growth of pi / ntk / yarn")
+    p.add_argument("--lengths", nargs="+", type=int, default=[256, 1024, 4096, 8192])
+    p.add_argument("--documents", type=int, default=20, help="documents per task and length")
+    p.add_argument("--tasks", nargs="+", default=["passkey", "needle"], choices=["passkey", "needle"])
+    p.add_argument("--haystack", default=str(DATA / "scifact" / "corpus.jsonl"), help="prose for the needles")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--table", help="write the markdown table of every method found in --out here")
+    return p.parse_args(argv)
+
+
+def table(out: Path, lengths: list[int], tasks: list[str]) -> str:
+    header = "| method | " + " | ".join(f"{task} {length}" for task in tasks for length in lengths) + " |"
+    lines = [header, "|---" * (1 + len(tasks) * len(lengths)) + "|"]
+    for method in METHODS:
+        path = out / f"{method}.json"
+        if not path.is_file():
+            continue
+        scores = {r["task"].split("/")[0]: r["scores"]["ndcg@1"] for r in json.loads(path.read_text())["results"]}
+        cells = [f"{scores[f'{task}@{length}']:.0f}" if f"{task}@{length}" in scores else "-"
+                 for task in tasks for length in lengths]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from llm2emb.evaluate.results import write_json
+    from llm2emb.evaluate.runner import run_eval
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        path = out / f"{method}.json"
+        if path.is_file():
+            continue
+        started = time.perf_counter()
+        report = run_eval(args.model, long_tasks=args.tasks, long_lengths=args.lengths, long_documents=args.documents,
+                          haystack=args.haystack, rope_scaling=None if method == "none" else f"{method}:{args.factor}",
+                          batch_size=args.batch_size, use_cache=False)
+        write_json(path, report.results, method=method, factor=None if method == "none" else args.factor,
+                   model=args.model, documents=args.documents, seconds=round(time.perf_counter() - started, 1),
+                   environment=report.environment)
+        print(f"{method}: {round(time.perf_counter() - started)} s", flush=True)
+    if args.table:
+        Path(args.table).write_text(table(out, args.lengths, args.tasks) + "\n")
+        print(table(out, args.lengths, args.tasks))
+
+
+if __name__ == "__main__":
+    main()

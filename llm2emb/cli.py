@@ -204,6 +204,8 @@ def add_eval(sub) -> None:
     p.add_argument("--haystack", metavar="FILE", help="--long needle: prose to hide the needles in (JSONL or text)")
     p.add_argument("--rope-scaling", metavar="METHOD:FACTOR",
                    help="load the model with RoPE stretched beyond its window: pi | ntk | yarn, e.g. yarn:4")
+    p.add_argument("--limit", choices=["small", "large"],
+                   help="the LIMIT task (46 people, every pair a query; large: 50,000 documents), recall@2/10/100")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.set_defaults(run=run_eval)
 
@@ -221,7 +223,7 @@ def run_eval(args) -> None:
         batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
         corpus_sample=args.corpus_sample, precision=args.precision, rescore=args.rescore,
         rope_scaling=args.rope_scaling, long_tasks=args.long, long_lengths=args.lengths,
-        long_documents=args.long_documents, haystack=args.haystack,
+        long_documents=args.long_documents, haystack=args.haystack, limit=args.limit,
     )
     print(format_table(report.results))
     if args.json:

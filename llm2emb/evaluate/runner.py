@@ -19,6 +19,7 @@ from llm2emb.errors import UserError
 from llm2emb.evaluate.cache import EmbeddingCache, model_fingerprint
 from llm2emb.evaluate.data import BeirData, StsData, load_beir, load_sts, subsample_corpus
 from llm2emb.evaluate.encoders import as_encoder
+from llm2emb.evaluate.limit import limit_task
 from llm2emb.evaluate.longembed import long_task
 from llm2emb.evaluate.metrics import DEFAULT_RETRIEVAL_METRICS
 from llm2emb.evaluate.results import TaskResult
@@ -197,6 +198,8 @@ def _model_settings(model: Any) -> dict[str, Any]:
 
 
 LONG_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+LONG_METRICS = ("ndcg@1", "ndcg@10")
+LIMIT_METRICS = ("recall@2", "recall@10", "recall@100")
 LONG_PROMPT_ROOM = 64
 """Tokens beyond the longest synthetic document kept for special tokens and a document template."""
 
@@ -213,6 +216,7 @@ def run_eval(
     long_lengths: Sequence[int] = LONG_LENGTHS,
     long_documents: int = 50,
     haystack: str | Path | None = None,
+    limit: str | None = None,
     **kwargs: Any,
 ) -> EvalReport:
     """Load `model` and evaluate it (see `evaluate_model` for the task arguments).
@@ -221,14 +225,16 @@ def run_eval(
     `subsample_corpus`) for quick runs on slow machines. `long_tasks` (passkey, needle) adds LongEmbed's synthetic
     tasks at each of `long_lengths` tokens (llm2emb.evaluate.longembed; needle hides its facts in `haystack`, a
     JSONL or text file of prose), scored by nDCG@1; without `max_length` the model's limit is raised to fit them.
+    `limit` (small | large) adds the LIMIT task (llm2emb.evaluate.limit), scored by recall@2/10/100.
     """
     split = kwargs.pop("split", "test")
     sts = [load_sts(path) for path in kwargs.pop("sts", ())]  # data errors surface before the slow model load
     beir = [load_beir(path, split) for path in kwargs.pop("beir", ())]
     if corpus_sample:
         beir = [subsample_corpus(data, corpus_sample) for data in beir]
-    if not sts and not beir and not long_tasks:
-        raise UserError("nothing to evaluate: give at least one --sts FILE, --beir DIR or --long TASK")
+    if not sts and not beir and not long_tasks and not limit:
+        raise UserError("nothing to evaluate: give at least one --sts FILE, --beir DIR, --long TASK or --limit SIZE")
+    extra_tasks = [([limit_task(limit)], LIMIT_METRICS)] if limit else []
     prose = read_haystack(haystack) if "needle" in long_tasks else None
     if long_tasks and max_length is not None and max_length < max(long_lengths):
         raise UserError(f"--max-length {max_length} would cut the {max(long_lengths)}-token documents of --long")
@@ -236,19 +242,20 @@ def run_eval(
     loaded = load_model(model, pooling=pooling, attention=attention, max_length=max_length,
                         trust_remote_code=trust_remote_code, rope_scaling=rope_scaling)
     load_seconds = time.perf_counter() - start
-    report = evaluate_model(loaded, sts=sts, beir=beir, split=split, name=str(model), **kwargs) if sts or beir else None
     if long_tasks:
         if max_length is None:
             fit_length(loaded, max(long_lengths) + LONG_PROMPT_ROOM)
-        tasks = [long_task(kind, loaded.tokenizer, length, long_documents, haystack=prose)
-                 for kind in long_tasks for length in long_lengths]
-        extra = evaluate_model(loaded, beir=tasks, name=str(model), metrics=("ndcg@1", "ndcg@10"),
-                               **{k: v for k, v in kwargs.items() if k not in ("metrics", "query_instruction")})
+        extra_tasks += [([long_task(kind, loaded.tokenizer, length, long_documents, haystack=prose)
+                          for kind in long_tasks for length in long_lengths], LONG_METRICS)]
+    report = evaluate_model(loaded, sts=sts, beir=beir, split=split, name=str(model), **kwargs) if sts or beir else None
+    own = {k: v for k, v in kwargs.items() if k not in ("metrics", "query_instruction")}
+    for tasks, metrics in extra_tasks:  # generated tasks: their own metrics, the model's own instruction
+        extra = evaluate_model(loaded, beir=tasks, name=str(model), metrics=metrics, **own)
         if report is None:
             report = extra
         else:
             report.results += extra.results
-        report.settings.update(long_documents=long_documents, rope_scaling=rope_scaling)
+    report.settings.update(rope_scaling=rope_scaling, long_documents=long_documents if long_tasks else None)
     report.load_seconds = load_seconds
     report.settings["corpus_sample"] = corpus_sample
     return report

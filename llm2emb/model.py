@@ -103,6 +103,11 @@ class Embedder(nn.Module):
             rebuild_rotary(_decoder(self.backbone))
 
     @property
+    def decoder_layer_class(self) -> str:
+        """The class name of the backbone's decoder layers (FSDP wraps each one as a unit)."""
+        return type(_decoder(self.backbone).layers[0]).__name__
+
+    @property
     def rope_window(self) -> int | None:
         """The trained window when RoPE is extended: longer texts get the stretched frequencies (llm2emb.rope)."""
         return rope_window(_base_model(self.backbone).config)

@@ -101,3 +101,35 @@ def test_qlora_trains_a_4bit_base_and_saves_a_loadable_model(tiny_qwen2, tmp_pat
     trained = Embedder.from_pretrained(summary.model_dir, device="cuda")
     vectors = trained.encode(TEXTS)
     assert vectors.shape[0] == len(TEXTS) and bool((abs((vectors**2).sum(1) - 1) < 1e-3).all())
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_fsdp_shards_with_torchrun_and_trains_with_gradcache(tiny_qwen2, tmp_path, lora):
+    """`sharding: fsdp` under torchrun (every visible GPU, one process each): accelerate wraps the model in FSDP,
+    GradCache chunks replay through it, and the saved model loads."""
+    import os
+    import subprocess
+    import sys
+
+    base = tmp_path / "emb"
+    convert(str(tiny_qwen2), base, pooling="mean", dtype="float32")
+    rows = [{"query": f"{s} on the {p}?", "positive": f"A {s} is on the {p}.", "negative": f"A {s} is far away."}
+            for s in ("man", "cat", "dog", "chef") for p in ("street", "mat", "garden", "kitchen")]
+    (tmp_path / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    processes = torch.cuda.device_count()
+    recipe = {
+        "model": {"base": str(base), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"} if lora else None,
+        "sharding": "fsdp", "output_dir": str(tmp_path / "run"), "report_to": ["none"],
+        "stages": [{"name": "s", "max_steps": 3, "batch_size": 4 * processes, "gradcache_chunk": 2 * processes,
+                    "learning_rate": 1e-3, "hard_negatives": 1, "datasets": [{"path": str(tmp_path / "triplets.jsonl")}]}],
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m",
+                             "llm2emb.cli", "train", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [stage["sharding"] for stage in summary["stages"]] == ["fsdp"]
+    assert all(torch.isfinite(torch.tensor(stage["final_loss"])) for stage in summary["stages"])
+    Embedder.from_pretrained(tmp_path / "run" / "model").encode(TEXTS)

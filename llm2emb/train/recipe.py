@@ -416,6 +416,10 @@ class Recipe(_Strict):
     bf16: bool = False
     """Mixed precision (autocast) in bfloat16; needs a GPU or a CPU with bf16 support."""
     gradient_checkpointing: bool = False
+    sharding: Literal["none", "fsdp"] = "none"
+    """Several processes: none = DDP (each holds the whole model); fsdp = FSDP full sharding through accelerate
+    (parameters, gradients and optimizer state split across processes, each decoder layer a unit), for bases that
+    do not fit one GPU; with LoRA or full fine-tuning, GradCache and gathered embeddings alike."""
     on_bad_rows: Literal["fail", "skip"] = "fail"
     logging_steps: Annotated[int, Field(gt=0)] = 10
     save_steps: Annotated[int, Field(gt=0)] = 500

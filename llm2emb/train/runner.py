@@ -25,6 +25,7 @@ from pathlib import Path
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 
+from llm2emb.errors import UserError
 from llm2emb.files import folder_lock, write_text_atomic
 from llm2emb.train.callbacks import (
     EvalCallback,
@@ -49,9 +50,6 @@ from llm2emb.train.setup import available_reporters, check_hardware, load_embedd
 logger = logging.getLogger(__name__)
 # Raised inside transformers/peft for every step's checkpointing query: noise for users of this runner.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-
 
 
 # ---- entry points --------------------------------------------------------------------------------------------
@@ -156,31 +154,7 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
 # ---- setup -------------------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ---- one stage ---------------------------------------------------------------------------------------------------
-
-
-
-
 
 
 def run_stage(
@@ -189,9 +163,12 @@ def run_stage(
 ) -> dict:
     """Train one stage (from `checkpoint` when resuming); returns its step, sample and token counts."""
     world_size = launched_processes()
-    args = training_arguments(recipe, stage, stage_dir, world_size)
+    args = training_arguments(recipe, stage, stage_dir, world_size, embedder.decoder_layer_class)
     # contrastive (with the stage's loss options), simcse or mntp: see llm2emb.train.objectives
     trainer = build_trainer(stage, index, embedder, args, data, stage.max_length or recipe.model.max_length)
+    if recipe.sharding == "fsdp" and not trainer.is_fsdp_enabled:  # never a silent fall-back to DDP
+        raise UserError("sharding: fsdp: accelerate did not enable FSDP for these processes (it shards only "
+                        "across GPU processes launched with torchrun or accelerate launch)")
     trainer.remove_callback(PrinterCallback)  # Trainer picks it when the log level is quiet: dicts, no bar
     trainer.remove_callback(ProgressCallback)
     progress = StageProgress(stage.name, index, len(recipe.stages))
@@ -223,6 +200,7 @@ def run_stage(
         "tokens": trainer.state.num_input_tokens_seen - start_tokens,
         "seconds": time.perf_counter() - started,
         "final_loss": _last_loss(trainer.state.log_history),
+        "sharding": "fsdp" if trainer.is_fsdp_enabled else ("ddp" if world_size > 1 else "none"),
     }
 
 
@@ -234,22 +212,6 @@ def _last_loss(history: list[dict]) -> float | None:
 # ---- progress, metrics, evaluation ------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ---- the end of a run ----------------------------------------------------------------------------------------
-
-
 
 

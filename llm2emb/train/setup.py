@@ -24,6 +24,11 @@ def check_hardware(recipe: Recipe) -> None:
                         "none is visible (set quantization: none to train on the CPU)")
     if recipe.bf16 and not torch.cuda.is_available() and not _cpu_supports_bf16():
         raise UserError("bf16: this CPU has no bfloat16 support; set bf16: false")
+    if recipe.sharding == "fsdp" and not torch.cuda.is_available():
+        # accelerate enables FSDP only for GPU (and other accelerator) processes; on CPU processes it would
+        # silently fall back to DDP, which is not what the recipe asked for
+        raise UserError("sharding: fsdp needs CUDA GPUs (accelerate shards only across accelerator processes); "
+                        "none is visible (set sharding: none: DDP across CPU processes)")
 
 
 def _cpu_supports_bf16() -> bool:
@@ -87,9 +92,20 @@ def apply_lora(embedder, recipe: Recipe, lora: LoraSpec) -> None:
         raise UserError(f"lora.target_modules: {exc}") from None
 
 
-def training_arguments(recipe: Recipe, stage: StageSpec, stage_dir: Path, world_size: int) -> TrainingArguments:
-    """The HF TrainingArguments of one stage (checked against transformers 5.23's signature)."""
+def training_arguments(
+    recipe: Recipe, stage: StageSpec, stage_dir: Path, world_size: int, layer_class: str | None = None
+) -> TrainingArguments:
+    """The HF TrainingArguments of one stage (checked against transformers 5.23's signature).
+
+    `layer_class`: the decoder layer's class name, FSDP's wrapping unit under `sharding: fsdp`."""
+    sharding = {}
+    if recipe.sharding == "fsdp":
+        sharding = {"fsdp": "full_shard auto_wrap",
+                    # use_orig_params: LoRA leaves most parameters frozen inside each wrapped unit
+                    "fsdp_config": {"transformer_layer_cls_to_wrap": [layer_class], "use_orig_params": True,
+                                    "sync_module_states": True}}
     return TrainingArguments(
+        **sharding,
         output_dir=str(stage_dir),
         max_steps=stage.max_steps,
         per_device_train_batch_size=stage.batch_size // world_size,

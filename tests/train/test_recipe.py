@@ -159,3 +159,18 @@ def test_warmup_is_a_step_count_or_a_share_of_max_steps(recipe_dir, tmp_path):
         path, ["stages.0.warmup_steps=1000"])
     assert "stages[0].warmup_steps: 1.5: a whole number of steps (>= 0) or a share of max_steps below 1" in errors_of(
         path, ["stages.0.warmup_steps=1.5"])
+
+
+def test_fsdp_sharding_reaches_the_trainer_and_is_refused_without_gpus(recipe_dir, tmp_path, monkeypatch):
+    from llm2emb.train import setup
+
+    recipe = load_recipe(write(recipe_dir, GOOD.replace("OUT", "out")), ["sharding=fsdp"])
+    arguments = setup.training_arguments(recipe, recipe.stages[0], tmp_path, world_size=1, layer_class="Qwen2DecoderLayer")
+    assert arguments.fsdp and arguments.fsdp_config["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]
+    assert arguments.fsdp_config["use_orig_params"] is True  # LoRA: frozen and trained parameters in one unit
+    plain = load_recipe(write(recipe_dir, GOOD.replace("OUT", "out")))
+    assert not setup.training_arguments(plain, plain.stages[0], tmp_path, world_size=1).fsdp
+    monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="sharding: fsdp needs CUDA GPUs"):
+        setup.check_hardware(recipe)
+    setup.check_hardware(plain)

@@ -166,6 +166,10 @@ def run_stage(
     args = training_arguments(recipe, stage, stage_dir, world_size, embedder.decoder_layer_class)
     # contrastive (with the stage's loss options), simcse or mntp: see llm2emb.train.objectives
     trainer = build_trainer(stage, index, embedder, args, data, stage.max_length or recipe.model.max_length)
+    if trainer.is_deepspeed_enabled:
+        raise UserError("DeepSpeed is not supported: GradCache replays every chunk's forward and calls backward once "
+                        "per chunk, while DeepSpeed's engine reduces gradients on each backward and ZeRO-3 "
+                        "re-partitions parameters between them (Tevatron#206, FlagEmbedding#1446); use sharding: fsdp")
     if recipe.sharding == "fsdp" and not trainer.is_fsdp_enabled:  # never a silent fall-back to DDP
         raise UserError("sharding: fsdp: accelerate did not enable FSDP for these processes (it shards only "
                         "across GPU processes launched with torchrun or accelerate launch)")

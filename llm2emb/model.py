@@ -526,6 +526,45 @@ class Embedder(nn.Module):
         coded = quantize(result, precision, ranges)
         return [DocumentChunks(own, coded[offsets[i]:offsets[i + 1]]) for i, own in enumerate(plans)]
 
+    @torch.inference_mode()
+    def encode_tokens(
+        self,
+        texts: Sequence[str],
+        instruction: str | None = None,
+        kind: str = "query",
+        batch_size: int = 32,
+        normalize: bool = True,
+    ) -> list[np.ndarray]:
+        """Token-level vectors for late interaction (Chamfer / MaxSim, MUVERA in llm2emb.muvera): one array
+        (tokens, hidden) per text, the last hidden state of each token its vector pools (instructions left out)."""
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        rows = list(self._rows(texts, instruction, None, kind))
+        order = np.argsort([-len(ids) for ids, _ in rows], kind="stable")
+        groups = token_budget_batches([len(rows[i][0]) for i in order], None, batch_size, packed=False,
+                                      boundary=self.rope_window)
+        result: list[np.ndarray] = [np.empty(0)] * len(rows)
+        was_training = self.training
+        self.eval()
+        try:
+            for group in groups:
+                index = order[group]
+                batch = self._pad([rows[i] for i in index])
+                input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+                kernel = self._kernel()
+                if kernel == "padded":
+                    hidden, _ = self._padded_states(input_ids, attention_mask)
+                else:
+                    hidden, _ = self._packed_states(input_ids, attention_mask, kernel)
+                hidden = hidden.float()
+                if normalize:
+                    hidden = torch.nn.functional.normalize(hidden, dim=-1)
+                for row, text in enumerate(index):
+                    result[text] = hidden[row][batch["pool_mask"][row].bool().to(hidden.device)].cpu().numpy()
+        finally:
+            self.train(was_training)
+        return result
+
     def encode_queries(self, texts: Sequence[str], instruction: str | None = None, **kwargs) -> np.ndarray:
         """Queries get the instruction (the folder's default when None) through the query template."""
         return self.encode(texts, instruction=instruction or self.config.default_query_instruction, **kwargs)

@@ -339,7 +339,49 @@ def run_merge(args) -> None:
 
 
 # ---------------------------------------------------------------- main
-COMMANDS = [add_convert, add_encode, add_info, add_eval, add_train, add_export, add_mine, add_merge]
+# ---------------------------------------------------------------- synth
+def add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="generate training rows for a corpus with an instruct decoder, filtered")
+    p.add_argument("--corpus", required=True, help="JSONL (text in --text-field, after title) or text, one per line")
+    p.add_argument("--generator", required=True, help="causal LM: hub id, HF folder, .gguf or asset alias")
+    p.add_argument("--out", required=True, help="JSONL rows (query, positive[, negative], instruction) for a recipe")
+    p.add_argument("--tasks", nargs="+", default=["question"], metavar="TASK",
+                   help="query types per document: question claim paraphrase keywords")
+    p.add_argument("--negatives", action="store_true", help="also generate a hard negative per query")
+    p.add_argument("--embedder", help="consistency filter: keep a row only if this model ranks its document in top-k")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", help="JSONL: the field each row's `source` names")
+    p.add_argument("--limit", type=int, help="only the first N documents")
+    p.add_argument("--chunk-size", type=int, default=64, help="documents generated and saved at a time (resume unit)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated at once")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_synth)
+
+
+def run_synth(args) -> None:
+    from llm2emb.synth import synth_from_files
+
+    for name in ("top_k", "chunk_size", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if not args.temperature > 0:
+        raise UserError(f"--temperature must be above 0, got {args.temperature}")
+    stats = synth_from_files(
+        args.corpus, args.generator, args.out, text_field=args.text_field, id_field=args.id_field,
+        chunk_size=args.chunk_size, embedder_reference=args.embedder, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, tasks=args.tasks, negatives=args.negatives, top_k=args.top_k,
+        batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, limit=args.limit,
+    )
+    print(stats.format(Path(args.out)))
+
+
+COMMANDS = [add_convert, add_encode, add_info, add_eval, add_train, add_export, add_mine, add_merge, add_synth]
 
 
 def build_parser() -> argparse.ArgumentParser:

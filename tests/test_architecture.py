@@ -20,7 +20,7 @@ integrations, train), 2 the Embedder, 1 its parts and the shared helpers. Module
 COMMANDS / the default 1."""
 COMMANDS = ("llm2emb.convert", "llm2emb.corpus", "llm2emb.export", "llm2emb.merge", "llm2emb.info", "llm2emb.mine",
             "llm2emb.evaluate",
-            "llm2emb.integrations", "llm2emb.train")
+            "llm2emb.integrations", "llm2emb.train", "llm2emb.synth")
 
 
 def modules() -> dict[str, Path]:

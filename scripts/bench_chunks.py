@@ -107,12 +107,9 @@ def main(argv=None) -> None:
     from llm2emb import Embedder
     from llm2emb.evaluate import load_beir
     from llm2emb.evaluate.data import subsample_corpus
+    from scripts.conditions import pending_conditions
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pending = [c for c in args.conditions if not (out / f"{c}.json").is_file()]
+    out, pending = pending_conditions(args.out, args.conditions, args.threads)
     if pending:
         data = load_beir(args.beir, args.split)
         if args.corpus_sample:

@@ -53,19 +53,14 @@ def table(out: Path, lengths: list[int], tasks: list[str]) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import torch
 
     from llm2emb.evaluate.results import write_json
     from llm2emb.evaluate.runner import run_eval
+    from scripts.conditions import pending_conditions
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for method in args.methods:
+    out, pending = pending_conditions(args.out, args.methods, args.threads)
+    for method in pending:
         path = out / f"{method}.json"
-        if path.is_file():
-            continue
         started = time.perf_counter()
         report = run_eval(args.model, long_tasks=args.tasks, long_lengths=args.lengths, long_documents=args.documents,
                           haystack=args.haystack, rope_scaling=None if method == "none" else f"{method}:{args.factor}",

@@ -9,8 +9,8 @@ the words), copied (the query inside its document) and off-task ones (talking ab
 question without a question mark) are dropped, and so are repeats. The consistency filter
 then keeps a row only when an embedder ranks its source document in the top-k of the corpus for the query.
 
-Generation runs chunk by chunk; each finished chunk's rows are appended to a hidden partial file and recorded, so a
-killed run started again with the same settings continues after its last chunk, and sampling is seeded per chunk,
+Generation runs chunk by chunk; each finished chunk's rows are written to a hidden file of their own beside the
+output, so a killed run started again with the same settings continues with the chunks it had not finished, and sampling is seeded per chunk,
 so the result equals an uninterrupted run's. The output (`query`, `positive`, `negative`, `instruction`, `task`,
 `source`) is what a recipe's dataset reads, written atomically once every chunk is done and filtered.
 """
@@ -183,19 +183,18 @@ def synthesize(
     if unknown:
         raise UserError(f"--tasks {unknown[0]}: expected some of {', '.join(TASKS)}")
     output = Path(output)
-    partial, plan_path, done_path = (sidecar(output, name) for name in ("partial.jsonl", "plan.json", "done.json"))
+    plan_path = sidecar(output, "plan.json")
     stat = corpus.path.stat()
     plan = {"format": PLAN_FORMAT, "input": str(corpus.path.resolve()), "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns, "chunk_size": corpus.chunk_size, "tasks": list(tasks),
             "negatives": negatives, "seed": seed, "generator": str(generator.model.name_or_path),
             "max_new_tokens": generator.max_new_tokens, "temperature": generator.temperature, "limit": limit}
-    kept_plan = plan_path.is_file() and partial.is_file() and json.loads(plan_path.read_text()) == plan
-    if not kept_plan:
+    if not (plan_path.is_file() and json.loads(plan_path.read_text()) == plan):  # other settings: start over
         output.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text("")
-        done_path.unlink(missing_ok=True)
+        for stale in _chunk_files(output):
+            stale.unlink()
         write_text_atomic(plan_path, json.dumps(plan, indent=2) + "\n")
-    done = set(json.loads(done_path.read_text())) if done_path.is_file() else set()
+    done = {int(path.name.rsplit("-", 1)[1].split(".")[0]) for path in _chunk_files(output)}
     documents_total = corpus.rows if limit is None else min(limit, corpus.rows)
     stats = SynthStats(documents=documents_total, resumed_chunks=len(done))
     if done:
@@ -207,22 +206,23 @@ def synthesize(
     with bar:
         for chunk in range(chunks):
             texts, _, ids = corpus.read_chunk(chunk)
-            texts, ids = texts[:documents_total - chunk * corpus.chunk_size], ids[:documents_total - chunk * corpus.chunk_size]
+            room = documents_total - chunk * corpus.chunk_size
+            texts, ids = texts[:room], ids[:room]
             if chunk in done:
                 bar.update(len(texts))
                 continue
             rows = _generate_chunk(generator, texts, ids, chunk * corpus.chunk_size, tasks, negatives, batch_size,
                                    (seed, chunk), stats)
-            with partial.open("a", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in rows)
-            done.add(chunk)
-            write_text_atomic(done_path, json.dumps(sorted(done)) + "\n")
+            # one file per chunk, written whole or not at all: a kill leaves finished chunks and nothing half-done
+            write_text_atomic(sidecar(output, f"chunk-{chunk}.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
             bar.update(len(texts))
             elapsed = time.perf_counter() - started
             bar.set_postfix_str(f"{stats.generated / elapsed:.2f} rows/s, {stats.new_tokens / elapsed:.0f} tokens/s")
     stats.seconds = time.perf_counter() - started
     rows, seen = [], set()
-    for line in partial.read_text(encoding="utf-8").splitlines():
+    lines = [line for chunk in range(chunks)
+             for line in sidecar(output, f"chunk-{chunk}.jsonl").read_text(encoding="utf-8").splitlines()]
+    for line in lines:
         row = json.loads(line)
         if row["query"].lower() in seen:
             stats.dropped["repeated"] = stats.dropped.get("repeated", 0) + 1
@@ -242,9 +242,13 @@ def synthesize(
     for row in rows:
         row.pop("source_index", None)
     write_text_atomic(output, "".join(json.dumps(row) + "\n" for row in rows))
-    for stale in (partial, plan_path, done_path):
+    for stale in (plan_path, *_chunk_files(output)):
         stale.unlink(missing_ok=True)
     return stats
+
+
+def _chunk_files(output: Path) -> list[Path]:
+    return sorted(output.parent.glob(f".{output.name}.chunk-*.jsonl"))
 
 
 def _generate_chunk(generator, texts, ids, first_row, tasks, negatives, batch_size, seed, stats) -> list[dict]:

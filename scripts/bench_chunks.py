@@ -36,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--beir", default=str(DATA / "scifact"))
     p.add_argument("--split", default="test")
     p.add_argument("--corpus-sample", type=int, help="documents kept (every relevant one + seeded random others)")
-    p.add_argument("--window", type=int, default=512, help="tokens per forward (whole documents and situated)")
+    p.add_argument("--window", type=int, default=2048,
+                   help="tokens per forward (whole documents and situated); SciFact's longest abstract has 1,944")
     p.add_argument("--query-instruction")
     p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     p.add_argument("--batch-size", type=int, default=16)

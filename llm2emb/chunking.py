@@ -25,8 +25,10 @@ from llm2emb.tokenization import PromptTokenizer, UnembeddableText, no_room_deta
 Span = tuple[int, int]
 Chunker = Callable[[str], list[Span]]
 
-SENTENCE_END = re.compile(r"(?<=[.!?])([\"')\]]*)\s+|\n\s*\n")
-"""A sentence ends after . ! or ? (and closing quotes or brackets) before whitespace, or at a blank line."""
+SENTENCE_END = re.compile(r"(?<=[.!?])([\"')\]]*)\s+|(?<=[a-z0-9)\]][.!?])(?=[A-Z])|\n\s*\n")
+"""A sentence ends after . ! or ? (and closing quotes or brackets) before whitespace, or, when a lower-case word ends
+it, right before a capital letter (abstracts scraped without spaces: "disabilities.A line scan"; "3.5" stays whole),
+or at a blank line."""
 
 
 def sentence_spans(text: str) -> list[Span]:

@@ -22,6 +22,9 @@ def test_sentence_and_word_chunkers():
     assert texts_of('He said "stop." Then left.', sentence_spans('He said "stop." Then left.')) == [
         'He said "stop."', "Then left."]
     assert sentence_spans("   ") == []
+    glued = "It binds the receptor.A second finding follows.Doses of 3.5 mg agree."
+    assert texts_of(glued, sentence_spans(glued)) == [
+        "It binds the receptor.", "A second finding follows.", "Doses of 3.5 mg agree."]
     assert texts_of("a b  c d e", word_spans("a b  c d e", 2)) == ["a b", "c d", "e"]
     assert chunker_from_spec("words:2")("a b c") == [(0, 3), (4, 5)]
     for bad in ("words:0", "words:x", "paragraphs"):

@@ -93,7 +93,12 @@ def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset"
         logger.warning("%s: skipped %d bad row(s), the first: %s", spec.path, skipped, first_problem)
     if not columns["query"]:
         raise UserError(f"{key}: {spec.path}: no usable rows")
-    features = datasets.Features(
+    return LoadedDataset(datasets.Dataset.from_dict(columns, features=row_features(graded)), spec, skipped, locations)
+
+
+def row_features(graded: bool = False) -> datasets.Features:
+    """The columns of training rows, whatever their source (`COLUMNS`, and `score` in a graded stage)."""
+    return datasets.Features(
         {
             "query": datasets.Value("string"),
             "positive": datasets.Value("string"),
@@ -103,7 +108,6 @@ def load_rows(spec: DatasetSpec, on_bad_rows: str = "fail", key: str = "dataset"
             **({"score": datasets.Value("float32")} if graded else {}),
         }
     )
-    return LoadedDataset(datasets.Dataset.from_dict(columns, features=features), spec, skipped, locations)
 
 
 def records(spec: DatasetSpec) -> Iterator[tuple[str, dict]]:

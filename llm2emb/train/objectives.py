@@ -18,7 +18,14 @@ import datasets
 
 from llm2emb.errors import UserError
 from llm2emb.readers import BadRow
-from llm2emb.train.data import ContrastiveCollator, LoadedDataset, StageData, build_stage_data, records
+from llm2emb.train.data import (
+    ContrastiveCollator,
+    LoadedDataset,
+    StageData,
+    build_stage_data,
+    records,
+    row_features,
+)
 from llm2emb.train.mntp import MNTPCollator, MNTPTrainer, lm_head
 from llm2emb.train.recipe import DatasetSpec, StageSpec
 from llm2emb.train.recipe_file import format_key_path
@@ -57,13 +64,9 @@ def text_rows(spec: DatasetSpec, on_bad_rows: str, key: str) -> LoadedDataset:
     """Raw texts as training rows (query = positive = the text), the shape StageData and SimCSE need."""
     texts = read_texts(spec, on_bad_rows, key)
     rows = datasets.Dataset.from_dict(
-        {"query": texts, "positive": texts, "negatives": [[] for _ in texts], "instruction": [None] * len(texts)},
-        features=datasets.Features({
-            "query": datasets.Value("string"),
-            "positive": datasets.Value("string"),
-            "negatives": datasets.List(datasets.Value("string")),
-            "instruction": datasets.Value("string"),
-        }),
+        {"query": texts, "positive": texts, "negatives": [[] for _ in texts], "instruction": [None] * len(texts),
+         "positive_span": [[] for _ in texts]},
+        features=row_features(),
     )
     return LoadedDataset(rows, spec)
 

@@ -341,10 +341,7 @@ class Embedder(nn.Module):
         if kernel != "padded" and self.future_attention < 1.0:
             raise UserError("the causal-to-bidirectional curriculum runs on padded batches; set attention_backend padded")
         with self._first_layers(layers):
-            if kernel == "padded":
-                hidden, all_layers = self._padded_states(input_ids, attention_mask)
-            else:
-                hidden, all_layers = self._packed_states(input_ids, attention_mask, kernel)
+            hidden, all_layers = self._states(input_ids, attention_mask, kernel)
         pooler_dtype = next(self.pooler.parameters(), torch.empty(0)).dtype
         if pool_rows is not None:
             pool_rows = pool_rows.to(self.device)
@@ -353,6 +350,12 @@ class Embedder(nn.Module):
         if all_layers is not None:
             all_layers = tuple(h.to(pooler_dtype) for h in all_layers)
         return self.pooler(hidden.to(pooler_dtype), pool_mask, all_layers)
+
+    def _states(self, input_ids, attention_mask, kernel: str):
+        """Last hidden states (B, T, d) and every layer's (or None), through padded or packed batches."""
+        if kernel == "padded":
+            return self._padded_states(input_ids, attention_mask)
+        return self._packed_states(input_ids, attention_mask, kernel)
 
     def _padded_states(self, input_ids, attention_mask):
         # Positions count real tokens only, so left padding gives the same positions as right padding.
@@ -413,15 +416,9 @@ class Embedder(nn.Module):
         `precision` (float16, int8/uint8 with calibration `ranges`, binary/ubinary) returns compressed codes
         (llm2emb.precision).
         """
-        if batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        self._check_output_options(batch_size, dim, precision, ranges)
         if max_tokens is not None and max_tokens < 1:
             raise UserError(f"max_tokens must be at least 1, got {max_tokens}")
-        if dim is not None and not 0 < dim <= self.dim:
-            raise UserError(f"dim must be between 1 and {self.dim}, got {dim}")
-        check_precision(precision)
-        if needs_ranges(precision) and ranges is None:
-            raise UserError(f"precision {precision} needs calibration ranges (llm2emb.precision.calibration_ranges)")
         normalize = self.config.normalize if normalize is None else normalize
         if show_progress_bar is None:
             show_progress_bar = len(texts) >= PROGRESS_BAR_MIN_TEXTS
@@ -476,17 +473,11 @@ class Embedder(nn.Module):
         """
         from llm2emb.chunking import check_spans, chunk_windows, chunker_from_spec
 
-        if batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {batch_size}")
-        if dim is not None and not 0 < dim <= self.dim:
-            raise UserError(f"dim must be between 1 and {self.dim}, got {dim}")
+        self._check_output_options(batch_size, dim, precision, ranges)
         if isinstance(documents, str):
             raise TypeError("documents must be a list of strings, not a single string")
         if spans is not None and len(spans) != len(documents):
             raise UserError(f"{len(spans)} span lists for {len(documents)} documents")
-        check_precision(precision)
-        if needs_ranges(precision) and ranges is None:
-            raise UserError(f"precision {precision} needs calibration ranges (llm2emb.precision.calibration_ranges)")
         if kind == "document":
             instruction = instruction or self.config.default_document_instruction
         normalize = self.config.normalize if normalize is None else normalize
@@ -551,12 +542,7 @@ class Embedder(nn.Module):
                 index = order[group]
                 batch = self._pad([rows[i] for i in index])
                 input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-                kernel = self._kernel()
-                if kernel == "padded":
-                    hidden, _ = self._padded_states(input_ids, attention_mask)
-                else:
-                    hidden, _ = self._packed_states(input_ids, attention_mask, kernel)
-                hidden = hidden.float()
+                hidden = self._states(input_ids, attention_mask, self._kernel())[0].float()
                 if normalize:
                     hidden = torch.nn.functional.normalize(hidden, dim=-1)
                 for row, text in enumerate(index):
@@ -564,6 +550,16 @@ class Embedder(nn.Module):
         finally:
             self.train(was_training)
         return result
+
+    def _check_output_options(self, batch_size: int, dim: int | None, precision: str, ranges) -> None:
+        """The options every encode method takes, checked before any work."""
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        if dim is not None and not 0 < dim <= self.dim:
+            raise UserError(f"dim must be between 1 and {self.dim}, got {dim}")
+        check_precision(precision)
+        if needs_ranges(precision) and ranges is None:
+            raise UserError(f"precision {precision} needs calibration ranges (llm2emb.precision.calibration_ranges)")
 
     def encode_queries(self, texts: Sequence[str], instruction: str | None = None, **kwargs) -> np.ndarray:
         """Queries get the instruction (the folder's default when None) through the query template."""

@@ -165,6 +165,7 @@ def test_chunks_write_one_row_per_situated_chunk_and_an_index(converted, tmp_pat
         (["--chunks", "paragraphs"], r"chunker 'paragraphs': expected 'sentences' or 'words:N'"),
         (["--window", "64"], r"--window sizes the forwards of --chunks"),
         (["--chunks", "sentences", "--layers", "1"], r"--layers and --max-tokens are not available with --chunks"),
+        (["--chunks", "sentences", "--window", "1"], r"--window must be at least 2 tokens, got 1"),
     ],
 )
 def test_chunk_options_are_checked(converted, tmp_path, capsys, extra, message):

@@ -95,3 +95,17 @@ def test_cli_limits_documents_and_refuses_bad_options(tiny_qwen2, tmp_path, caps
     assert "--tasks poem: expected some of question, claim, paraphrase, keywords" in capsys.readouterr().err
     with pytest.raises(UserError, match="input file not found"):
         scan(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--temperature", "0"], "--temperature must be above 0, got 0.0"),
+])
+def test_synth_options_are_checked_before_loading(tmp_path, capsys, extra, message):
+    (tmp_path / "docs.txt").write_text("One document here.\n")
+    code = main(["synth", "--corpus", str(tmp_path / "docs.txt"), "--generator", "unused", "--out",
+                 str(tmp_path / "rows.jsonl"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "rows.jsonl").exists()

@@ -79,7 +79,7 @@ def resolve_base(reference: str | Path) -> BaseRef:
 
 
 def load_config(base: BaseRef, attention: str):
-    """The base's config with attention set as asked; sliding windows cleared for embedders."""
+    """The base's config with attention set as asked; sliding windows and the KV cache off for embedders."""
     if attention not in ATTENTION_MODES:
         raise UserError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     try:
@@ -101,6 +101,9 @@ def load_config(base: BaseRef, attention: str):
         config.sliding_window = None
     if hasattr(config, "use_sliding_window"):
         config.use_sliding_window = False
+    # An embedder never decodes: without this every forward fills a KV cache, copying each layer's keys and values
+    # (torch.cat) and keeping all of them alive to the end of the forward (sentence-transformers turns it off too).
+    config.use_cache = False
     return config
 
 

@@ -358,8 +358,12 @@ class Embedder(nn.Module):
         return self._packed_states(input_ids, attention_mask, kernel)
 
     def _padded_states(self, input_ids, attention_mask):
-        # Positions count real tokens only, so left padding gives the same positions as right padding.
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+        # Positions count real tokens only, so left padding gives the same positions as right padding. Right-padded
+        # rows already start at 0: the backbone's default positions (one shared row) are those, and its rotary
+        # tables stay (1, T, d) instead of one copy per row.
+        position_ids = None
+        if self.config.padding_side == "left":
+            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
         curriculum = {}
         if self.future_attention < 1.0:
             weight = self.future_attention

@@ -78,3 +78,12 @@ def test_resolve_base_errors(reference, message):
 def test_resolve_base_refuses_folder_without_config(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         resolve_base(tmp_path)
+
+
+@pytest.mark.parametrize("arch", VERIFIED_MODEL_TYPES)
+def test_backbone_builds_no_kv_cache(tiny_models, arch):
+    """A cache would copy every layer's keys and values on each forward and keep them all alive until its end."""
+    model = load_backbone(BaseRef(str(tiny_models[arch])), "bidirectional", torch.float32)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[50, 60, 70, 80]]))
+    assert out.past_key_values is None

@@ -31,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--r-reps", type=int, default=20)
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's weights and states")
     p.add_argument("--json")
     return p.parse_args(argv)
 
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
     data = load_beir(args.beir, "test")
     if args.corpus_sample:
         data = subsample_corpus(data, args.corpus_sample)
-    embedder = Embedder.from_pretrained(args.model, torch_dtype=torch.float32)
+    embedder = Embedder.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
     embedder.config.max_length = args.max_length
     counted = set(evaluated_queries(data.qrels))
     query_ids = [q for q in data.query_ids if q in counted]
@@ -89,7 +90,8 @@ def main(argv=None) -> None:
         print(json.dumps(row), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "task": data.name, "documents": len(data.documents),
-                                               "max_length": args.max_length, "rows": rows}, indent=2) + "\n")
+                                               "max_length": args.max_length, "dtype": args.dtype, "rows": rows},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":

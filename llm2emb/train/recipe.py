@@ -99,7 +99,9 @@ class ModelSpec(_Strict):
 class LoraSpec(_Strict):
     r: Annotated[int, Field(gt=0)] = 16
     alpha: Annotated[float, Field(gt=0)] = 32
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """0 by default: PEFT's dropout copies each adapted linear's input for the backward (q, k and v each their own),
+    which put a LoRA run above full fine-tuning's peak memory on SmolLM2 (benchmarks/RESULTS.md, "LoRA memory")."""
     target_modules: str | list[str] = "all-linear"
 
 

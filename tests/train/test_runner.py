@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -234,3 +235,20 @@ def test_lora_auto_trains_every_weight_of_a_small_base_and_an_adapter_otherwise(
     monkeypatch.setattr(runner, "LORA_AUTO_MAX_PARAMETERS", 1000)
     assert runner.resolve_lora(auto, embedder) == LoraSpec()  # a base over the limit: an adapter
     assert runner.resolve_lora(load_recipe(path, ["lora=null"]), embedder) is None
+
+
+def test_default_lora_adapter_is_deterministic_in_training_mode(converted):
+    """No LoRA dropout by default: PEFT's dropout would copy every adapted linear's input (memory above full FT)."""
+    from llm2emb.train import setup as runner
+    from llm2emb.train.recipe import LoraSpec
+
+    embedder = Embedder.from_pretrained(converted, torch_dtype=torch.float32)
+    runner.apply_lora(embedder, SimpleNamespace(quantization="none"), LoraSpec())
+    with torch.no_grad():  # B starts at zero, which would hide the adapter's input (and any dropout on it)
+        for name, parameter in embedder.backbone.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    embedder.train()
+    batch = embedder.tokenize(["a man plays a guitar", "proteins fold"])
+    with torch.no_grad():
+        assert torch.equal(embedder.forward(batch), embedder.forward(batch))

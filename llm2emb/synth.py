@@ -4,10 +4,11 @@ As QZhou-Embedding and Llama-Embed-Nemotron build their synthetic data: for each
 transformers causal LM; the same base, e.g. SmolLM2-135M-Instruct, runs on a CPU) writes a query of each asked task
 type (a question the document answers, a claim it supports or refutes, a one-sentence paraphrase, a keyword query)
 and optionally a hard negative (a sentence on the same topic that does not answer the query). Generations are cut to
-their first line and stripped of labels and quotes; empty, too short or too long, repetitive (one word over half of
-the words), copied (the query inside its document) and off-task ones (talking about "the passage" or to "you", a
-question without a question mark) are dropped, and so are repeats. The consistency filter
-then keeps a row only when an embedder ranks its source document in the top-k of the corpus for the query.
+their first sentence and stripped of labels, quotes and framing ("The passage suggests that X" keeps X); empty, too
+short or too long, repetitive (one word over half of the words), copied (the query inside its document) and off-task
+ones (talking about "the passage" or to "you", a question without a question mark) are dropped, and so are repeats.
+The consistency filter then keeps a row only when an embedder ranks its source document in the top-k of the corpus
+for the query.
 
 Generation runs chunk by chunk; each finished chunk's rows are written to a hidden file of their own beside the
 output, so a killed run started again with the same settings continues with the chunks it had not finished, and sampling is seeded per chunk,
@@ -47,6 +48,11 @@ NEGATIVE_PROMPT = ("Write one sentence on the same topic as the passage that doe
                    "the sentence only.")
 LABEL = re.compile(r"^\s*(?:[-*\d.)\s]*)?(?:question|claim|query|paraphrase|sentence|answer|search query)\s*:\s*",
                    re.IGNORECASE)
+FRAMING = re.compile(r"^(?:the|this) (?:passage|text|document|abstract|study)(?: \w+){0,3}? (?:supports|refutes|suggests|"
+                     r"shows|states|indicates|claims|argues|demonstrates|finds|concludes|reports|proposes)(?: \w+){0,4}? "
+                     r"that\s+", re.IGNORECASE)
+"""'The passage supports the claim that X ...': how small generators frame a claim; X is the claim."""
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 META = re.compile(r"\b(?:the|this|that) (?:passage|text|document)\b|\b(?:you|your)\b", re.IGNORECASE)
 """A generation that talks about the passage or to the reader instead of being a query (small generators do)."""
 PASSAGE_CHARACTERS = 2000
@@ -78,9 +84,15 @@ class SynthStats:
 
 
 def clean(text: str, document: str, task: str | None = None) -> tuple[str | None, str]:
-    """A generation as a usable text, or None and why not. A question ends at its first question mark."""
+    """A generation as a usable text, or None and why not: its first sentence, unframed ('The passage supports the
+    claim that X' gives X); a question ends at its first question mark."""
     line = next((part for part in text.strip().splitlines() if part.strip()), "")
     line = LABEL.sub("", line).strip().strip("\"'`*").strip()
+    framed = FRAMING.match(line)
+    if framed:
+        line = line[framed.end():]
+        line = line[:1].upper() + line[1:]
+    line = SENTENCE_END.split(line, maxsplit=1)[0]  # a query is one sentence; what follows is commentary
     if META.search(line):
         return None, "talks about the passage"
     if task == "question":

@@ -26,6 +26,10 @@ def test_cleaning_keeps_one_plain_line_and_says_why_it_drops():
     assert clean("This passage explains how aspirin works.", document) == (None, "talks about the passage")
     assert clean("You have provided a clear claim here.", document) == (None, "talks about the passage")
     assert clean("1. Claim: Aspirin lowers fever.", document) == ("Aspirin lowers fever.", "")
+    framed = "The passage supports a claim by suggesting that aspirin lowers fever in children. However, it does not."
+    assert clean(framed, document, "claim") == ("Aspirin lowers fever in children.", "")
+    assert clean("This passage suggests that aspirin lowers fever. The passage is short.", document) == (
+        "Aspirin lowers fever.", "")
     assert clean("yes", document) == (None, "too short")
     assert clean("the the the the the the cat", document) == (None, "repetitive")
     assert clean("inhibits cyclooxygenase and lowers fever", document) == (None, "copied from the document")

@@ -30,9 +30,24 @@ def batch_size(batch: Batch) -> int:
 
 
 def chunks(batch: Batch, size: int) -> Iterator[dict[str, Any]]:
-    """Consecutive row slices of every tensor in ``batch``; other values are passed through unchanged."""
+    """Consecutive row slices of every tensor in ``batch``, each cut to the columns its own rows use (a chunk of
+    short texts does not carry the longest text's padding through the model twice); other values pass unchanged."""
     for start in range(0, batch_size(batch), size):
-        yield {k: v[start : start + size] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        yield trim_padding({k: v[start : start + size] if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+
+
+def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` without the columns no row attends to (trailing with right padding, leading with left padding),
+    cut from every (rows, columns) tensor of the attention mask's width."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not mask.any():
+        return batch
+    used = mask.any(dim=0).nonzero().flatten()
+    first, last, width = int(used[0]), int(used[-1]) + 1, mask.shape[1]
+    if first == 0 and last == width:
+        return batch
+    return {k: v[:, first:last] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == width else v
+            for k, v in batch.items()}
 
 
 class RandomState:

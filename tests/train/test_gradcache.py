@@ -146,3 +146,19 @@ def test_loss_fn_error_leaves_gradients_untouched(setup):
     with pytest.raises(FloatingPointError):
         gradcache_backward(model, batches, failing, chunk_size=2)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_chunk_of_short_rows_drops_the_padding_only_longer_rows_needed():
+    from llm2emb.train.gradcache import chunks
+
+    right = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    batch = {"input_ids": torch.arange(20).view(4, 5) * right, "attention_mask": right, "pool_mask": right.clone(),
+             "labels": torch.arange(4), "name": "queries"}
+    first, second = chunks(batch, 2)
+    assert first["input_ids"].shape == (2, 5)
+    assert torch.equal(second["attention_mask"], torch.tensor([[1, 0, 0], [1, 1, 1]]))
+    assert torch.equal(second["input_ids"], batch["input_ids"][2:, :3])
+    assert torch.equal(second["labels"], torch.tensor([2, 3])) and second["name"] == "queries"
+    left = right.flip(dims=[1])
+    _, second = chunks({"input_ids": left * 7, "attention_mask": left, "pool_mask": left}, 2)
+    assert torch.equal(second["attention_mask"], torch.tensor([[0, 0, 1], [1, 1, 1]]))

@@ -166,7 +166,9 @@ def test_checkpoints_are_complete_model_folders_and_resume_exactly(tiny_qwen2, d
     resumed.train(resume_from_checkpoint=str(checkpoint))
     want, got = trainable_state(full), trainable_state(resumed)
     assert want.keys() == got.keys()
-    # Rounding differs by ~1e-6..1e-5 after reloading, and Adam's m/sqrt(v) amplifies it on the near-zero gradient
-    # of the temperature (~4e-4); a wrong data position, RNG state or a missed weight moves some weight by ~lr (5e-3).
+    # Rounding differs by ~1e-6..1e-5 after reloading, and Adam's m/sqrt(v) turns it into steps of up to lr on the
+    # near-zero gradient of the temperature (~4e-4), so that one weight is held to lr (5e-3); a wrong data position,
+    # RNG state or a missed weight moves many others by ~lr, and those are held to 1e-4.
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4, msg=name)
+        atol = 5e-3 if name.endswith("log_temperature") else 1e-4
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=atol, msg=name)

@@ -282,18 +282,26 @@ class Embedder(nn.Module):
         `spans[i]` (characters of text i, or None) makes row i a situated chunk: the text is its context (a window
         of `max_length` tokens around the span, llm2emb.chunking) and only the span's tokens are pooled.
         """
-        rows = list(self._rows(texts, instructions, max_length, kind))
-        if spans is not None:
-            from llm2emb.chunking import chunk_windows
+        if spans is None:
+            return self._pad(list(self._rows(texts, instructions, max_length, kind)))
+        from llm2emb.chunking import chunk_windows
 
-            if len(spans) != len(texts):
-                raise ValueError(f"{len(spans)} spans for {len(texts)} texts")
-            per_text = instructions if isinstance(instructions, (list, tuple)) else [instructions] * len(texts)
-            for index, span in enumerate(spans):
-                if span is not None:
-                    [window] = chunk_windows(self.prompt_tokenizer, texts[index], [span], per_text[index], kind,
-                                             max_length or self.config.max_length, index)
-                    rows[index] = (window.ids, window.pools[0])
+        if len(spans) != len(texts):
+            raise ValueError(f"{len(spans)} spans for {len(texts)} texts")
+        per_text = list(instructions) if isinstance(instructions, (list, tuple)) else [instructions] * len(texts)
+        plain = [index for index, span in enumerate(spans) if span is None]
+        rows: list = [None] * len(texts)
+        try:
+            for index, row in zip(plain, self._rows([texts[i] for i in plain], [per_text[i] for i in plain],
+                                                     max_length, kind)):
+                rows[index] = row
+        except UnembeddableText as exc:  # name the caller's row, not its place among the plain ones
+            raise UnembeddableText(plain[exc.index], exc.detail) from None
+        for index, span in enumerate(spans):
+            if span is not None:  # a situated row: its window is tokenized once, by the chunker
+                [window] = chunk_windows(self.prompt_tokenizer, texts[index], [span], per_text[index], kind,
+                                         max_length or self.config.max_length, index)
+                rows[index] = (window.ids, window.pools[0])
         return self._pad(rows)
 
     @property

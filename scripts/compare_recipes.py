@@ -147,7 +147,7 @@ def train_st(args, seed: int, rows_file: Path, folder: Path) -> Path:
     checkpoints = list((folder / "trainer").glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=bool(checkpoints) or None)  # an interrupted job continues
     model.save(str(model_dir))
-    (folder / "train_seconds").write_text(f"{time.perf_counter() - started:.1f}\n")
+    record_train_seconds(folder, time.perf_counter() - started, resumed=bool(checkpoints))
     return model_dir
 
 
@@ -174,8 +174,19 @@ def train_llm2emb(args, spec: str, seed: int, rows_file: Path, folder: Path) -> 
     holds = (folder / "run" / "stages").exists()
     started = time.perf_counter()
     subprocess.run(command + (["--resume"] if holds else []), check=True)
-    (folder / "train_seconds").write_text(f"{time.perf_counter() - started:.1f}\n")
+    record_train_seconds(folder, time.perf_counter() - started, resumed=holds)
     return model_dir
+
+
+def record_train_seconds(folder: Path, seconds: float, resumed: bool) -> None:
+    """The training time of a run that went start to finish in one process; a resumed run's time (this process's
+    share only, and the steps lost to the interruption not counted) is no figure to compare, so it has none."""
+    target = folder / "train_seconds"
+    if resumed:
+        target.unlink(missing_ok=True)
+        (folder / "train_resumed").write_text("trained across several processes: no comparable training time\n")
+    else:
+        target.write_text(f"{seconds:.1f}\n")
 
 
 def evaluate(args, model_dir: Path) -> dict:

@@ -71,6 +71,9 @@ def add_encode(sub) -> None:
     p.add_argument("--instruction", help="instruction for every line (query template)")
     p.add_argument("--documents", action="store_true", help="encode as documents (document template)")
     p.add_argument("--pooling", type=_pooling_arg, help="pooling when MODEL is a base model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default: the folder's own); bfloat16 halves memory and is faster "
+                        "on GPUs and on CPUs with bf16 instructions, at a small cost in precision")
     p.add_argument("--text-field", default="text", help="JSONL: the field holding the text (default: text)")
     p.add_argument("--id-field", help="JSONL: write this field of every record to OUTPUT.ids.txt, line i for row i")
     p.add_argument("--chunk-size", type=int, default=4096,
@@ -137,7 +140,7 @@ def run_encode(args) -> None:
         corpus = scan(source, text_field=args.text_field, id_field=args.id_field, chunk_size=args.chunk_size,
                       chunker=args.chunks)
         embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, attention_backend=args.attention_backend,
-                                            device=device)
+                                            device=device, torch_dtype=args.dtype)
         stats = encode_corpus(
             embedder, corpus, output, instruction=args.instruction, documents=args.documents,
             batch_size=args.batch_size, dim=args.dim, layers=args.layers, max_tokens=args.max_tokens,
@@ -184,6 +187,9 @@ def add_eval(sub) -> None:
     p.add_argument("--sts-instruction", help="instruction for both STS sentences (default: none)")
     p.add_argument("--pooling", type=_pooling_arg, help="pooling when MODEL is a base model")
     p.add_argument("--attention", choices=["bidirectional", "causal"], help="attention when MODEL is a base model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default: the folder's own); bfloat16 halves memory and is faster "
+                        "on GPUs and on CPUs with bf16 instructions, at a small cost in precision")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's)")
     p.add_argument("--cache-dir", help="corpus embedding cache (default: $LLM2EMB_CACHE/embeddings)")
@@ -223,7 +229,7 @@ def run_eval(args) -> None:
         batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
         corpus_sample=args.corpus_sample, precision=args.precision, rescore=args.rescore,
         rope_scaling=args.rope_scaling, long_tasks=args.long, long_lengths=args.lengths,
-        long_documents=args.long_documents, haystack=args.haystack, limit=args.limit,
+        long_documents=args.long_documents, haystack=args.haystack, limit=args.limit, torch_dtype=args.dtype,
     )
     print(format_table(report.results))
     if args.json:

@@ -200,8 +200,6 @@ def evaluate(args, model_dir: Path) -> dict:
 
     dtype = getattr(torch, args.eval_dtype)
     model = load_model(model_dir, max_length=args.eval_max_length, torch_dtype=dtype)
-    if hasattr(model, "max_seq_length"):
-        model.to(dtype)
     started = time.perf_counter()
     scores: dict = {}
     if "stsb" in args.tasks:

@@ -29,6 +29,13 @@ def test_convert_encode_info_end_to_end(converted, tmp_path, capsys):
     expected = Embedder.from_pretrained(converted).encode(["A man plays a guitar.", "The cat sat on the mat."],
                                                           instruction="Find it")
     np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    half = tmp_path / "half.npy"
+    assert main(["encode", str(converted), "--input", str(texts), "--output", str(half), "--instruction", "Find it",
+                 "--dtype", "bfloat16"]) == 0
+    in_bf16 = Embedder.from_pretrained(converted, torch_dtype="bfloat16").encode(
+        ["A man plays a guitar.", "The cat sat on the mat."], instruction="Find it")
+    np.testing.assert_allclose(np.load(half), in_bf16, atol=1e-6)
+    assert np.abs(np.load(half) - vectors).max() > 1e-4  # bfloat16 was used, not the folder's float32
     capsys.readouterr()
     assert main(["info", str(converted), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

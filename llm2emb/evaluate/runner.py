@@ -67,6 +67,8 @@ def load_model(
             raise
         if max_length is not None:
             st.max_seq_length = max_length
+        if torch_dtype is not None:
+            st.to(torch_dtype)
         return st
     from llm2emb.model import Embedder
 
@@ -217,6 +219,7 @@ def run_eval(
     long_documents: int = 50,
     haystack: str | Path | None = None,
     limit: str | None = None,
+    torch_dtype: str | None = None,
     **kwargs: Any,
 ) -> EvalReport:
     """Load `model` and evaluate it (see `evaluate_model` for the task arguments).
@@ -226,6 +229,7 @@ def run_eval(
     tasks at each of `long_lengths` tokens (llm2emb.evaluate.longembed; needle hides its facts in `haystack`, a
     JSONL or text file of prose), scored by nDCG@1; without `max_length` the model's limit is raised to fit them.
     `limit` (small | large) adds the LIMIT task (llm2emb.evaluate.limit), scored by recall@2/10/100.
+    `torch_dtype` (float32 | bfloat16 | float16; default the model's own) is recorded in the report's settings.
     """
     split = kwargs.pop("split", "test")
     sts = [load_sts(path) for path in kwargs.pop("sts", ())]  # data errors surface before the slow model load
@@ -239,7 +243,10 @@ def run_eval(
     if long_tasks and max_length is not None and max_length < max(long_lengths):
         raise UserError(f"--max-length {max_length} would cut the {max(long_lengths)}-token documents of --long")
     start = time.perf_counter()
+    import torch
+
     loaded = load_model(model, pooling=pooling, attention=attention, max_length=max_length,
+                        torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
                         trust_remote_code=trust_remote_code, rope_scaling=rope_scaling)
     load_seconds = time.perf_counter() - start
     if long_tasks:
@@ -255,7 +262,8 @@ def run_eval(
             report = extra
         else:
             report.results += extra.results
-    report.settings.update(rope_scaling=rope_scaling, long_documents=long_documents if long_tasks else None)
+    report.settings.update(rope_scaling=rope_scaling, long_documents=long_documents if long_tasks else None,
+                           dtype=torch_dtype)
     report.load_seconds = load_seconds
     report.settings["corpus_sample"] = corpus_sample
     return report

@@ -65,6 +65,20 @@ def test_eval_cli_matches_scores_computed_by_hand(tiny_qwen2, task_files, tmp_pa
     assert again["corpus_cached"] is True and again["scores"] == retrieval["scores"]
 
 
+def test_eval_dtype_loads_the_model_in_it(tiny_qwen2, task_files, tmp_path):
+    _, beir = task_files
+    out, cache = tmp_path / "results.json", tmp_path / "cache"
+    assert main(["eval", str(tiny_qwen2), "--pooling", "mean", "--beir", str(beir), "--dtype", "bfloat16",
+                 "--cache-dir", str(cache), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["dtype"] == "bfloat16"
+    [cached] = [np.load(path) for path in cache.rglob("*.npy")]  # the corpus vectors this evaluation encoded
+    documents = [(title + " " + text).strip() for _, title, text in CORPUS]
+    in_bf16 = Embedder.from_pretrained(tiny_qwen2, pooling="mean", torch_dtype="bfloat16").encode_documents(documents)
+    in_fp32 = Embedder.from_pretrained(tiny_qwen2, pooling="mean", torch_dtype="float32").encode_documents(documents)
+    np.testing.assert_allclose(cached, in_bf16, atol=1e-6)
+    assert np.abs(cached - in_fp32).max() > 1e-4
+
+
 def test_eval_missing_file_is_one_line_exit_2(tiny_qwen2, tmp_path):
     result = subprocess.run([sys.executable, "-m", "llm2emb.cli", "eval", str(tiny_qwen2), "--pooling", "mean",
                              "--sts", str(tmp_path / "missing.tsv")], capture_output=True, text=True)

@@ -30,6 +30,11 @@ def _pooling_arg(text: str):
     return text
 
 
+LOAD_DTYPES = ["float32", "bfloat16", "float16"]
+LOAD_DTYPE_HELP = ("weights and activations (default: the folder's own); bfloat16 halves memory and is faster on GPUs "
+                   "and on CPUs with bf16 instructions, at a small cost in precision")
+
+
 # ---------------------------------------------------------------- convert
 def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="turn a decoder into a bidirectional embedding model folder")
@@ -71,9 +76,7 @@ def add_encode(sub) -> None:
     p.add_argument("--instruction", help="instruction for every line (query template)")
     p.add_argument("--documents", action="store_true", help="encode as documents (document template)")
     p.add_argument("--pooling", type=_pooling_arg, help="pooling when MODEL is a base model")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations (default: the folder's own); bfloat16 halves memory and is faster "
-                        "on GPUs and on CPUs with bf16 instructions, at a small cost in precision")
+    p.add_argument("--dtype", choices=LOAD_DTYPES, help=LOAD_DTYPE_HELP)
     p.add_argument("--text-field", default="text", help="JSONL: the field holding the text (default: text)")
     p.add_argument("--id-field", help="JSONL: write this field of every record to OUTPUT.ids.txt, line i for row i")
     p.add_argument("--chunk-size", type=int, default=4096,
@@ -187,9 +190,7 @@ def add_eval(sub) -> None:
     p.add_argument("--sts-instruction", help="instruction for both STS sentences (default: none)")
     p.add_argument("--pooling", type=_pooling_arg, help="pooling when MODEL is a base model")
     p.add_argument("--attention", choices=["bidirectional", "causal"], help="attention when MODEL is a base model")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations (default: the folder's own); bfloat16 halves memory and is faster "
-                        "on GPUs and on CPUs with bf16 instructions, at a small cost in precision")
+    p.add_argument("--dtype", choices=LOAD_DTYPES, help=LOAD_DTYPE_HELP)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's)")
     p.add_argument("--cache-dir", help="corpus embedding cache (default: $LLM2EMB_CACHE/embeddings)")

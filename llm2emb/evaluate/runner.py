@@ -242,9 +242,9 @@ def run_eval(
     prose = read_haystack(haystack) if "needle" in long_tasks else None
     if long_tasks and max_length is not None and max_length < max(long_lengths):
         raise UserError(f"--max-length {max_length} would cut the {max(long_lengths)}-token documents of --long")
-    start = time.perf_counter()
     import torch
 
+    start = time.perf_counter()
     loaded = load_model(model, pooling=pooling, attention=attention, max_length=max_length,
                         torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
                         trust_remote_code=trust_remote_code, rope_scaling=rope_scaling)

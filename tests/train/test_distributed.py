@@ -3,6 +3,7 @@ and without a teacher's vectors to distil (gathered with the batch)."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,9 @@ def step(model, loss_module, batch, chunk_size, no_sync):
 
 
 def worker(rank: int, init_file: str, out_dir: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    # a timeout makes a stuck rendezvous or collective fail the test instead of hanging CI (seen once in 2026-12)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         model = DistributedDataParallel(make_model())
         results = {

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.compare_recipes import without_reporting
+from scripts.compare_recipes import record_train_seconds, without_reporting
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -124,11 +124,13 @@ def train_job(args, out: Path, system: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         command = [sys.executable, "-m", "llm2emb.cli", "train", str(folder / "recipe.yaml")]
+        resumed = (folder / "run" / "stages").exists()
         started = time.perf_counter()
-        subprocess.run(command + (["--resume"] if (folder / "run" / "stages").exists() else []), check=True)
-        (folder / "train_seconds").write_text(f"{time.perf_counter() - started:.1f}\n")
+        subprocess.run(command + (["--resume"] if resumed else []), check=True)
+        record_train_seconds(folder, time.perf_counter() - started, resumed=resumed)
+    timed = folder / "train_seconds"
     result = {"system": system, "seed": args.seed, **evaluate(args, model_dir),
-              "train_seconds": float((folder / "train_seconds").read_text()),
+              "train_seconds": float(timed.read_text()) if timed.is_file() else None,
               "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length}
     (folder / result_name(args)).write_text(json.dumps(result, indent=2) + "\n")
 
@@ -208,7 +210,8 @@ def table(args, out: Path) -> str:
         if path.is_file():
             result = json.loads(path.read_text())
             rows = sum(counts.get(name, 0) for name in SYSTEMS[system])
-            lines.append(f"| {system} | {rows} | {result['scifact']:.2f} | {result['train_seconds']:.0f} |")
+            seconds = "-" if result["train_seconds"] is None else f"{result['train_seconds']:.0f}"
+            lines.append(f"| {system} | {rows} | {result['scifact']:.2f} | {seconds} |")
     if synth:
         lines += ["", f"Generation: {synth['generated']} claims for {synth['documents']} abstracts in "
                       f"{synth['seconds']:.0f} s ({synth['generations_per_s']} claims/s, {synth['tokens_per_s']} "

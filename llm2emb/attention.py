@@ -167,9 +167,10 @@ def kernel_problem(kernel: str, device: torch.device, dtype: torch.dtype) -> str
 def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype, implementation: str | None) -> str:
     """`padded`, or the packed kernel to run (one of KERNELS); a one-line UserError when the request cannot run.
 
-    auto: a CUDA varlen kernel when one is usable (flash-attn first), else padded: without a varlen kernel the
-    packed path re-pads inside attention, and length-sorted padded batches already pad little (on a 2-core CPU
-    packed encoded at 0.96x and 1.10x the padded speed in two runs, benchmarks/RESULTS.md "Speed").
+    auto: a CUDA varlen kernel when one is usable (flash-attn first); else, on a CPU, the packed sdpa kernel: it
+    re-pads inside attention only, so the linear layers skip the padding; it encoded at 0.96x-1.10x the padded
+    speed and trained at 1.0x-1.2x with 41% less peak memory (benchmarks/RESULTS.md "Speed", "CPU speed and
+    memory"); else (CUDA without a usable varlen kernel, unmeasured) padded.
     packed: flash_attn, else varlen_attn, else the sdpa kernel (any device).
     """
     requested = requested or "auto"
@@ -192,7 +193,7 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
     for kernel in ("flash_attn", "varlen_attn"):
         if kernel_problem(kernel, device, dtype) is None:
             return kernel
-    return "sdpa" if requested == "packed" else "padded"
+    return "sdpa" if requested == "packed" or device.type == "cpu" else "padded"
 
 
 def use_varlen_attention(model) -> None:

@@ -202,7 +202,8 @@ class Embedder(nn.Module):
     def set_attention_backend(self, backend: str = "auto") -> None:
         """Choose how `forward` and `encode` batch texts: padded rows, or one packed row and a varlen kernel.
 
-        auto: a CUDA varlen kernel (flash-attn, else torch's varlen_attn) when usable, else padded.
+        auto: a CUDA varlen kernel (flash-attn, else torch's varlen_attn) when usable, else packed sdpa on a CPU
+        (padded while the causal-to-bidirectional curriculum runs), else padded.
         packed: the best packed kernel here, the sdpa one on a CPU. flash_attn / varlen_attn: that kernel or a
         one-line UserError saying why not. Checked now for the current device and dtype, and again whenever the
         model has moved since (auto then re-chooses).
@@ -347,7 +348,9 @@ class Embedder(nn.Module):
             raise UnembeddableText(empty[0], "no token of the text is in the batch's pool mask")
         kernel = self._kernel()
         if kernel != "padded" and self.future_attention < 1.0:
-            raise UserError("the causal-to-bidirectional curriculum runs on padded batches; set attention_backend padded")
+            if self.attention_backend != "auto":
+                raise UserError("the causal-to-bidirectional curriculum runs on padded batches; set attention_backend padded")
+            kernel = "padded"  # auto's choice: the curriculum's bias needs the padded layout
         with self._first_layers(layers):
             hidden, all_layers = self._states(input_ids, attention_mask, kernel)
         pooler_dtype = next(self.pooler.parameters(), torch.empty(0)).dtype

@@ -200,7 +200,8 @@ def test_token_budget_batches_properties(packed):
 
 # ---------------------------------------------------------------- backends
 def test_backend_resolution_on_cpu():
-    assert resolve_backend("auto", CPU, torch.float32, "sdpa") == "padded"
+    assert resolve_backend("auto", CPU, torch.float32, "sdpa") == "sdpa"  # measured: same speed, less memory
+    assert resolve_backend("auto", torch.device("cuda"), torch.float32, "sdpa") == "padded"  # no varlen kernel
     assert resolve_backend("packed", CPU, torch.float32, "sdpa") == "sdpa"
     assert resolve_backend("padded", CPU, torch.float32, "eager") == "padded"
     assert resolve_backend("auto", CPU, torch.float32, "eager") == "padded"

@@ -586,26 +586,30 @@ class Embedder(nn.Module):
         return self.encode(texts, instruction=instruction, kind="document", **kwargs)
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the model folder (docs/ARCHITECTURE.md, "The model folder") atomically: into a temporary sibling,
-        then renamed."""
+        then renamed.
+
+        `state_dict`: this Embedder's full weights, keyed like its own `state_dict()`, for when the live parameters
+        are shards (FSDP): the Trainer gathers them on every process and hands them to the one that saves.
+        """
         refuse_non_empty(directory, overwrite, option="overwrite=True")
         with atomic_folder(directory) as staging:
-            self._write(staging)
+            self._write(staging, state_dict)
         return Path(directory)
 
-    def _write(self, folder: Path) -> None:
+    def _write(self, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         config = EmbedderConfig(**{**self.config.__dict__})
         config.pooling = pooler_spec(self.pooler)
-        if is_peft(self.backbone):
-            config.backbone = "adapter"
-            self.backbone.save_pretrained(str(folder))
-        else:
-            config.backbone = "weights"
-            self.backbone.save_pretrained(str(folder))
+        config.backbone = "adapter" if is_peft(self.backbone) else "weights"
+        backbone_state = None if state_dict is None else submodule_state(state_dict, "backbone")
+        # PEFT keeps only the adapter's entries of a given state dict; transformers saves all of them
+        self.backbone.save_pretrained(str(folder), state_dict=backbone_state)
         self.tokenizer.save_pretrained(str(folder))
         if self.pooler.trainable:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.pooler.state_dict().items()}
+            state = self.pooler.state_dict() if state_dict is None else submodule_state(state_dict, "pooler")
+            state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(state, str(folder / POOLING_WEIGHTS_NAME))
         config.save(folder)
 
@@ -616,6 +620,12 @@ class DocumentChunks:
 
     spans: list[tuple[int, int]]
     vectors: np.ndarray
+
+
+def submodule_state(state_dict: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The entries of a module's state dict that belong to its child `name`, keyed as the child's own."""
+    prefix = name + "."
+    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
 def finish_vectors(vectors: torch.Tensor, dim: int | None, normalize: bool, texts: Sequence[int]) -> np.ndarray:

@@ -106,7 +106,8 @@ def test_qlora_trains_a_4bit_base_and_saves_a_loadable_model(tiny_qwen2, tmp_pat
 @pytest.mark.parametrize("lora", [True, False])
 def test_fsdp_shards_with_torchrun_and_trains_with_gradcache(tiny_qwen2, tmp_path, lora):
     """`sharding: fsdp` under torchrun (every visible GPU, one process each): accelerate wraps the model in FSDP,
-    GradCache chunks replay through it, and the saved model loads."""
+    GradCache chunks replay through it, each stage's model is saved from the gathered full state dict, and the
+    saved model loads."""
     import os
     import subprocess
     import sys
@@ -121,8 +122,10 @@ def test_fsdp_shards_with_torchrun_and_trains_with_gradcache(tiny_qwen2, tmp_pat
         "model": {"base": str(base), "max_length": 32},
         "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"} if lora else None,
         "sharding": "fsdp", "output_dir": str(tmp_path / "run"), "report_to": ["none"],
-        "stages": [{"name": "s", "max_steps": 3, "batch_size": 4 * processes, "gradcache_chunk": 2 * processes,
-                    "learning_rate": 1e-3, "hard_negatives": 1, "datasets": [{"path": str(tmp_path / "triplets.jsonl")}]}],
+        # two stages: the second starts from an unsharded copy of the first's saved weights and is sharded again
+        "stages": [{"name": name, "max_steps": 3, "batch_size": 4 * processes, "gradcache_chunk": 2 * processes,
+                    "learning_rate": 1e-3, "hard_negatives": 1, "datasets": [{"path": str(tmp_path / "triplets.jsonl")}]}
+                   for name in ("a", "b")],
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m",
@@ -130,6 +133,6 @@ def test_fsdp_shards_with_torchrun_and_trains_with_gradcache(tiny_qwen2, tmp_pat
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert [stage["sharding"] for stage in summary["stages"]] == ["fsdp"]
+    assert [stage["sharding"] for stage in summary["stages"]] == ["fsdp", "fsdp"]
     assert all(torch.isfinite(torch.tensor(stage["final_loss"])) for stage in summary["stages"])
     Embedder.from_pretrained(tmp_path / "run" / "model").encode(TEXTS)

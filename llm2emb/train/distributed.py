@@ -33,6 +33,12 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def wait_for_all_processes() -> None:
+    """A barrier across the default group (no-op in one process): files one process wrote are there for all."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def _gather_rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     """All ranks' tensors (rows may differ per rank), the local one still attached to its autograd graph."""
     longest = max(sizes)

@@ -76,7 +76,7 @@ class EmbedderTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write a model folder (adapter or weights, pooling.safetensors, llm2emb.json) via `Embedder.save_pretrained`.
 
-        `state_dict` (passed by Trainer under FSDP/DeepSpeed) is not used: the Embedder saves its live modules.
+        `state_dict`: the full weights Trainer gathers under FSDP, where the live modules hold only shards.
         """
         if not self.args.should_save:
             return
@@ -86,7 +86,7 @@ class EmbedderTrainer(Trainer):
             # A checkpoint being assembled may already hold other processes' rng_state_<rank>.pth, which
             # save_pretrained (it replaces the whole folder) would delete: save beside it and move the files in.
             beside = output_dir.with_name(output_dir.name + ".model")
-            embedder.save_pretrained(beside, overwrite=True)
+            embedder.save_pretrained(beside, overwrite=True, state_dict=state_dict)
             output_dir.mkdir(parents=True, exist_ok=True)
             for item in beside.iterdir():
                 os.replace(item, output_dir / item.name)
@@ -94,7 +94,7 @@ class EmbedderTrainer(Trainer):
             return
         if output_dir.is_dir() and any(output_dir.iterdir()) and not is_model_folder(output_dir):
             raise UserError(f"{output_dir}: not empty and not a model folder; save the model into a folder of its own")
-        embedder.save_pretrained(output_dir, overwrite=True)
+        embedder.save_pretrained(output_dir, overwrite=True, state_dict=state_dict)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
@@ -135,11 +135,15 @@ class EmbedderTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Restore adapter (or weights), pooler and extra state in place, so the optimizer's references stay valid."""
+        """Restore adapter (or weights), pooler and extra state in place, so the optimizer's references stay valid.
+
+        Under FSDP the live parameters are shards: the runner loaded the checkpoint's weights before the Trainer
+        sharded the model, so only the extra state is restored here."""
         embedder = self.model if model is None else model
-        super()._load_from_checkpoint(resume_from_checkpoint, model=embedder.backbone)
         folder = Path(resume_from_checkpoint)
-        if embedder.pooler.trainable:
-            embedder.load_pooler_weights(folder)
+        if not self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model=embedder.backbone)
+            if embedder.pooler.trainable:
+                embedder.load_pooler_weights(folder)
         if (folder / EXTRA_STATE_NAME).is_file():
             self.load_extra_state(load_file(str(folder / EXTRA_STATE_NAME)))

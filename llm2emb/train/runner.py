@@ -36,7 +36,7 @@ from llm2emb.train.callbacks import (
     tensorboard_callback,
 )
 from llm2emb.train.data import StageData
-from llm2emb.train.distributed import is_main_process, launched_processes
+from llm2emb.train.distributed import is_main_process, launched_processes, wait_for_all_processes
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.fit import check_fit
 from llm2emb.train.objectives import build_objective_data, build_trainer
@@ -131,10 +131,17 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
         if stage.mine is not None:  # hard negatives from the weights this stage starts from
             data = with_mined_negatives(stage, index, data, embedder, stage_dir, recipe.on_bad_rows, recipe.seed)
         checkpoint = last_checkpoint(stage_dir) if continuing else None
-        stats = run_stage(recipe, index, stage, data, embedder, stage_dir, checkpoint, log, evaluator, callbacks)
+        stats, full_state = run_stage(recipe, index, stage, data, embedder, stage_dir, checkpoint, log, evaluator,
+                                      callbacks)
         summary.stages.append(stats)
         if is_main_process():
-            embedder.save_pretrained(final, overwrite=True)
+            embedder.save_pretrained(final, overwrite=True, state_dict=full_state)
+        if full_state is not None:
+            # FSDP sharded the live model in place: continue (next stage, evaluation, the saved model) from a
+            # plain copy with the trained weights, once the main process has written them
+            wait_for_all_processes()
+            embedder = load_embedder(recipe)
+            weights_from = final
     if weights_from is not None:
         embedder.load_weights(weights_from)
     summary.seconds = time.perf_counter() - started
@@ -161,8 +168,11 @@ def run_stage(
     recipe: Recipe, index: int, stage: StageSpec, data: StageData, embedder, stage_dir: Path,
     checkpoint: str | None, log: MetricsLog, evaluator: Evaluator | None, callbacks,
 ) -> dict:
-    """Train one stage (from `checkpoint` when resuming); returns its step, sample and token counts."""
+    """Train one stage (from `checkpoint` when resuming); returns its step, sample and token counts, and under
+    FSDP the trained model's full state dict (gathered by every process, held by the main one) to save it from."""
     world_size = launched_processes()
+    if checkpoint is not None and recipe.sharding == "fsdp":
+        embedder.load_weights(checkpoint)  # a checkpoint is a model folder; loaded before the Trainer shards it
     args = training_arguments(recipe, stage, stage_dir, world_size, embedder.decoder_layer_class)
     # contrastive (with the stage's loss options), simcse or mntp: see llm2emb.train.objectives
     trainer = build_trainer(stage, index, embedder, args, data, stage.max_length or recipe.model.max_length)
@@ -197,7 +207,8 @@ def run_stage(
     finally:
         progress.close()
     steps = trainer.state.global_step - start_step
-    return {
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    stats = {
         "name": stage.name,
         "steps": steps,
         "samples": steps * stage.batch_size,
@@ -206,6 +217,7 @@ def run_stage(
         "final_loss": _last_loss(trainer.state.log_history),
         "sharding": "fsdp" if trainer.is_fsdp_enabled else ("ddp" if world_size > 1 else "none"),
     }
+    return stats, full_state
 
 
 def _last_loss(history: list[dict]) -> float | None:

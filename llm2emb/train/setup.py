@@ -100,10 +100,11 @@ def training_arguments(
     `layer_class`: the decoder layer's class name, FSDP's wrapping unit under `sharding: fsdp`."""
     sharding = {}
     if recipe.sharding == "fsdp":
+        # FSDP2 (fully_shard; frozen LoRA bases and trained adapters share a unit): each decoder layer a unit,
+        # resharded after forward; saves gather a full state dict (Trainer passes it to `_save`)
         sharding = {"fsdp": "full_shard auto_wrap",
-                    # use_orig_params: LoRA leaves most parameters frozen inside each wrapped unit
-                    "fsdp_config": {"transformer_layer_cls_to_wrap": [layer_class], "use_orig_params": True,
-                                    "sync_module_states": True}}
+                    "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": [layer_class],
+                                    "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}}
     return TrainingArguments(
         **sharding,
         output_dir=str(stage_dir),

@@ -167,7 +167,8 @@ def test_fsdp_sharding_reaches_the_trainer_and_is_refused_without_gpus(recipe_di
     recipe = load_recipe(write(recipe_dir, GOOD.replace("OUT", "out")), ["sharding=fsdp"])
     arguments = setup.training_arguments(recipe, recipe.stages[0], tmp_path, world_size=1, layer_class="Qwen2DecoderLayer")
     assert arguments.fsdp and arguments.fsdp_config["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]
-    assert arguments.fsdp_config["use_orig_params"] is True  # LoRA: frozen and trained parameters in one unit
+    assert arguments.fsdp_config["version"] == 2  # transformers' FSDP1 settings would be ignored: FSDP2's only
+    assert arguments.fsdp_config["state_dict_type"] == "FULL_STATE_DICT"  # what the runner saves the model from
     plain = load_recipe(write(recipe_dir, GOOD.replace("OUT", "out")))
     assert not setup.training_arguments(plain, plain.stages[0], tmp_path, world_size=1).fsdp
     monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: False)

@@ -25,10 +25,15 @@ from llm2emb.tokenization import PromptTokenizer, UnembeddableText, no_room_deta
 Span = tuple[int, int]
 Chunker = Callable[[str], list[Span]]
 
-SENTENCE_END = re.compile(r"(?<=[.!?])([\"')\]]*)\s+|(?<=[a-z0-9)\]][.!?])(?=[A-Z])|\n\s*\n")
-"""A sentence ends after . ! or ? (and closing quotes or brackets) before whitespace, or, when a lower-case word ends
-it, right before a capital letter (abstracts scraped without spaces: "disabilities.A line scan"; "3.5" stays whole),
-or at a blank line."""
+ABBREVIATIONS = ("e.g.", "i.e.", "et al.", "vs.", "cf.", "Fig.", "Figs.", "Eq.", "Dr.", "Mr.", "Mrs.", "Ms.",
+                 "St.", "approx.", "ca.", "resp.")
+"""Words whose full stop does not end a sentence (scientific abstracts use them mid-sentence)."""
+_NOT_ABBREVIATED = "".join(rf"(?<!\b{re.escape(word)})" for word in ABBREVIATIONS)
+SENTENCE_END = re.compile(rf"(?<=[.!?]){_NOT_ABBREVIATED}([\"')\]]*)\s+(?![a-z])|(?<=[a-z0-9)\]][.!?])(?=[A-Z])|\n\s*\n")
+"""A sentence ends after . ! or ? (and closing quotes or brackets) before whitespace and a word that does not start
+in lower case, unless the stop closes an abbreviation ("e.g.", "et al."); or, when a lower-case word ends it, right
+before a capital letter (abstracts scraped without spaces: "disabilities.A line scan"; "3.5" stays whole); or at a
+blank line."""
 
 
 def sentence_spans(text: str) -> list[Span]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llm2emb.chunking import sentence_spans
 from llm2emb.corpus import Corpus, scan, sidecar
 from llm2emb.errors import UserError
 from llm2emb.files import write_text_atomic
@@ -52,7 +53,6 @@ FRAMING = re.compile(r"^(?:the|this) (?:passage|text|document|abstract|study)(?:
                      r"shows|states|indicates|claims|argues|demonstrates|finds|concludes|reports|proposes)(?: \w+){0,4}? "
                      r"that\s+", re.IGNORECASE)
 """'The passage supports the claim that X ...': how small generators frame a claim; X is the claim."""
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 META = re.compile(r"\b(?:the|this|that) (?:passage|text|document)\b|\b(?:you|your)\b", re.IGNORECASE)
 """A generation that talks about the passage or to the reader instead of being a query (small generators do)."""
 PASSAGE_CHARACTERS = 2000
@@ -92,7 +92,8 @@ def clean(text: str, document: str, task: str | None = None) -> tuple[str | None
     if framed:
         line = line[framed.end():]
         line = line[:1].upper() + line[1:]
-    line = SENTENCE_END.split(line, maxsplit=1)[0]  # a query is one sentence; what follows is commentary
+    sentences = sentence_spans(line)
+    line = line[:sentences[0][1]] if sentences else line  # a query is one sentence; what follows is commentary
     if META.search(line):
         return None, "talks about the passage"
     if task == "question":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from scripts.compare_recipes import record_train_seconds, without_reporting
+from scripts.compare_recipes import record_train_seconds
+from scripts.jobs import Job, run_jobs, without_reporting
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -160,44 +160,21 @@ def result_name(args) -> str:
 # ---- orchestration -------------------------------------------------------------------------------------------
 
 
-def pending_jobs(args, out: Path) -> list[tuple[str, set[str]]]:
-    """(job, the jobs it waits for) for what is not done yet."""
+def pending_jobs(args, out: Path) -> list[Job]:
+    """The jobs not done yet, each after the jobs it needs (a synthetic-data system waits for the generation)."""
     jobs = []
     if any("synthetic" in SYSTEMS[s] for s in args.systems) and not (out / "synth.json").is_file():
-        jobs.append(("synth", set()))
+        jobs.append(Job("synth", ["--job", "synth"]))
     for system in args.systems:
         if not (out / f"{system}-s{args.seed}" / result_name(args)).is_file():
-            jobs.append((system, {"synth"} if "synthetic" in SYSTEMS[system] else set()))
+            jobs.append(Job(system, ["--job", system], {"synth"} if "synthetic" in SYSTEMS[system] else set()))
     return jobs
 
 
 def run_all(args, argv) -> None:
     out = Path(args.out)
     write_inputs(args, out)
-    waiting = pending_jobs(args, out)
-    running: dict[str, subprocess.Popen] = {}
-    failed: set[str] = set()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    passthrough = without_reporting(argv)
-    while waiting or running:
-        unfinished = {name for name, _ in waiting} | set(running)
-        for name, needs in list(waiting):
-            if needs & failed:
-                waiting.remove((name, needs))
-                failed.add(name)
-            elif len(running) < args.jobs and not needs & unfinished:
-                waiting.remove((name, needs))
-                log = open(out / f"{name}.log", "a")
-                running[name] = subprocess.Popen([sys.executable, "-m", "scripts.bench_synth", *passthrough,
-                                                  "--job", name], cwd=ROOT, env=env, stdout=log,
-                                                 stderr=subprocess.STDOUT)
-        time.sleep(5)
-        for name, process in list(running.items()):
-            if process.poll() is not None:
-                del running[name]
-                if process.returncode:
-                    failed.add(name)
-                    print(f"job {name} failed (see {out / (name + '.log')})", file=sys.stderr)
+    run_jobs("scripts.bench_synth", pending_jobs(args, out), without_reporting(argv), args.jobs, out)
 
 
 def table(args, out: Path) -> str:

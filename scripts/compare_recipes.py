@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from scripts.jobs import Job, run_jobs, without_reporting
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -237,39 +238,13 @@ def run_job(args) -> None:
 # ---- orchestration and reporting ------------------------------------------------------------------------------
 
 
-def without_reporting(argv: list[str]) -> list[str]:
-    """The command line minus --table/--plot and their values (jobs train and evaluate; they do not report)."""
-    kept, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item in ("--table", "--plot"):
-            skip = True
-        elif not item.startswith(("--table=", "--plot=")):
-            kept.append(item)
-    return kept
-
-
 def run_all(args, argv=None) -> list[dict]:
     out = Path(args.out)
     write_rows(args, out)
-    pending = [(system_name(s), seed) for seed in args.seeds for s in args.systems
-               if not (out / f"{system_name(s)}-s{seed}" / result_name(args)).is_file()]
-    running: list[subprocess.Popen] = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    passthrough = without_reporting(sys.argv[1:] if argv is None else argv)
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            name, seed = pending.pop(0)
-            log = open(out / f"{name}-s{seed}.log", "a")
-            running.append(subprocess.Popen([sys.executable, "-m", "scripts.compare_recipes", *passthrough,
-                                             "--job", name, "--seed", str(seed)], cwd=ROOT, env=env,
-                                            stdout=log, stderr=subprocess.STDOUT))
-        time.sleep(5)
-        for process in [p for p in running if p.poll() is not None]:
-            running.remove(process)
-            if process.returncode:
-                print(f"job {process.args[-3]} seed {process.args[-1]} failed (see its log)", file=sys.stderr)
+    jobs = [Job(f"{system_name(s)}-s{seed}", ["--job", system_name(s), "--seed", str(seed)])
+            for seed in args.seeds for s in args.systems
+            if not (out / f"{system_name(s)}-s{seed}" / result_name(args)).is_file()]
+    run_jobs("scripts.compare_recipes", jobs, without_reporting(sys.argv[1:] if argv is None else argv), args.jobs, out)
     return [json.loads(p.read_text()) for p in sorted(out.glob(f"*-s*/{result_name(args)}"))]
 
 

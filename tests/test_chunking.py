@@ -25,6 +25,10 @@ def test_sentence_and_word_chunkers():
     glued = "It binds the receptor.A second finding follows.Doses of 3.5 mg agree."
     assert texts_of(glued, sentence_spans(glued)) == [
         "It binds the receptor.", "A second finding follows.", "Doses of 3.5 mg agree."]
+    abbreviated = "Smith et al. (2019) saw it, e.g. in mice (Fig. 2) vs. rats. It held, i.e. always. so did this."
+    # no sentence ends at an abbreviation's stop, nor before a lower-case word
+    assert texts_of(abbreviated, sentence_spans(abbreviated)) == [
+        "Smith et al. (2019) saw it, e.g. in mice (Fig. 2) vs. rats.", "It held, i.e. always. so did this."]
     assert texts_of("a b  c d e", word_spans("a b  c d e", 2)) == ["a b", "c d", "e"]
     assert chunker_from_spec("words:2")("a b c") == [(0, 3), (4, 5)]
     for bad in ("words:0", "words:x", "paragraphs"):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 
 def gradients_of_one_step(trainer) -> dict[str, torch.Tensor]:
@@ -18,3 +21,19 @@ def gradients_of_one_step(trainer) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def step_gradients():
     return gradients_of_one_step
+
+
+def run_two_workers(worker, args: tuple, seconds: float = 300) -> None:
+    """`worker(rank, *args)` in two spawned processes; the test fails (never hangs CI) if they outlast `seconds`."""
+    workers = mp.spawn(worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + seconds
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the two workers did not finish in {seconds} s")
+
+
+@pytest.fixture
+def two_workers():
+    return run_two_workers

@@ -4,13 +4,11 @@ and without a teacher's vectors to distil (gathered with the batch)."""
 from __future__ import annotations
 
 import datetime
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -94,14 +92,8 @@ def worker(rank: int, init_file: str, out_dir: str):
         dist.destroy_process_group()
 
 
-def test_two_processes_match_single_process(tmp_path):
-    workers = mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not workers.join(timeout=5):
-        if time.monotonic() > deadline:  # fail, never hang CI
-            for process in workers.processes:
-                process.kill()
-            pytest.fail("the two gloo workers did not finish in 300 s")
+def test_two_processes_match_single_process(tmp_path, two_workers):
+    two_workers(worker, (str(tmp_path / "init"), str(tmp_path)))
 
     model = make_model()
     want = {taught: step(model, make_loss(taught), global_batch(), None, None) for taught in (False, True)}

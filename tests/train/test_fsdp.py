@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -103,16 +101,10 @@ def worker(rank: int, init_file: str, folder: str, out_dir: str):
         dist.destroy_process_group()
 
 
-def test_fsdp_on_two_processes_matches_one_process(tiny_qwen2, tmp_path):
+def test_fsdp_on_two_processes_matches_one_process(tiny_qwen2, tmp_path, two_workers):
     folder = tmp_path / "emb"
     convert(str(tiny_qwen2), folder, pooling="mean", dtype="float32")
-    workers = mp.spawn(worker, args=(str(tmp_path / "init"), str(folder), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not workers.join(timeout=5):
-        if time.monotonic() > deadline:  # fail, never hang CI
-            for process in workers.processes:
-                process.kill()
-            pytest.fail("the two FSDP workers did not finish in 300 s")
+    two_workers(worker, (str(tmp_path / "init"), str(folder), str(tmp_path)))
 
     for lora in (True, False):
         embedder = build(str(folder), lora)

@@ -1,7 +1,8 @@
 """FSDP full sharding on two CPU processes (gloo): a LoRA or fully fine-tuned Embedder, sharded the way accelerate
 shards it under `sharding: fsdp` (FSDP2 `fully_shard` on every decoder layer, then on the whole model), trained one
 GradCache step with embeddings gathered across processes, ends with the loss and weights of one process that saw
-the whole batch; saved from the gathered full state dict (as Trainer saves under FSDP), it loads as that model.
+the whole batch; saved from the gathered full state dict (as Trainer saves under FSDP), it loads as that model, and
+so do its weights put into a fresh unsharded copy (how the run continues after a sharded stage).
 
 accelerate enables FSDP only for accelerator processes (its state never leaves MULTI_CPU for FSDP), so this test
 applies `fully_shard` itself, with the units `training_arguments` hands to accelerate; `tests/test_cuda.py` runs the
@@ -115,8 +116,11 @@ def test_fsdp_on_two_processes_matches_one_process(tiny_qwen2, tmp_path, two_wor
         assert len(moved) > len(want) // 2, "the step must move most trained weights for the comparison to mean anything"
         saved = Embedder.from_pretrained(tmp_path / f"model-lora{lora}")
         assert (tmp_path / f"model-lora{lora}" / "adapter_model.safetensors").is_file() == lora
-        np.testing.assert_allclose(saved.encode(QUERIES + DOCUMENTS), embedder.encode(QUERIES + DOCUMENTS),
-                                   atol=1e-5)
+        continued = build(str(folder), lora)  # how the runner continues after a sharded stage
+        continued.load_weights(tmp_path / f"model-lora{lora}")
+        for loaded in (saved, continued):
+            np.testing.assert_allclose(loaded.encode(QUERIES + DOCUMENTS), embedder.encode(QUERIES + DOCUMENTS),
+                                       atol=1e-5)
         for rank in range(2):
             loss, got = torch.load(tmp_path / f"rank{rank}.pt")[lora]
             assert loss == pytest.approx(want_loss, rel=1e-5), (rank, lora)

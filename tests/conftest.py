@@ -28,6 +28,15 @@ CORPUS = [
     "0123456789 !?.,;:'\"()[]{}<>-_/\\@#$%^&*+=~`|",
 ] * 20
 
+EVERY_POOLING = [
+    "mean",
+    "last_token",
+    "weighted_mean",
+    {"type": "latent_attention", "num_latents": 8, "num_heads": 4},
+    {"type": "multi_layer", "num_latents": 4, "num_heads": 4},
+]
+"""Every pooler, the trainable ones sized for the tiny decoders."""
+
 ARCHITECTURES = VERIFIED_MODEL_TYPES  # every verified type gets a tiny model and the per-architecture tests
 
 

@@ -8,18 +8,12 @@ from transformers import AutoModel
 
 from llm2emb import Embedder, UserError
 from llm2emb.backbone import VERIFIED_MODEL_TYPES
+from tests.conftest import EVERY_POOLING
 
 TEXTS = [
     "A man is playing a guitar on the street.",
     "The cat sat.",
     "Proteins fold into three-dimensional structures; enzymes catalyse reactions in the cell.",
-]
-POOLINGS = [
-    "mean",
-    "last_token",
-    "weighted_mean",
-    {"type": "latent_attention", "num_latents": 8, "num_heads": 4},
-    {"type": "multi_layer", "num_latents": 4, "num_heads": 4},
 ]
 
 
@@ -41,7 +35,7 @@ def embed_alone_and_batched(embedder: Embedder, side: str) -> float:
     return worst
 
 
-@pytest.mark.parametrize("pooling", POOLINGS, ids=lambda p: p if isinstance(p, str) else p["type"])
+@pytest.mark.parametrize("pooling", EVERY_POOLING, ids=lambda p: p if isinstance(p, str) else p["type"])
 @torch.no_grad()
 def test_padding_invariance_left_and_right_per_pooler(tiny_qwen2, pooling):
     embedder = Embedder.from_pretrained(tiny_qwen2, pooling=pooling, torch_dtype=torch.float32)
@@ -112,7 +106,7 @@ def test_forward_keeps_gradients_for_trainable_pooler(tiny_qwen2):
     assert grads and any(g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("pooling", POOLINGS, ids=lambda p: p if isinstance(p, str) else p["type"])
+@pytest.mark.parametrize("pooling", EVERY_POOLING, ids=lambda p: p if isinstance(p, str) else p["type"])
 def test_save_load_round_trip(tiny_qwen2, tmp_path, pooling):
     embedder = Embedder.from_pretrained(tiny_qwen2, pooling=pooling, torch_dtype=torch.float32)
     perturb_pooler(embedder)

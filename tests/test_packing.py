@@ -16,19 +16,13 @@ from llm2emb.cli import main
 from llm2emb.packing import block_diagonal_mask, pack, segment_ids, token_budget_batches, unpack
 from llm2emb.train.gradcache import gradcache_backward
 from llm2emb.train.losses import InfoNCELoss
+from tests.conftest import EVERY_POOLING
 
 TEXTS = [
     "A man is playing a guitar on the street.",
     "The cat sat.",
     "Proteins fold into three-dimensional structures; enzymes catalyse reactions in the cell.",
     "Given a question, retrieve passages that answer it.",
-]
-POOLINGS = [
-    "mean",
-    "last_token",
-    "weighted_mean",
-    {"type": "latent_attention", "num_latents": 8, "num_heads": 4},
-    {"type": "multi_layer", "num_latents": 4, "num_heads": 4},
 ]
 CPU = torch.device("cpu")
 
@@ -100,7 +94,7 @@ def test_varlen_attention_equals_block_diagonal_mask(tiny_qwen2):
 
 # ---------------------------------------------------------------- the packed Embedder
 @pytest.mark.parametrize("arch", VERIFIED_MODEL_TYPES)
-@pytest.mark.parametrize("pooling", POOLINGS, ids=pooling_id)
+@pytest.mark.parametrize("pooling", EVERY_POOLING, ids=pooling_id)
 @torch.no_grad()
 def test_packed_embedding_equals_embedding_alone(tiny_models, arch, pooling):
     embedder = load(tiny_models[arch], pooling, backend="packed")

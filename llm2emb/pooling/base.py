@@ -26,7 +26,8 @@ class Pooler(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        POOLERS[cls.name] = cls
+        if "name" in cls.__dict__:  # a shared base without a name of its own (LatentBlockPooler) is not a pooler
+            POOLERS[cls.name] = cls
 
     def __init__(self, hidden_size: int, num_layers: int):
         super().__init__()

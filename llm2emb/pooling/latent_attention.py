@@ -10,25 +10,16 @@ down for small models.
 import torch
 from torch import nn
 
-from llm2emb.pooling.base import Pooler, masked_mean
-from llm2emb.pooling.layers import CrossAttention, GEGLUFeedForward
+from llm2emb.pooling.base import masked_mean
+from llm2emb.pooling.layers import LatentBlockPooler
 
 
-class LatentAttentionPooler(Pooler):
+class LatentAttentionPooler(LatentBlockPooler):
     name = "latent_attention"
-    trainable = True
 
     def __init__(self, hidden_size, num_layers, num_latents=512, num_heads=8, width=None, mlp_mult=4):
-        super().__init__(hidden_size, num_layers)
-        self.num_latents, self.num_heads, self.mlp_mult = num_latents, num_heads, mlp_mult
-        self.width = width or hidden_size
+        super().__init__(hidden_size, num_layers, num_latents, num_heads, width, mlp_mult)
         self.latents = nn.Parameter(torch.randn(num_latents, hidden_size) * hidden_size**-0.5)
-        self.attention = CrossAttention(hidden_size, num_heads, self.width)
-        self.mlp = GEGLUFeedForward(hidden_size, mlp_mult)
-
-    def params(self):
-        return {"num_latents": self.num_latents, "num_heads": self.num_heads, "width": self.width,
-                "mlp_mult": self.mlp_mult}
 
     def forward(self, hidden_states, pool_mask, all_layers=None):
         x = hidden_states + self.attention(hidden_states, self.latents.unsqueeze(0))

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from llm2emb.errors import UserError
+from llm2emb.pooling.base import Pooler
 
 
 class CrossAttention(nn.Module):
@@ -55,3 +56,21 @@ class GEGLUFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj_in(self.norm(x)).chunk(2, dim=-1)
         return self.proj_out(value * F.gelu(gate))
+
+
+class LatentBlockPooler(Pooler):
+    """The trainable poolers built from one cross-attention and one GEGLU MLP (latent attention, multi-layer): their
+    shared shape, hyperparameters and saved `params`; each adds its latents and its own forward."""
+
+    trainable = True
+
+    def __init__(self, hidden_size, num_layers, num_latents, num_heads, width, mlp_mult):
+        super().__init__(hidden_size, num_layers)
+        self.num_latents, self.num_heads, self.mlp_mult = num_latents, num_heads, mlp_mult
+        self.width = width or hidden_size
+        self.attention = CrossAttention(hidden_size, num_heads, self.width)
+        self.mlp = GEGLUFeedForward(hidden_size, mlp_mult)
+
+    def params(self):
+        return {"num_latents": self.num_latents, "num_heads": self.num_heads, "width": self.width,
+                "mlp_mult": self.mlp_mult}

@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", default=["passkey", "needle"], choices=["passkey", "needle"])
     p.add_argument("--haystack", default=str(DATA / "scifact" / "corpus.jsonl"), help="prose for the needles")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and states (default: the model's own)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--out", required=True)
     p.add_argument("--table", help="write the markdown table of every method found in --out here")
@@ -87,8 +88,8 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         report = run_eval(args.model, long_tasks=args.tasks, long_lengths=lengths, long_documents=args.documents,
                           haystack=args.haystack, rope_scaling=None if method == "none" else f"{method}:{args.factor}",
-                          batch_size=args.batch_size, use_cache=False)
-        write_json(path, report.results, method=method, factor=None if method == "none" else args.factor,
+                          batch_size=args.batch_size, use_cache=False, torch_dtype=args.dtype)
+        write_json(path, report.results, method=method, factor=None if method == "none" else args.factor, dtype=args.dtype,
                    model=args.model, documents=args.documents, seconds=round(time.perf_counter() - started, 1),
                    environment=report.environment)
         print(f"{method}: {round(time.perf_counter() - started)} s", flush=True)

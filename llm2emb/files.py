@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -45,9 +46,35 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(staging, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, OSError) and disk_full(exc, target.parent):
+            # safetensors and torch.save report a full disk in their own exception types
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
         raise
+
+
+DISK_FULL_MESSAGES = ("No space left on device", "os error 28")
+"""How writers that do not raise OSError say it: safetensors' Rust I/O error, the C library's strerror."""
+
+
+def disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether a failed write failed for want of space: ENOSPC or its message anywhere in the exception chain, or
+    under 1 MiB left where it wrote (torch.save's C++ writer says only "iostream error")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if any(text in str(seen) for text in DISK_FULL_MESSAGES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    existing = Path(where)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return shutil.disk_usage(existing).free < 1 << 20
+    except OSError:
+        return False
 
 
 def current_umask() -> int:

@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from llm2emb.config import is_model_folder
 from llm2emb.errors import UserError
+from llm2emb.files import disk_full
 
 STAGING_NAME = ".checkpoint-staging"
 """Checkpoints are assembled here and renamed to checkpoint-N only when every file is written."""
@@ -64,12 +65,15 @@ class EmbedderTrainer(Trainer):
         )
         return self.accelerator.prepare(loader)
 
-    def non_finite_message(self, value: float) -> str:
+    def kept_checkpoint(self) -> str:
+        """What a stopped run still has: its last complete checkpoint, if any."""
         last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-        kept = f"the last checkpoint {last} is intact" if last else "no checkpoint had been written yet"
+        return f"the last checkpoint {last} is intact" if last else "no checkpoint had been written yet"
+
+    def non_finite_message(self, value: float) -> str:
         return (
             f"loss became {value} at step {self.state.global_step + 1}; stopped before the optimizer step and "
-            f"{kept} (try a lower learning rate, a larger temperature or fp32)"
+            f"{self.kept_checkpoint()} (try a lower learning rate, a larger temperature or fp32)"
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -114,6 +118,11 @@ class EmbedderTrainer(Trainer):
         self._staging_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            if disk_full(exc, staging):
+                raise UserError(f"{run_dir / name}: no space left on device while writing this checkpoint; "
+                                f"{self.kept_checkpoint()}: free some space and continue with --resume") from exc
+            raise
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()

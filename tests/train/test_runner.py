@@ -197,6 +197,35 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(convert
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(converted, tmp_path, monkeypatch, capsys):
+    """A disk that fills while checkpoint 2 is written: the message safetensors gives (seen on this machine), one
+    line from the CLI naming the checkpoint and the intact one before it, no half checkpoint, and --resume works."""
+    from safetensors import SafetensorError
+
+    from llm2emb.cli import EXIT_USAGE, main
+
+    recipe = write_workspace(tmp_path, converted)
+    write = Embedder._write
+
+    def fill_disk(self, folder, state_dict):
+        if "checkpoint-2" in str(folder):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        write(self, folder, state_dict)
+
+    monkeypatch.setattr(Embedder, "_write", fill_disk)
+    assert main(["train", str(recipe)]) == EXIT_USAGE
+    lines = capsys.readouterr().err.strip().splitlines()
+    stage_dir = tmp_path / "run" / "stages" / "0-retrieval"
+    assert lines[-1] == (f"llm2emb train: error: {stage_dir / 'checkpoint-2'}: no space left on device while writing "
+                         f"this checkpoint; the last checkpoint {stage_dir / 'checkpoint-1'} is intact: free some "
+                         "space and continue with --resume")
+    assert not any("Traceback" in line for line in lines)
+    assert sorted(p.name for p in stage_dir.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
+    monkeypatch.setattr(Embedder, "_write", write)
+    summary = train(recipe, resume=True)
+    assert [(s["name"], s["steps"]) for s in summary.stages] == [("retrieval", 2), ("blend", 3)]
+
+
 def test_check_loads_data_but_no_model(converted, tmp_path):
     recipe = write_workspace(tmp_path, converted)
     report = check_recipe(recipe)

@@ -49,10 +49,11 @@ NEGATIVE_PROMPT = ("Write one sentence on the same topic as the passage that doe
                    "the sentence only.")
 LABEL = re.compile(r"^\s*(?:[-*\d.)\s]*)?(?:question|claim|query|paraphrase|sentence|answer|search query)\s*:\s*",
                    re.IGNORECASE)
-FRAMING = re.compile(r"^(?:the|this) (?:passage|text|document|abstract|study)(?: \w+){0,3}? (?:supports|refutes|suggests|"
+FRAMING = re.compile(r"^(?:the|this) (?:passage|text|document|abstract|study|claim)(?: \w+){0,3}? (?:is|supports|refutes|suggests|"
                      r"shows|states|indicates|claims|argues|demonstrates|finds|concludes|reports|proposes)(?: \w+){0,4}? "
                      r"that\s+", re.IGNORECASE)
-"""'The passage supports the claim that X ...': how small generators frame a claim; X is the claim."""
+"""'The passage supports the claim that X ...', 'The claim is that X': how small generators frame a claim; X is the
+claim (SmolLM2-135M wrote the second in SciFact runs, 2026-12-04)."""
 META = re.compile(r"\b(?:the|this|that) (?:passage|text|document)\b|\b(?:you|your)\b", re.IGNORECASE)
 """A generation that talks about the passage or to the reader instead of being a query (small generators do)."""
 PASSAGE_CHARACTERS = 2000

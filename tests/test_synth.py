@@ -30,6 +30,8 @@ def test_cleaning_keeps_one_plain_line_and_says_why_it_drops():
     assert clean(framed, document, "claim") == ("Aspirin lowers fever in children.", "")
     assert clean("This passage suggests that aspirin lowers fever. The passage is short.", document) == (
         "Aspirin lowers fever.", "")
+    assert clean("The claim is that industrial yeast strains share a few lineages.", document, "claim") == (
+        "Industrial yeast strains share a few lineages.", "")
     assert clean("yes", document) == (None, "too short")
     assert clean("the the the the the the cat", document) == (None, "repetitive")
     assert clean("inhibits cyclooxygenase and lowers fever", document) == (None, "copied from the document")

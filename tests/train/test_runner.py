@@ -226,6 +226,25 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(converted, 
     assert [(s["name"], s["steps"]) for s in summary.stages] == [("retrieval", 2), ("blend", 3)]
 
 
+def test_full_disk_while_saving_a_model_folder_is_an_os_error_naming_it(converted, tmp_path, monkeypatch):
+    """Final and stage folders are written through `atomic_folder`: a full disk there (safetensors' own error type)
+    becomes OSError(ENOSPC) naming the folder, which the CLI prints as one line, and leaves no half folder."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    def fill_disk(self, folder, state_dict):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    embedder = Embedder.from_pretrained(converted)
+    monkeypatch.setattr(Embedder, "_write", fill_disk)
+    with pytest.raises(OSError) as caught:
+        embedder.save_pretrained(tmp_path / "final")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "final")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging copy
+
+
 def test_check_loads_data_but_no_model(converted, tmp_path):
     recipe = write_workspace(tmp_path, converted)
     report = check_recipe(recipe)

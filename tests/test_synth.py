@@ -32,6 +32,11 @@ def test_cleaning_keeps_one_plain_line_and_says_why_it_drops():
         "Aspirin lowers fever.", "")
     assert clean("The claim is that industrial yeast strains share a few lineages.", document, "claim") == (
         "Industrial yeast strains share a few lineages.", "")
+    assert clean("The claim is: The claim is: Aspirin lowers fever.", document, "claim") == ("Aspirin lowers fever.", "")
+    echo = "Aspirin lowers fever, but it also refutes the claim that it helps children."
+    assert clean(echo, document, "claim") == (None, "talks about the task")
+    assert clean(echo, document, "paraphrase") == (echo, "")  # only a task's own words count as an echo
+    assert clean("Which question does aspirin answer about fever?", document, "question") == (None, "talks about the task")
     assert clean("yes", document) == (None, "too short")
     assert clean("the the the the the the cat", document) == (None, "repetitive")
     assert clean("inhibits cyclooxygenase and lowers fever", document) == (None, "copied from the document")

@@ -65,9 +65,10 @@ def table(out: Path, lengths: list[int], tasks: list[str]) -> str:
 
 
 def trained_window(model: str) -> int:
-    from llm2emb.model import Embedder
+    """From the folder's config.json alone (an llm2emb folder keeps its base's config there): no weights loaded."""
+    from transformers import AutoConfig
 
-    return Embedder.from_pretrained(model).base_config.max_position_embeddings
+    return AutoConfig.from_pretrained(model).max_position_embeddings
 
 
 def main(argv=None) -> None:

@@ -37,33 +37,8 @@ log="$out/gpu_check.log"
 : > "$log"
 step() { echo "== $*" | tee -a "$log"; }
 
-step "nvidia-smi"; (nvidia-smi || true) >> "$log" 2>&1
-step "CUDA tests"; python -m pytest -q tests/test_cuda.py > "$out/test_cuda.txt" 2>&1; echo "exit $?" >> "$out/test_cuda.txt"
-flash=$(python -c "import importlib.util as u; print(int(u.find_spec('flash_attn') is not None))")
-backends="padded,packed"; st_attns="sdpa"
-if [ "$flash" = 1 ]; then backends="padded,packed,flash_attn"; st_attns="sdpa flash_attention_2"; fi
-[ "$device" = cpu ] && backends="padded,packed"
-
-for shape in $shapes; do
-    step "model $shape"
-    python -m scripts.random_model --shape "$shape" --tokenizer "$data/tokenizer" --out "$work/$shape" \
-        --dtype "$dtype" >> "$log" 2>&1 || { echo "model $shape failed" >> "$log"; continue; }
-    for st_attn in $st_attns; do
-        step "encode $shape (sentence-transformers $st_attn)"
-        python -m scripts.bench_encode --model "$work/$shape" --data "$data/scifact" --limit "$limit" \
-            --device "$device" --dtype "$dtype" --backends "$backends" --st-attn "$st_attn" --max-length 512 \
-            --batch-size 64 --json "$work/encode-$shape-$st_attn.json" >> "$log" 2>&1 || echo "failed" >> "$log"
-    done
-    if [ "$shape" != qwen2.5-7b ]; then
-        step "train $shape"
-        python -m scripts.bench_train --model "$work/$shape" --data "$data/snli/triplets.jsonl" --device "$device" \
-            --dtype "$dtype" --batch-size 64 --mini-batch 16 --max-length 128 --lora 16 \
-            --json "$work/train-$shape.json" >> "$log" 2>&1 || echo "failed" >> "$log"
-    fi
-    rm -rf "${work:?}/$shape"  # the next shape's weights need the disk
-done
-
-step "summary"
+# The table is rebuilt after every benchmark, so a run cut short by the device's time limit keeps what it measured.
+summarize() {
 python - "$work" "$out" <<'PY' >> "$log" 2>&1
 import json, sys
 from pathlib import Path
@@ -79,7 +54,50 @@ for name, report in reports.items():
                      f"{row.get('tokens_per_s', '-')} | {ratio} | {row.get('mfu', '-')} | "
                      f"{row.get('peak_memory_mib', '-')} |")
 (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
 PY
+}
+
+step "nvidia-smi"; (nvidia-smi || true) >> "$log" 2>&1
+step "versions"
+python - <<'PY' >> "$log" 2>&1
+import importlib.metadata as metadata
+import sys
+names = ("torch", "transformers", "peft", "accelerate", "sentence-transformers", "bitsandbytes", "flash-attn", "datasets")
+found = []
+for name in names:
+    try:
+        found.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        found.append(f"{name} absent")
+print("python", sys.version.split()[0], "|", ", ".join(found))
+PY
+step "CUDA tests"; python -m pytest -q tests/test_cuda.py > "$out/test_cuda.txt" 2>&1; echo "exit $?" >> "$out/test_cuda.txt"
+flash=$(python -c "import importlib.util as u; print(int(u.find_spec('flash_attn') is not None))")
+backends="padded,packed"; st_attns="sdpa"
+if [ "$flash" = 1 ]; then backends="padded,packed,flash_attn"; st_attns="sdpa flash_attention_2"; fi
+[ "$device" = cpu ] && backends="padded,packed"
+
+for shape in $shapes; do
+    step "model $shape"
+    python -m scripts.random_model --shape "$shape" --tokenizer "$data/tokenizer" --out "$work/$shape" \
+        --dtype "$dtype" >> "$log" 2>&1 || { echo "model $shape failed" >> "$log"; continue; }
+    for st_attn in $st_attns; do
+        step "encode $shape (sentence-transformers $st_attn)"
+        python -m scripts.bench_encode --model "$work/$shape" --data "$data/scifact" --limit "$limit" \
+            --device "$device" --dtype "$dtype" --backends "$backends" --st-attn "$st_attn" --max-length 512 \
+            --batch-size 64 --json "$work/encode-$shape-$st_attn.json" >> "$log" 2>&1 || echo "failed" >> "$log"
+        summarize
+    done
+    if [ "$shape" != qwen2.5-7b ]; then
+        step "train $shape"
+        python -m scripts.bench_train --model "$work/$shape" --data "$data/snli/triplets.jsonl" --device "$device" \
+            --dtype "$dtype" --batch-size 64 --mini-batch 16 --max-length 128 --lora 16 \
+            --json "$work/train-$shape.json" >> "$log" 2>&1 || echo "failed" >> "$log"
+        summarize
+    fi
+    rm -rf "${work:?}/$shape"  # the next shape's weights need the disk
+done
+
+step "summary"; cat "$out/gpu_check.md" | tee -a "$log"
 rm -rf "$work"
 echo "done: $out" | tee -a "$log"

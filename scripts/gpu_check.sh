@@ -10,7 +10,14 @@
 # .gpu-data, made by `scripts/gpu_check.sh --prepare` from ../shared/data and a converted SmolLM2 folder
 # (it is git-ignored, about 12 MB, and must be named in the device tool's `carry`).
 # Environment: GPU_CHECK_SHAPES (default "smollm2-135m qwen2.5-1.5b qwen2.5-7b"), GPU_CHECK_DEVICE (default cuda;
-# cpu with GPU_CHECK_SHAPES=tiny-llama checks the plumbing on a laptop), GPU_CHECK_LIMIT (documents encoded, 2000).
+# cpu with GPU_CHECK_SHAPES=tiny-llama checks the plumbing on a laptop), GPU_CHECK_LIMIT (documents encoded, 2000),
+# GPU_CHECK_BUDGET (seconds, default 480): the script stops starting steps, and cuts a running one short, so that it
+# ends inside that time with OUT complete. A command killed by the device tool's own limit brought nothing back
+# (2026-12-04), so keep the budget about 60 s under the tool's timeout_s.
+#
+# On the lent H200 (docs/GPU.md says why each part is there):
+#   scripts/gpu_check.sh --prepare runs/q/smol-bi && scripts/gpu_check.sh --wheels   # here, once
+#   run(command="scripts/gpu_check.sh --device-env $OUT", carry=[".whl", ".gpu-data"], timeout_s=560)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +31,25 @@ if [ "${1:-}" = "--prepare" ]; then
     exit 0
 fi
 
+if [ "${1:-}" = "--wheels" ]; then  # what the device image lacks (docs/GPU.md); about 45 MB, git-ignored
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+        pydantic pydantic-core annotated-types typing-inspection typing_extensions datasets dill multiprocess bitsandbytes
+    du -sh .whl
+    exit 0
+fi
+
+if [ "${1:-}" = "--device-env" ]; then  # the image's torch lives in a venv that is not first on PATH
+    shift
+    export PATH=/opt/torch/.venv/bin:$PATH PYTHONUNBUFFERED=1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "installing .whl failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+    # a `python` symlink outside the venv would start the bare interpreter (no venv, no torch): use a wrapper
+    mkdir -p /tmp/bin && printf '#!/bin/sh\nexec /opt/torch/.venv/bin/python3 "$@"\n' > /tmp/bin/python
+    chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH
+fi
+
 out=${1:?usage: scripts/gpu_check.sh OUT [DATA]}
 data=${2:-.gpu-data}
 shapes=${GPU_CHECK_SHAPES:-smollm2-135m qwen2.5-1.5b qwen2.5-7b}
@@ -35,7 +61,20 @@ work=$(mktemp -d)
 mkdir -p "$out"
 log="$out/gpu_check.log"
 : > "$log"
-step() { echo "== $*" | tee -a "$log"; }
+deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-480} ))
+step() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$log"; }
+# bounded CAP CMD...: run CMD for at most CAP seconds and never past the deadline; says why when it did not finish
+bounded() {
+    local cap=$1 left
+    shift
+    left=$(( deadline - $(date +%s) - 10 ))
+    if [ "$left" -lt 15 ]; then echo "skipped: the ${GPU_CHECK_BUDGET:-480} s budget is spent" | tee -a "$log"; return 124; fi
+    [ "$cap" -gt "$left" ] && cap=$left
+    timeout --kill-after=5 "$cap" "$@"
+    local rc=$?
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo "stopped after $cap s" | tee -a "$log"
+    return "$rc"
+}
 
 # The table is rebuilt after every benchmark, so a run cut short by the device's time limit keeps what it measured.
 summarize() {
@@ -71,7 +110,9 @@ for name in names:
         found.append(f"{name} absent")
 print("python", sys.version.split()[0], "|", ", ".join(found))
 PY
-step "CUDA tests"; python -m pytest -q tests/test_cuda.py > "$out/test_cuda.txt" 2>&1; echo "exit $?" >> "$out/test_cuda.txt"
+step "CUDA tests"
+bounded 200 python -m pytest -v tests/test_cuda.py > "$out/test_cuda.txt" 2>&1; echo "exit $?" >> "$out/test_cuda.txt"
+tail -n 3 "$out/test_cuda.txt" | tee -a "$log"
 flash=$(python -c "import importlib.util as u; print(int(u.find_spec('flash_attn') is not None))")
 backends="padded,packed"; st_attns="sdpa"
 if [ "$flash" = 1 ]; then backends="padded,packed,flash_attn"; st_attns="sdpa flash_attention_2"; fi
@@ -79,18 +120,18 @@ if [ "$flash" = 1 ]; then backends="padded,packed,flash_attn"; st_attns="sdpa fl
 
 for shape in $shapes; do
     step "model $shape"
-    python -m scripts.random_model --shape "$shape" --tokenizer "$data/tokenizer" --out "$work/$shape" \
+    bounded 120 python -m scripts.random_model --shape "$shape" --tokenizer "$data/tokenizer" --out "$work/$shape" \
         --dtype "$dtype" >> "$log" 2>&1 || { echo "model $shape failed" >> "$log"; continue; }
     for st_attn in $st_attns; do
         step "encode $shape (sentence-transformers $st_attn)"
-        python -m scripts.bench_encode --model "$work/$shape" --data "$data/scifact" --limit "$limit" \
+        bounded 150 python -m scripts.bench_encode --model "$work/$shape" --data "$data/scifact" --limit "$limit" \
             --device "$device" --dtype "$dtype" --backends "$backends" --st-attn "$st_attn" --max-length 512 \
             --batch-size 64 --json "$work/encode-$shape-$st_attn.json" >> "$log" 2>&1 || echo "failed" >> "$log"
         summarize
     done
     if [ "$shape" != qwen2.5-7b ]; then
         step "train $shape"
-        python -m scripts.bench_train --model "$work/$shape" --data "$data/snli/triplets.jsonl" --device "$device" \
+        bounded 120 python -m scripts.bench_train --model "$work/$shape" --data "$data/snli/triplets.jsonl" --device "$device" \
             --dtype "$dtype" --batch-size 64 --mini-batch 16 --max-length 128 --lora 16 \
             --json "$work/train-$shape.json" >> "$log" 2>&1 || echo "failed" >> "$log"
         summarize

@@ -111,7 +111,7 @@ for name in names:
 print("python", sys.version.split()[0], "|", ", ".join(found))
 PY
 step "CUDA tests"
-bounded 200 python -m pytest -v tests/test_cuda.py > "$out/test_cuda.txt" 2>&1; echo "exit $?" >> "$out/test_cuda.txt"
+bounded 270 python -m pytest -v tests/test_cuda.py > "$out/test_cuda.txt" 2>&1; echo "exit $?" >> "$out/test_cuda.txt"
 tail -n 3 "$out/test_cuda.txt" | tee -a "$log"
 flash=$(python -c "import importlib.util as u; print(int(u.find_spec('flash_attn') is not None))")
 backends="padded,packed"; st_attns="sdpa"

@@ -9,9 +9,10 @@ MultipleNegativesRankingLoss at its defaults (scale 20, i.e. temperature 0.05; l
 no warmup). llm2emb systems are recipes that set only the base, the data, `max_steps`, `batch_size`, `max_length`
 and `hard_negatives` (the `default` system), or those plus `--set`-style overrides (`NAME:key=value,key=value`).
 
-Each (system, seed) is one job, run as a subprocess with one thread so that `--jobs 2` runs two side by side on two
-cores; a job writes `<out>/<system>-s<seed>/result-<evaluation settings>.json` and is skipped when that exists, so an interrupted series
-continues where it stopped (llm2emb jobs also `--resume` their training). Evaluation is the same code for all:
+Each (system, seed) is one job, run as a subprocess with `--threads` threads (one by default, so that `--jobs 2`
+runs two side by side on two cores; sentence-transformers' full fine-tune at 200 x 32 peaks near 12 GB, so two of
+those side by side overrun 24 GB); a job writes `<out>/<system>-s<seed>/result-<evaluation settings>.json` and is
+skipped when that exists, so an interrupted series continues where it stopped (llm2emb jobs also `--resume` their training). Evaluation is the same code for all:
 STS-B test (Spearman x100) and SciFact test (nDCG@10 x100, no instruction on either side since no system trained
 with one; the full 5,183-document corpus unless `--corpus-sample`), both at `--eval-max-length` tokens.
 
@@ -50,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--systems", nargs="+", default=["st", "default"],
                    help="st | default | NAME:key.path=value,key.path=value (recipe overrides on top of default)")
-    p.add_argument("--jobs", type=int, default=2, help="jobs side by side, one thread each")
+    p.add_argument("--jobs", type=int, default=2, help="jobs side by side, --threads threads each")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads per job: 1 so that --jobs 2 fills two cores; 2 with --jobs 1 finishes one job sooner")
     p.add_argument("--tasks", nargs="+", default=["stsb", "scifact"], choices=["stsb", "scifact"],
                    help="evaluations to run (stsb alone takes minutes instead of most of an hour: for tuning)")
     p.add_argument("--eval-max-length", type=int, default=256)
@@ -217,7 +220,7 @@ def evaluate(args, model_dir: Path) -> dict:
 def run_job(args) -> None:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     spec = next(s for s in args.systems if system_name(s) == args.job)
     folder = out / f"{args.job}-s{args.seed}"
@@ -230,7 +233,7 @@ def run_job(args) -> None:
     seconds = float((folder / "train_seconds").read_text()) if (folder / "train_seconds").is_file() else None
     result = {"system": args.job, "spec": spec, "seed": args.seed, **scores, "train_seconds": seconds,
               "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-              "eval_max_length": args.eval_max_length, "corpus_sample": args.corpus_sample}
+              "eval_max_length": args.eval_max_length, "corpus_sample": args.corpus_sample, "threads": args.threads}
     (folder / result_name(args)).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
@@ -244,7 +247,8 @@ def run_all(args, argv=None) -> list[dict]:
     jobs = [Job(f"{system_name(s)}-s{seed}", ["--job", system_name(s), "--seed", str(seed)])
             for seed in args.seeds for s in args.systems
             if not (out / f"{system_name(s)}-s{seed}" / result_name(args)).is_file()]
-    run_jobs("scripts.compare_recipes", jobs, without_reporting(sys.argv[1:] if argv is None else argv), args.jobs, out)
+    run_jobs("scripts.compare_recipes", jobs, without_reporting(sys.argv[1:] if argv is None else argv), args.jobs, out,
+             args.threads)
     return [json.loads(p.read_text()) for p in sorted(out.glob(f"*-s*/{result_name(args)}"))]
 
 

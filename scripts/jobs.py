@@ -36,13 +36,15 @@ def without_reporting(argv: list[str]) -> list[str]:
     return kept
 
 
-def run_jobs(module: str, jobs: list[Job], shared_args: list[str], parallel: int, out: Path) -> set[str]:
-    """Run every job, `parallel` at a time; a job whose need failed is skipped and counts as failed. Returns the
-    names of the jobs that failed (each also named on stderr with its log)."""
+def run_jobs(module: str, jobs: list[Job], shared_args: list[str], parallel: int, out: Path,
+             threads: int = 1) -> set[str]:
+    """Run every job, `parallel` at a time with `threads` threads each; a job whose need failed is skipped and counts
+    as failed. Returns the names of the jobs that failed (each also named on stderr with its log)."""
     waiting = list(jobs)
     running: dict[str, subprocess.Popen] = {}
     failed: set[str] = set()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
     while waiting or running:
         unfinished = {job.name for job in waiting} | set(running)
         for job in list(waiting):

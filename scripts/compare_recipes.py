@@ -14,8 +14,8 @@ runs two side by side on two cores; sentence-transformers' full fine-tune at 200
 those side by side overrun 24 GB); a job writes `<out>/<system>-s<seed>/result-<evaluation settings>.json` and is
 skipped when that exists, so an interrupted series continues where it stopped (llm2emb jobs also `--resume` their
 training). Evaluation is the same code for all: STS-B test (Spearman x100) and SciFact test (nDCG@10 x100, no
-instruction on either side since no system trained with one; the full 5,183-document corpus unless `--corpus-
-sample`), both at `--eval-max-length` tokens.
+instruction on either side since no system trained with one; the full 5,183-document corpus unless
+`--corpus-sample`), both at `--eval-max-length` tokens.
 
     python -m scripts.compare_recipes --base runs/q/smol-bi --causal-base runs/q/smol-causal --steps 51 \
         --seeds 1 2 3 --systems st default --jobs 2 --out runs/compare51

@@ -61,14 +61,15 @@ work=$(mktemp -d)
 mkdir -p "$out"
 log="$out/gpu_check.log"
 : > "$log"
-deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-480} ))
+budget=${GPU_CHECK_BUDGET:-480}
+deadline=$(( $(date +%s) + budget ))
 step() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$log"; }
 # bounded CAP CMD...: run CMD for at most CAP seconds and never past the deadline; says why when it did not finish
 bounded() {
     local cap=$1 left
     shift
     left=$(( deadline - $(date +%s) - 10 ))
-    if [ "$left" -lt 15 ]; then echo "skipped: the ${GPU_CHECK_BUDGET:-480} s budget is spent" | tee -a "$log"; return 124; fi
+    if [ "$left" -lt 15 ]; then echo "skipped: the $budget s budget is spent" | tee -a "$log"; return 124; fi
     [ "$cap" -gt "$left" ] && cap=$left
     timeout --kill-after=5 "$cap" "$@"
     local rc=$?
@@ -139,6 +140,6 @@ for shape in $shapes; do
     rm -rf "${work:?}/$shape"  # the next shape's weights need the disk
 done
 
-step "summary"; cat "$out/gpu_check.md" | tee -a "$log"
+step "summary"; summarize; tee -a "$log" < "$out/gpu_check.md"
 rm -rf "$work"
 echo "done: $out" | tee -a "$log"

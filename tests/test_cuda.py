@@ -130,12 +130,13 @@ def test_fsdp_shards_with_torchrun_and_trains_with_gradcache(tiny_qwen2, tmp_pat
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "llm2emb.cli",
                "train", str(tmp_path / "recipe.yaml")]
-    try:  # 6 tiny steps take seconds; a hung rendezvous must fail here with its output, not outlast the device's limit
+    limit_s = 120  # 6 tiny steps take seconds; a hung rendezvous must fail here with its output, not outlast the device
+    try:
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                timeout=120)
+                                timeout=limit_s)
     except subprocess.TimeoutExpired as hung:
         stderr = (hung.stderr or b"").decode(errors="replace")  # TimeoutExpired holds bytes even with text=True
-        pytest.fail(f"torchrun still running after 120 s; its stderr ended: {stderr[-3000:]}")
+        pytest.fail(f"torchrun still running after {limit_s} s; its stderr ended: {stderr[-3000:]}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [stage["sharding"] for stage in summary["stages"]] == ["fsdp", "fsdp"]

@@ -1,6 +1,7 @@
 """Training speed and memory: llm2emb's GradCache step vs sentence-transformers' CachedMultipleNegativesRankingLoss.
 
-Same converted folder, same LoRA (or full fine-tune with --lora 0), same SNLI triplets, same effective batch and
+Same converted folder, same LoRA (or full fine-tune with --lora 0), same triplets (SNLI's JSONL, or a BEIR folder's
+train claims with their abstracts: long texts that keep a GPU busy), same effective batch and
 mini-batch, same temperature (1/20), same AdamW; the systems alternate step by step in one process (order flipped
 every step) and the median step counts. llm2emb's step is what `ContrastiveTrainer.training_step` runs:
 `gradcache_backward` over an `Embedder` (packed chunks when its attention backend is packed) with `InfoNCELoss`.
@@ -12,7 +13,8 @@ returning freed heap to the OS (malloc_trim), so the system that runs second doe
 pages. (A sampling thread was tried first: on a loaded machine its GIL hand-offs slowed the steps many times over.)
 
     python -m scripts.bench_train --model /tmp/smol-emb --batch-size 32 --mini-batch 8 --steps 3
-    python -m scripts.bench_train --model DIR --device cuda --dtype bfloat16 --batch-size 256 --mini-batch 64
+    python -m scripts.bench_train --model DIR --device cuda --dtype bfloat16 --data ../shared/data/scifact \
+        --batch-size 512 --mini-batch 128 --max-length 256
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
 from llm2emb import Embedder
+from llm2emb.evaluate.data import load_beir
 from llm2emb.train.data import text_id
 from llm2emb.train.gradcache import gradcache_backward
 from llm2emb.train.losses import InfoNCELoss
@@ -50,7 +53,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="/tmp/smol-emb", help="llm2emb model folder")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL of query / positive / negative")
+    p.add_argument("--data", default=str(DEFAULT_DATA),
+                   help="JSONL of query / positive / negative, or a BEIR folder (its train split; see beir_triplets)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=32, help="effective contrastive batch (triplets per step)")
@@ -65,7 +69,32 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def load_triplets(path: Path, count: int) -> list[dict]:
+def beir_triplets(directory: Path, count: int, batch_size: int) -> list[dict]:
+    """`count` rows of (train query, one of its relevant documents, a document no train query cites), cycling through
+    the pairs. No query text or document recurs among the pairs, and a batch may not outgrow them (SciFact gives 521),
+    so no text appears twice in a batch: sentence-transformers would score a repeat as a negative, llm2emb masks it,
+    and the first-step losses would then differ."""
+    data = load_beir(directory, split="train")
+    text = dict(zip(data.doc_ids, data.documents, strict=True))
+    query = dict(zip(data.query_ids, data.queries, strict=True))
+    pairs, used_queries, used_documents = [], set(), set()
+    for query_id, relevant in data.qrels.items():
+        document = next((doc for doc in relevant if doc not in used_documents), None)
+        if document is None or query[query_id] in used_queries:
+            continue
+        used_queries.add(query[query_id])
+        used_documents.add(document)
+        pairs.append((query[query_id], text[document]))
+    if batch_size > len(pairs):
+        raise SystemExit(f"{directory}: --batch-size {batch_size} exceeds its {len(pairs)} distinct train pairs")
+    negatives = [text[doc] for doc in data.doc_ids if doc not in used_documents]
+    return [{"query": pairs[i % len(pairs)][0], "positive": pairs[i % len(pairs)][1],
+             "negative": negatives[i % len(negatives)]} for i in range(count)]
+
+
+def load_triplets(path: Path, count: int, batch_size: int) -> list[dict]:
+    if path.is_dir():
+        return beir_triplets(path, count, batch_size)
     rows = []
     with open(path) as f:
         for line in f:
@@ -190,7 +219,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    rows = load_triplets(Path(args.data), args.batch_size * (args.steps + 1))
+    rows = load_triplets(Path(args.data), args.batch_size * (args.steps + 1), args.batch_size)
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
     embedder, llm2emb_step, count_tokens = build_llm2emb(args, device, dtype)

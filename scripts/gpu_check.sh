@@ -6,9 +6,11 @@
 #
 # OUT receives four files (the device tool brings back at most eight): gpu_check.json (every benchmark's report),
 # gpu_check.md (one table), test_cuda.txt (the test runs: all but FSDP first, FSDP last) and gpu_check.log.
-# DATA holds scifact/corpus.jsonl, snli/triplets.jsonl and tokenizer/ (SmolLM2's tokenizer.json and
-# tokenizer_config.json); default .gpu-data, made by `scripts/gpu_check.sh --prepare` from ../shared/data and a converted SmolLM2 folder
-# (it is git-ignored, about 12 MB, and must be named in the device tool's `carry`).
+# DATA holds scifact/ (corpus.jsonl; queries.jsonl and qrels/train.tsv, from which bench_train makes triplets of a
+# claim, its abstract and another abstract: abstracts fill the GPU, where SNLI's short sentences left each training
+# step bound by kernel launches on 2026-12-04) and tokenizer/ (SmolLM2's tokenizer.json and tokenizer_config.json);
+# default .gpu-data, made by `scripts/gpu_check.sh --prepare` from ../shared/data and a converted SmolLM2 folder (it is
+# git-ignored, about 12 MB, and must be named in the device tool's `carry`).
 # Environment: GPU_CHECK_SHAPES (default "smollm2-135m qwen2.5-1.5b qwen2.5-7b"), GPU_CHECK_DEVICE (default cuda;
 # cpu with GPU_CHECK_SHAPES=tiny-llama checks the plumbing on a laptop), GPU_CHECK_LIMIT (documents encoded, 2000),
 # GPU_CHECK_BUDGET (seconds, default 480): the script stops starting steps, and cuts a running one short, so that it
@@ -23,9 +25,10 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
     tokenizer_from=${2:?"--prepare TOKENIZER_FOLDER (a converted SmolLM2 folder)"}
-    rm -rf .gpu-data && mkdir -p .gpu-data/scifact .gpu-data/snli .gpu-data/tokenizer
+    rm -rf .gpu-data && mkdir -p .gpu-data/scifact/qrels .gpu-data/tokenizer
     cp ../shared/data/scifact/corpus.jsonl .gpu-data/scifact/
-    head -n 2000 ../shared/data/snli/triplets.jsonl > .gpu-data/snli/triplets.jsonl
+    cp ../shared/data/scifact/queries.jsonl .gpu-data/scifact/
+    cp ../shared/data/scifact/qrels/train.tsv .gpu-data/scifact/qrels/
     cp "$tokenizer_from"/tokenizer.json "$tokenizer_from"/tokenizer_config.json .gpu-data/tokenizer/
     du -sh .gpu-data
     exit 0
@@ -55,8 +58,8 @@ data=${2:-.gpu-data}
 shapes=${GPU_CHECK_SHAPES:-smollm2-135m qwen2.5-1.5b qwen2.5-7b}
 device=${GPU_CHECK_DEVICE:-cuda}
 limit=${GPU_CHECK_LIMIT:-2000}
-dtype=bfloat16
-[ "$device" = cpu ] && dtype=float32
+dtype=bfloat16 train_batch=512 train_chunk=128 train_length=256
+[ "$device" = cpu ] && dtype=float32 train_batch=8 train_chunk=4 train_length=64
 work=$(mktemp -d)
 mkdir -p "$out"
 log="$out/gpu_check.log"
@@ -136,8 +139,9 @@ for shape in $shapes; do
     done
     if [ "$shape" != qwen2.5-7b ]; then
         step "train $shape"
-        bounded 120 python -m scripts.bench_train --model "$work/$shape" --data "$data/snli/triplets.jsonl" --device "$device" \
-            --dtype "$dtype" --batch-size 64 --mini-batch 16 --max-length 128 --lora 16 \
+        bounded 150 python -m scripts.bench_train --model "$work/$shape" --data "$data/scifact" \
+            --device "$device" --dtype "$dtype" --batch-size "$train_batch" --mini-batch "$train_chunk" \
+            --max-length "$train_length" --lora 16 \
             --json "$work/train-$shape.json" >> "$log" 2>&1 || echo "failed" >> "$log"
         summarize
     fi

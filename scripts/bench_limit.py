@@ -3,7 +3,9 @@
 Each model encodes the LIMIT documents and queries once (`llm2emb.evaluate.limit`); its vectors are then cut to each
 of --dims leading components and renormalised (Matryoshka truncation; for a model not trained for it the cut is
 harsher than a trained small dimension) and scored by recall@2/10/100. BM25 is the lexical baseline the paper
-shows solving the task. One table row per (model, dimension):
+shows solving the task. Document vectors go through llm2emb's embedding cache (--cache-dir, default LLM2EMB_CACHE's
+embeddings/) block by block, so a stopped run on the large task resumes where it stopped. One table row per
+(model, dimension):
 
     python -m scripts.bench_limit runs/compare51/default-s1/run/model all-minilm-l6-v2 --size small \
         --dims 16 32 64 128 256 384 576 --json benchmarks/limit_small.json --table benchmarks/limit_small.md
@@ -25,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--size", default="small", choices=["small", "large"])
     p.add_argument("--dims", nargs="+", type=int, default=[16, 32, 64, 128, 256, 384, 576])
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cache-dir", help="embedding cache folder (default: llm2emb's)")
     p.add_argument("--json")
     p.add_argument("--table")
     return p.parse_args(argv)
@@ -36,14 +39,17 @@ METRICS = ("recall@2", "recall@10", "recall@100")
 def main(argv=None) -> None:
     args = parse_args(argv)
     from llm2emb.evaluate.bm25 import bm25_ranking
+    from llm2emb.evaluate.cache import EmbeddingCache, model_fingerprint
     from llm2emb.evaluate.encoders import as_encoder, normalized
     from llm2emb.evaluate.limit import limit_task
     from llm2emb.evaluate.metrics import retrieval_scores
+    from llm2emb.evaluate.retrieval import encode_corpus
     from llm2emb.evaluate.runner import load_model
     from llm2emb.evaluate.search import top_k
     from llm2emb.train.teacher import resolve_teacher_path
 
     data = limit_task(args.size)
+    cache = EmbeddingCache(args.cache_dir)
     rows = []
     started = time.perf_counter()
     bm25 = retrieval_scores(bm25_ranking(data, k=100), data.qrels, METRICS)
@@ -52,9 +58,9 @@ def main(argv=None) -> None:
     for name in args.models:
         started = time.perf_counter()
         encoder = as_encoder(load_model(resolve_teacher_path(name)), args.batch_size)
-        documents = np.asarray(encoder.encode_documents(data.documents), np.float32)
+        documents, cached = encode_corpus(encoder, data, cache, model_fingerprint(encoder))
         queries = np.asarray(encoder.encode_queries(data.queries), np.float32)
-        seconds = round(time.perf_counter() - started, 1)
+        seconds = "cached" if cached else round(time.perf_counter() - started, 1)
         for dim in sorted({d for d in args.dims if d <= documents.shape[1]} | {documents.shape[1]}):
             ranked = top_k(normalized(queries[:, :dim]), normalized(documents[:, :dim]), 100)[0]
             ranking = {q: [data.doc_ids[i] for i in row] for q, row in zip(data.query_ids, ranked)}

@@ -6,9 +6,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from llm2emb.errors import UserError
 from llm2emb.evaluate.cache import EmbeddingCache
-from llm2emb.evaluate.data import BeirData
+from llm2emb.evaluate.data import BeirData, corpus_hash
 from llm2emb.evaluate.encoders import as_encoder, normalized
 from llm2emb.evaluate.metrics import DEFAULT_RETRIEVAL_METRICS, evaluated_queries, retrieval_scores
 from llm2emb.evaluate.results import TaskResult
@@ -22,6 +24,10 @@ from llm2emb.precision import (
 )
 from llm2emb.tokenization import locate_texts
 
+CORPUS_BLOCK = 8192
+"""Documents encoded and cached at a time when a corpus is larger: a stopped evaluation resumes at the first block it
+had not finished instead of encoding everything again (LIMIT large, 50,000 documents, is hours on a CPU)."""
+
 
 def encode_corpus(
     encoder: Any,
@@ -29,23 +35,47 @@ def encode_corpus(
     cache: EmbeddingCache | None = None,
     fingerprint: str | None = None,
     settings: dict[str, Any] | None = None,
+    block: int = CORPUS_BLOCK,
 ) -> tuple[Any, bool]:
     """Document embeddings (normalised), from the cache when this model already encoded this corpus.
 
-    `settings` holds whatever else changes the vectors (max length, dimension); it joins the cache key.
-    Returns (embeddings, came_from_cache).
+    `settings` holds whatever else changes the vectors (max length, dimension); it joins the cache key. A corpus
+    longer than `block` is encoded block by block, each block cached as it is done and dropped once the whole
+    matrix is. Returns (embeddings, came_from_cache).
     """
-    key = None
-    if cache is not None and fingerprint is not None:
-        key = EmbeddingCache.key(fingerprint, data.corpus_hash, **(settings or {}))
-        hit = cache.get(key, len(data.documents))
-        if hit is not None:
-            return hit, True
-    with locate_texts(lambda i: f"{data.name}: corpus document {data.doc_ids[i]}"):
-        vectors = normalized(encoder.encode_documents(data.documents))
-    if key is not None:
+    if cache is None or fingerprint is None:
+        return _encode_documents(encoder, data, 0, len(data.documents)), False
+    settings = settings or {}
+    key = EmbeddingCache.key(fingerprint, data.corpus_hash, **settings)
+    hit = cache.get(key, len(data.documents))
+    if hit is not None:
+        return hit, True
+    if len(data.documents) <= block:
+        vectors = _encode_documents(encoder, data, 0, len(data.documents))
         cache.put(key, vectors)
+        return vectors, False
+    parts, block_keys = [], []
+    for start in range(0, len(data.documents), block):
+        stop = min(start + block, len(data.documents))
+        block_key = EmbeddingCache.key(
+            fingerprint, corpus_hash(data.doc_ids[start:stop], data.documents[start:stop]), block=True, **settings
+        )
+        part = cache.get(block_key, stop - start)
+        if part is None:
+            part = _encode_documents(encoder, data, start, stop)
+            cache.put(block_key, part)
+        parts.append(part)
+        block_keys.append(block_key)
+    vectors = np.concatenate(parts)
+    cache.put(key, vectors)
+    for block_key in block_keys:
+        cache.path(block_key).unlink(missing_ok=True)
     return vectors, False
+
+
+def _encode_documents(encoder: Any, data: BeirData, start: int, stop: int) -> np.ndarray:
+    with locate_texts(lambda i: f"{data.name}: corpus document {data.doc_ids[start + i]}"):
+        return normalized(encoder.encode_documents(data.documents[start:stop]))
 
 
 def evaluate_retrieval(

@@ -5,7 +5,7 @@ import torch
 
 from llm2emb.evaluate.cache import EmbeddingCache, model_fingerprint
 from llm2emb.evaluate.data import load_beir
-from llm2emb.evaluate.retrieval import evaluate_retrieval
+from llm2emb.evaluate.retrieval import encode_corpus, evaluate_retrieval
 
 CORPUS = [("d1", "Paris", "Paris is the capital of France."), ("d2", "", "Cats sleep most of the day."),
           ("d3", "Proteins", "Enzymes catalyse chemical reactions.")]
@@ -39,6 +39,36 @@ def test_hit_skips_the_corpus_and_changes_miss(tmp_path, trigram_encoder, write_
     # Settings that change the vectors (max length, dimension) are part of the key.
     assert evaluate_retrieval(make(), data, cache=cache, cache_settings={"max_length": 8}).corpus_cached is False
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 4
+
+
+def test_a_stopped_corpus_encode_resumes_at_its_first_unfinished_block(tmp_path, trigram_encoder, write_beir):
+    corpus = [(f"d{i}", "", f"document number {i} about topic {i % 3}") for i in range(7)]
+    data = load_beir(write_beir(tmp_path / "beir", corpus, QUERIES[:1], [("q1", "d1", 1)]))
+    cache = EmbeddingCache(tmp_path / "cache")
+
+    class StopsAtThirdBlock(trigram_encoder):
+        def encode_documents(self, texts):
+            if self.calls["documents"] >= 4:  # blocks of 2: the first two went through
+                raise KeyboardInterrupt
+            return super().encode_documents(texts)
+
+    stopped = StopsAtThirdBlock()
+    try:
+        encode_corpus(stopped, data, cache, stopped.fingerprint(), block=2)
+    except KeyboardInterrupt:
+        pass
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # the two finished blocks
+
+    resumed = trigram_encoder()
+    vectors, cached = encode_corpus(resumed, data, cache, resumed.fingerprint(), block=2)
+    assert resumed.calls["documents"] == 3 and cached is False  # d4-d6 only
+    whole, _ = encode_corpus(trigram_encoder(), data)
+    np.testing.assert_allclose(vectors, whole, rtol=1e-6)
+    # once whole, the matrix is one entry and the blocks are gone; the next run encodes nothing
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    again = trigram_encoder()
+    assert encode_corpus(again, data, cache, again.fingerprint(), block=2)[1] is True
+    assert again.calls["documents"] == 0
 
 
 def test_corrupt_or_stale_entry_is_a_miss(tmp_path):

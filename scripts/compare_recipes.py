@@ -20,6 +20,12 @@ instruction on either side since no system trained with one; the full 5,183-docu
     python -m scripts.compare_recipes --base runs/q/smol-bi --causal-base runs/q/smol-causal --steps 51 \
         --seeds 1 2 3 --systems st default --jobs 2 --out runs/compare51
     python -m scripts.compare_recipes ... --table benchmarks/compare_recipes_51.md --plot benchmarks/compare_51.png
+
+`--report ROWS.jsonl` builds the table and the plot from result rows kept in the repository (one JSON object per
+line, as a job writes them) and trains nothing: runs spread over sessions outlive the machine that holds `--out`.
+
+    python -m scripts.compare_recipes --report benchmarks/compare_200.jsonl --systems st default \
+        --table benchmarks/compare_recipes_200.md --plot benchmarks/compare_200.png
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ DATA = ROOT.parent / "shared" / "data"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="llm2emb base for the recipes (folder, asset alias or hub id)")
-    p.add_argument("--causal-base", required=True, help="HF folder of the same base with causal attention (for ST)")
+    p.add_argument("--base", help="llm2emb base for the recipes (folder, asset alias or hub id)")
+    p.add_argument("--causal-base", help="HF folder of the same base with causal attention (for ST)")
     p.add_argument("--data", default=str(DATA / "snli" / "triplets.jsonl"))
     p.add_argument("--rows", type=int, help="first ROWS triplets (default: steps x batch size)")
     p.add_argument("--steps", type=int, default=51)
@@ -60,12 +66,16 @@ def parse_args(argv=None):
     p.add_argument("--eval-max-length", type=int, default=256)
     p.add_argument("--corpus-sample", type=int, help="SciFact documents kept (every relevant one + random others)")
     p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--out", required=True, help="folder for the runs and results")
+    p.add_argument("--out", help="folder for the runs and results")
+    p.add_argument("--report", metavar="ROWS_JSONL", help="table and plot from these result rows; train nothing")
     p.add_argument("--table", help="write the markdown table here")
     p.add_argument("--plot", help="write a PNG of the scores per system and seed here")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job (system name) in this process
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.report and not (args.base and args.causal_base and args.out):
+        p.error("--base, --causal-base and --out are required unless --report is given")
+    return args
 
 
 def system_name(spec: str) -> str:
@@ -295,7 +305,11 @@ def main(argv=None) -> None:
     if args.job:
         run_job(args)
         return
-    results = run_all(args, argv)
+    if args.report:
+        lines = Path(args.report).read_text().splitlines()
+        results = [json.loads(line) for line in lines if line.strip()]
+    else:
+        results = run_all(args, argv)
     text = table(results, args.systems)
     print(text)
     if args.table:

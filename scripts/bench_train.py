@@ -70,7 +70,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def beir_triplets(directory: Path, count: int, batch_size: int) -> list[dict]:
-    """`count` rows of (train query, one of its relevant documents, a document no train query cites), cycling through
+    """`count` rows of (train query, one of its relevant documents, a document no pair uses), cycling through
     the pairs. No query text or document recurs among the pairs, and a batch may not outgrow them (SciFact gives 521),
     so no text appears twice in a batch: sentence-transformers would score a repeat as a negative, llm2emb masks it,
     and the first-step losses would then differ."""

@@ -37,6 +37,9 @@ class EmbedderConfig:
     matryoshka_dims: list[int] | None = None
     rope_scaling: dict[str, Any] | None = None
     """{"method": pi | ntk | yarn, "factor": s}: RoPE stretched for texts beyond the trained window (llm2emb.rope)."""
+    token_dim: int | None = None
+    """Width of the trained late-interaction head (token_head.safetensors, llm2emb.late_interaction); None: none,
+    token vectors are the hidden states as they are."""
     format_version: int = FORMAT_VERSION
 
     def save(self, directory: Path) -> None:

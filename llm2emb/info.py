@@ -29,6 +29,7 @@ def describe(folder: str | Path) -> dict:
         "query_template": json.dumps(config.query_template),
         "default_query_instruction": config.default_query_instruction or "-",
         "matryoshka_dims": config.matryoshka_dims or "-",
+        "token_dim": config.token_dim or "-",
         "rope_scaling": (f"{config.rope_scaling['method']} x{config.rope_scaling['factor']:g}"
                          if config.rope_scaling else "-"),
     }

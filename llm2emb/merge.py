@@ -7,8 +7,9 @@ rank: A = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B = [B_1, B_2, ...], alpha = r = sum 
 weighted sum of the deltas exactly, and the result is still a plain PEFT adapter on the same base (of rank
 sum r_i). PEFT implements this as `add_weighted_adapter(combination_type="cat")`, which is used here.
 
-Trainable pooler weights (latent attention, multi-layer) are averaged parameter by parameter with the same
-weights; a pooler is not linear in its weights, so that part is the usual soup approximation, not an identity.
+Trainable pooler weights (latent attention, multi-layer) and late-interaction heads are averaged parameter by
+parameter with the same weights; a pooler is not linear in its weights, and a head's output is normalised, so that
+part is the usual soup approximation, not an identity.
 Models with different bases, attention, pooling or templates are refused: their average means nothing.
 """
 
@@ -22,9 +23,10 @@ from safetensors.torch import load_file
 
 from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
+from llm2emb.late_interaction import TOKEN_HEAD_WEIGHTS_NAME
 from llm2emb.model import Embedder, adapter_base_reference
 
-COMPARED = ("attention", "pooling", "query_template", "document_template", "padding_side")
+COMPARED = ("attention", "pooling", "query_template", "document_template", "padding_side", "token_dim")
 """llm2emb.json keys that must agree between merged models (besides the base)."""
 
 
@@ -89,9 +91,11 @@ def merge(models: Sequence[str | Path], out: str | Path, weights: Sequence[float
     backbone.set_adapter("default")
     for name in names:
         backbone.delete_adapter(name)
-    if merged.pooler.trainable:
-        states = [load_file(str(folder / POOLING_WEIGHTS_NAME)) for folder in folders]
-        averaged = {key: sum(w * state[key].float() for w, state in zip(weights, states)) for key in states[0]}
-        merged.pooler.load_state_dict(averaged)
+    heads = [(merged.pooler, POOLING_WEIGHTS_NAME)] if merged.pooler.trainable else []
+    heads += [(merged.token_head, TOKEN_HEAD_WEIGHTS_NAME)] if merged.token_head is not None else []
+    for module, name in heads:
+        states = [load_file(str(folder / name)) for folder in folders]
+        module.load_state_dict({key: sum(w * state[key].float() for w, state in zip(weights, states))
+                                for key in states[0]})
     merged.config.base = adapter_base_reference(Path(folders[0]), merged.config.base)
     return merged.save_pretrained(out, overwrite=overwrite)

@@ -21,6 +21,7 @@ from llm2emb.backbone import BaseRef, load_backbone, load_tokenizer, resolve_bas
 from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
 from llm2emb.files import atomic_folder, refuse_non_empty
+from llm2emb.late_interaction import TOKEN_HEAD_WEIGHTS_NAME, TokenHead
 from llm2emb.packing import pack, token_budget_batches, unpack
 from llm2emb.pooling import Pooler, as_pooling_spec, build_pooler, pooler_spec
 from llm2emb.precision import check_precision, needs_ranges, quantize
@@ -39,6 +40,8 @@ class Embedder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooler = pooler
+        self.token_head: TokenHead | None = None
+        """The trained late-interaction head (`add_token_head`), or None: token vectors are the hidden states."""
         self.tokenizer = tokenizer
         self.config = config
         self.attention_backend = "auto"
@@ -135,8 +138,7 @@ class Embedder(nn.Module):
                                      quantization)
         tokenizer = load_tokenizer(BaseRef(str(folder)), config.padding_side)
         embedder = cls.assemble(backbone.eval(), tokenizer, config)
-        if embedder.pooler.trainable:
-            embedder.load_pooler_weights(folder)
+        embedder.load_head_weights(folder)
         return embedder
 
     @classmethod
@@ -148,18 +150,43 @@ class Embedder(nn.Module):
         pooler = build_pooler(config.pooling, shape.hidden_size, shape.num_hidden_layers)
         config.pooling = pooler_spec(pooler)
         device = next(backbone.parameters()).device
-        return cls(backbone, tokenizer, pooler.to(device), config).eval()
+        embedder = cls(backbone, tokenizer, pooler.to(device), config)
+        if config.token_dim is not None:
+            embedder.add_token_head(config.token_dim)
+        return embedder.eval()
 
-    def load_pooler_weights(self, folder: str | Path) -> None:
-        """A trainable pooler's weights from `folder/pooling.safetensors` (a model folder or a checkpoint)."""
-        path = Path(folder) / POOLING_WEIGHTS_NAME
-        if not path.is_file():
-            raise UserError(f"{folder}: pooling {self.pooler.name!r} is trainable but {POOLING_WEIGHTS_NAME} is missing")
-        self.pooler.load_state_dict(load_file(str(path)))
+    def add_token_head(self, dim: int) -> TokenHead:
+        """The late-interaction head of width `dim` (llm2emb.late_interaction), created freshly initialised when the
+        model has none; a model whose head has another width refuses (its token vectors would change meaning)."""
+        if self.token_head is not None:
+            if self.token_head.dim != dim:
+                raise UserError(f"the model's late-interaction head is {self.token_head.dim}-dimensional; "
+                                f"it cannot become {dim}-dimensional")
+            return self.token_head
+        self.token_head = TokenHead(self.base_config.hidden_size, dim).to(self.device)
+        self.config.token_dim = dim
+        return self.token_head
+
+    def load_head_weights(self, folder: str | Path) -> None:
+        """The weights of the modules beside the backbone, from a model folder or a checkpoint: a trainable pooler's
+        (pooling.safetensors) and the late-interaction head's (token_head.safetensors)."""
+        if self.pooler.trainable:
+            path = Path(folder) / POOLING_WEIGHTS_NAME
+            if not path.is_file():
+                raise UserError(f"{folder}: pooling {self.pooler.name!r} is trainable but {POOLING_WEIGHTS_NAME} "
+                                "is missing")
+            self.pooler.load_state_dict(load_file(str(path)))
+        if self.token_head is not None:
+            path = Path(folder) / TOKEN_HEAD_WEIGHTS_NAME
+            if not path.is_file():
+                raise UserError(f"{folder}: llm2emb.json gives a {self.token_head.dim}-dimensional late-interaction "
+                                f"head but {TOKEN_HEAD_WEIGHTS_NAME} is missing")
+            self.token_head.load_state_dict(load_file(str(path)))
 
     def load_weights(self, folder: str | Path) -> None:
         """Put a saved model folder's trained weights into this live Embedder, in place (optimizer references stay
-        valid): its adapter when the backbone is a PEFT model, else its full backbone weights; and the pooler's."""
+        valid): its adapter when the backbone is a PEFT model, else its full backbone weights; and its pooler's and
+        late-interaction head's."""
         from peft import set_peft_model_state_dict
         from transformers.trainer_utils import load_sharded_checkpoint
 
@@ -172,8 +199,7 @@ class Embedder(nn.Module):
             self.backbone.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
         else:
             load_sharded_checkpoint(self.backbone, str(folder))
-        if self.pooler.trainable:
-            self.load_pooler_weights(folder)
+        self.load_head_weights(folder)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -330,8 +356,13 @@ class Embedder(nn.Module):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask}
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict[str, torch.Tensor], layers: int | None = None) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], layers: int | None = None,
+                with_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pooled vectors (B, d), not normalised, with gradients: the training path.
+
+        `with_tokens`: also the late-interaction vectors of the pooled tokens and their mask, (pooled, tokens
+        (B, T, token_dim), mask (B, T)), from the same forward (a late-interaction stage trains both); it needs the
+        token head (`add_token_head`).
 
         `layers=k` runs only the first k transformer layers (Matryoshka layers, see `_first_layers`). With a
         packed attention backend the batch's padding is dropped before the backbone and restored after it, so
@@ -360,7 +391,12 @@ class Embedder(nn.Module):
             all_layers = None if all_layers is None else tuple(h[pool_rows] for h in all_layers)
         if all_layers is not None:
             all_layers = tuple(h.to(pooler_dtype) for h in all_layers)
-        return self.pooler(hidden.to(pooler_dtype), pool_mask, all_layers)
+        pooled = self.pooler(hidden.to(pooler_dtype), pool_mask, all_layers)
+        if not with_tokens:
+            return pooled
+        if self.token_head is None:
+            raise UserError("token vectors for late interaction need the model's token head (add_token_head)")
+        return pooled, self.token_head(hidden), pool_mask
 
     def _states(self, input_ids, attention_mask, kernel: str):
         """Last hidden states (B, T, d) and every layer's (or None), through padded or packed batches."""
@@ -542,7 +578,9 @@ class Embedder(nn.Module):
         normalize: bool = True,
     ) -> list[np.ndarray]:
         """Token-level vectors for late interaction (Chamfer / MaxSim, MUVERA in llm2emb.muvera): one array
-        (tokens, hidden) per text, the last hidden state of each token its vector pools (instructions left out)."""
+        (tokens, width) per text, one row per token its vector pools (instructions left out). The width is the
+        trained head's `token_dim` when the model has one (always normalised), else the hidden size: the last hidden
+        states as they are."""
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         rows = list(self._rows(texts, instruction, None, kind))
@@ -557,9 +595,13 @@ class Embedder(nn.Module):
                 index = order[group]
                 batch = self._pad([rows[i] for i in index])
                 input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-                hidden = self._states(input_ids, attention_mask, self._kernel())[0].float()
-                if normalize:
-                    hidden = torch.nn.functional.normalize(hidden, dim=-1)
+                hidden = self._states(input_ids, attention_mask, self._kernel())[0]
+                if self.token_head is not None:
+                    hidden = self.token_head(hidden)
+                elif normalize:
+                    hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
+                else:
+                    hidden = hidden.float()
                 for row, text in enumerate(index):
                     result[text] = hidden[row][batch["pool_mask"][row].bool().to(hidden.device)].cpu().numpy()
         finally:
@@ -611,6 +653,10 @@ class Embedder(nn.Module):
             state = self.pooler.state_dict() if state_dict is None else submodule_state(state_dict, "pooler")
             state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(state, str(folder / POOLING_WEIGHTS_NAME))
+        if self.token_head is not None:
+            state = self.token_head.state_dict() if state_dict is None else submodule_state(state_dict, "token_head")
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / TOKEN_HEAD_WEIGHTS_NAME))
+            config.token_dim = self.token_head.dim
         config.save(folder)
 
 

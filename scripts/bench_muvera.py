@@ -1,7 +1,8 @@
 """Multi-vector retrieval on SciFact: single vector vs exact late interaction vs MUVERA FDE + re-rank.
 
-One model gives both kinds of vectors: the pooled vector (`encode`) and its token vectors (`encode_tokens`, the last
-hidden states of the tokens it pools, normalised). Exact multi-vector scores every document by Chamfer similarity;
+One model gives both kinds of vectors: the pooled vector (`encode`) and its token vectors (`encode_tokens`: the
+output of its trained late-interaction head when it has one, `late_interaction:` in a recipe; else the last hidden
+states of the tokens it pools; normalised). Exact multi-vector scores every document by Chamfer similarity;
 FDE + re-rank takes --candidates documents by one inner product with MUVERA's fixed-dimensional encodings and
 re-ranks them by exact Chamfer. nDCG@10 and the bytes a document costs (float32) for each:
 
@@ -70,12 +71,13 @@ def main(argv=None) -> None:
     query_tokens = embedder.encode_tokens(texts, batch_size=args.batch_size)
     document_tokens = embedder.encode_tokens(data.documents, kind="document", batch_size=args.batch_size)
     encode_seconds = time.perf_counter() - started
+    token_dim = document_tokens[0].shape[1]  # the head's width, or the hidden size without one
     exact = np.array([np.argsort([-chamfer(q, d) for d in document_tokens], kind="stable")[:10] for q in query_tokens])
     tokens_per_document = float(np.mean([len(d) for d in document_tokens]))
     rows.append({"system": "exact multi-vector (Chamfer)", "ndcg@10": ndcg(exact),
-                 "bytes_per_document": round(4 * embedder.dim * tokens_per_document),
+                 "bytes_per_document": round(4 * token_dim * tokens_per_document), "token_dim": token_dim,
                  "seconds": round(time.perf_counter() - started, 1)})
-    config = FdeConfig(embedder.dim, args.k_sim, args.d_proj, args.r_reps)
+    config = FdeConfig(token_dim, args.k_sim, args.d_proj, args.r_reps)
     muvera = Muvera(config)
     started = time.perf_counter()
     fdes = np.stack([muvera.document(d) for d in document_tokens])

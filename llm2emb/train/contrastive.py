@@ -1,8 +1,8 @@
 """A stage's contrastive loss and its helpers, built from the recipe: what `ContrastiveTrainer` gets besides data.
 
 `trainer_options(stage, embedder, index)` returns the keyword arguments `loss`, `guide`, `teacher` and `layers`
-of `ContrastiveTrainer`: InfoNCE with the stage's hardness weighting, false-negative margin, Matryoshka views and
-distillation terms, the frozen guide model (GISTEmbed), the teacher and the layer counts of 2D Matryoshka. Checks that need the loaded model
+of `ContrastiveTrainer`: InfoNCE with the stage's hardness weighting, false-negative margin, Matryoshka views,
+distillation and late-interaction terms, the frozen guide model (GISTEmbed), the teacher and the layer counts of 2D Matryoshka. Checks that need the loaded model
 (dims and layer counts within its size, the guide's tokenizer) fail here with the recipe key's path.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from llm2emb.errors import UserError
 from llm2emb.train.distillation import Distillation
 from llm2emb.train.graded import GradedPairLoss
+from llm2emb.train.late_loss import LateInteractionTerm
 from llm2emb.train.losses import InfoNCELoss, Temperature
 from llm2emb.train.recipe import StageSpec
 from llm2emb.train.recipe_file import format_key_path
@@ -75,6 +76,14 @@ def stage_teacher(stage: StageSpec, embedder, index: int) -> tuple[Teacher | Non
     return teacher, distillation
 
 
+def late_interaction_term(stage: StageSpec, embedder) -> LateInteractionTerm | None:
+    """The stage's late-interaction term, or None; the model's token head (made by `load_embedder`) is its width."""
+    spec = stage.late_interaction
+    if spec is None:
+        return None
+    return LateInteractionTerm(embedder.dim, embedder.add_token_head(spec.dim).dim, spec.weight)
+
+
 def trainer_options(stage: StageSpec, embedder, index: int) -> dict:
     """`loss`, `guide`, `teacher` and `layers` for `ContrastiveTrainer`; records trained Matryoshka dims."""
     if stage.loss != "infonce":  # graded pairs: the recipe already refused every InfoNCE-only key
@@ -91,6 +100,7 @@ def trainer_options(stage: StageSpec, embedder, index: int) -> dict:
         views=views,
         segments=max(1, len(counts)),
         distillation=distillation,
+        late_interaction=late_interaction_term(stage, embedder),
     )
     if views:
         full = 0 if not counts else (counts.index(None) if None in counts else -1)  # -1: full model not trained

@@ -144,7 +144,8 @@ class EmbedderTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Restore adapter (or weights), pooler and extra state in place, so the optimizer's references stay valid.
+        """Restore adapter (or weights), pooler, token head and extra state in place, so the optimizer's references
+        stay valid.
 
         Under FSDP the live parameters are shards: the runner loaded the checkpoint's weights before the Trainer
         sharded the model, so only the extra state is restored here."""
@@ -152,7 +153,6 @@ class EmbedderTrainer(Trainer):
         folder = Path(resume_from_checkpoint)
         if not self.is_fsdp_enabled:
             super()._load_from_checkpoint(resume_from_checkpoint, model=embedder.backbone)
-            if embedder.pooler.trainable:
-                embedder.load_pooler_weights(folder)
+            embedder.load_head_weights(folder)
         if (folder / EXTRA_STATE_NAME).is_file():
             self.load_extra_state(load_file(str(folder / EXTRA_STATE_NAME)))

@@ -22,6 +22,9 @@ Options (each off by default, each leaving the plain loss unchanged when off):
   a view takes embedding segment ``segment`` (packed side by side, see ``split_segments``) and keeps its first
   ``dim`` components, renormalised (MRL: one segment, many dims; 2D Matryoshka/Starbucks: one segment per
   layer count). Masks from margins and hardness weights are computed per view from that view's own scores.
+- late interaction: with ``late_interaction`` (`llm2emb.train.late_loss.LateInteractionTerm`), each embedding row
+  carries the text's token vectors packed beside its pooled vector, and the same candidates are also scored by
+  normalised Chamfer similarity (ColBERT), with the same masks and temperature.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 
 from llm2emb.train.distillation import Distillation
 from llm2emb.train.distributed import gather_batch, world_size
+from llm2emb.train.late_loss import LateInteractionTerm
 
 
 class Temperature(nn.Module):
@@ -150,6 +154,7 @@ class InfoNCELoss(nn.Module):
         views: list[tuple[int, int | None]] | None = None,
         segments: int = 1,
         distillation: Distillation | None = None,
+        late_interaction: LateInteractionTerm | None = None,
     ):
         super().__init__()
         if not isinstance(temperature, Temperature):
@@ -166,6 +171,7 @@ class InfoNCELoss(nn.Module):
         self.views = views
         self.segments = segments
         self.distillation = distillation
+        self.late_interaction = late_interaction
 
     @staticmethod
     def similarity(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
@@ -213,6 +219,10 @@ class InfoNCELoss(nn.Module):
             queries, documents, query_ids, document_ids, flags = gather_batch(
                 queries, documents, query_ids, document_ids, flags
             )
+        late = self.late_interaction
+        if late is not None:
+            queries, *query_tokens = late.unpack(queries)
+            documents, *document_tokens = late.unpack(documents)
         mask = candidate_mask(query_ids, document_ids, flags)
         if guided:
             mask = mask & guide_mask(self.similarity(guide_queries, guide_documents))
@@ -233,4 +243,6 @@ class InfoNCELoss(nn.Module):
                 loss = loss + infonce_weight * F.cross_entropy(self.logits(scores, mask), targets)
             if taught:
                 loss = loss + self.distillation(scores, teacher_scores, mask)
+        if late is not None:
+            loss = loss + late.loss(query_tokens, document_tokens, lambda scores: self.logits(scores, mask), targets)
         return loss

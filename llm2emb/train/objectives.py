@@ -94,6 +94,8 @@ def build_trainer(stage: StageSpec, index: int, embedder, args, data: StageData,
     """The Trainer of one stage for its objective (the runner adds callbacks and runs it)."""
     from llm2emb.train.contrastive import trainer_options
 
+    if embedder.token_head is not None:  # trained only by a late-interaction stage (frozen, it is no unused DDP param)
+        embedder.token_head.requires_grad_(stage.late_interaction is not None)
     if stage.objective == "mntp":
         return MNTPTrainer(embedder, args, head=lm_head(embedder), train_dataset=data,
                            data_collator=MNTPCollator(embedder, stage.mask_probability, max_length))

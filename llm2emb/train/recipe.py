@@ -229,6 +229,18 @@ class TeacherSpec(_Strict):
         return self
 
 
+class LateInteractionSpec(_Strict):
+    """ColBERT-style late interaction beside the pooled vector: a linear head projects every token's state to `dim`
+    dimensions, and `weight` x InfoNCE over the normalised Chamfer (MaxSim) scores of the stage's queries and
+    candidates joins the loss (llm2emb.train.late_loss). The saved model keeps the head (token_head.safetensors):
+    `Embedder.encode_tokens` and multi-vector retrieval (llm2emb.muvera) then use `dim`-wide token vectors instead
+    of the hidden states."""
+
+    dim: Annotated[int, Field(gt=0)] = 128
+    """Width of a token vector (ColBERT's 128)."""
+    weight: Annotated[float, Field(gt=0)] = 1.0
+
+
 class StageSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     objective: Literal["contrastive", "mntp", "simcse"] = "contrastive"
@@ -284,6 +296,8 @@ class StageSpec(_Strict):
     matryoshka_layers: list[tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]] | None = None
     """2D Matryoshka (Starbucks): [[layers, dim], ...]; loss summed over the embedding of the first `layers`
     transformer layers truncated to `dim`, for every pair (include the full model's pair to train it too)."""
+    late_interaction: LateInteractionSpec | None = None
+    """Train token vectors for multi-vector retrieval next to the pooled vector (see LateInteractionSpec)."""
     mine: MineSpec | None = None
     """Re-mine hard negatives with the weights this stage starts from; not inherited."""
     datasets: list[DatasetSpec]
@@ -338,6 +352,11 @@ class StageSpec(_Strict):
             raise KeyPathError("hard_negatives", f"objective {self.objective} trains on raw text; set 0")
         if self.teacher is not None and self.objective != "contrastive":
             raise KeyPathError("teacher", f"objective {self.objective} has no query-document scores to distill")
+        if self.late_interaction is not None and self.objective != "contrastive":
+            raise KeyPathError("late_interaction", f"objective {self.objective} has no queries and documents to score")
+        if self.late_interaction is not None and self.matryoshka_layers:
+            raise KeyPathError("late_interaction", "cannot be combined with matryoshka_layers (token vectors come "
+                                                   "from the full model only)")
         if self.teacher is not None and self.teacher.margin_weight and not self.hard_negatives:
             raise KeyPathError(("teacher", "margin_weight"), "MarginMSE scores hard negatives: set hard_negatives >= 1")
         for index, dataset in enumerate(self.datasets):
@@ -445,6 +464,10 @@ class Recipe(_Strict):
         for index, stage in enumerate(self.stages):
             if stage.loss != "infonce":
                 graded_stage_problem(stage, index)
+            if stage.late_interaction and stage.late_interaction.dim != self.token_dim:
+                raise KeyPathError(("stages", index, "late_interaction", "dim"),
+                                   f"{stage.late_interaction.dim}: every stage trains the one token head, of "
+                                   f"{self.token_dim} dimensions (the first late_interaction stage's)")
             if stage.bidirectional_warmup and self.model.attention != "bidirectional":
                 raise KeyPathError(("stages", index, "bidirectional_warmup"),
                                 "the causal-to-bidirectional curriculum needs model.attention: bidirectional")
@@ -452,9 +475,14 @@ class Recipe(_Strict):
             raise KeyPathError("quantization", f"{self.quantization} needs lora: a quantized base trains only an adapter")
         return self
 
+    @property
+    def token_dim(self) -> int | None:
+        """The width of the late-interaction head the run trains (the first stage's that has one), or None."""
+        return next((stage.late_interaction.dim for stage in self.stages if stage.late_interaction), None)
+
 
 INFONCE_ONLY_KEYS = ("hardness_weight", "false_negative_margin", "guide_model", "teacher", "matryoshka_dims",
-                     "matryoshka_layers", "mine")
+                     "matryoshka_layers", "late_interaction", "mine")
 """Stage keys that act on InfoNCE's negatives or views, so a graded loss refuses them."""
 
 

@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 from llm2emb.errors import UserError
 from llm2emb.train.distributed import is_main_process
 from llm2emb.train.recipe import LORA_AUTO_MAX_PARAMETERS, LoraSpec, Recipe, StageSpec
+from llm2emb.train.recipe_file import format_key_path
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,15 @@ def load_embedder(recipe: Recipe):
         if lora is not None:
             embedder.backbone.enable_input_require_grads()
     embedder.pooler.requires_grad_(embedder.pooler.trainable)
+    if recipe.token_dim is not None:  # made before any stage runs, so a resumed or skipped stage's head loads into it
+        key = next(format_key_path(("stages", i, "late_interaction", "dim"))
+                   for i, stage in enumerate(recipe.stages) if stage.late_interaction)
+        try:
+            embedder.add_token_head(recipe.token_dim)
+        except UserError as exc:
+            raise UserError(f"{key}: {exc} ({spec.base} has one)") from None
+    if embedder.token_head is not None:
+        embedder.token_head.requires_grad_(False)  # each stage turns it on when it trains it (objectives.build_trainer)
     return embedder.train()
 
 

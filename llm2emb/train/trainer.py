@@ -17,6 +17,7 @@ from llm2emb.train.embedder_trainer import EmbedderTrainer
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.gradcache import chunks, gradcache_backward
 from llm2emb.train.graded import GradedPairLoss
+from llm2emb.train.late_loss import pack
 from llm2emb.train.losses import InfoNCELoss
 
 
@@ -61,8 +62,13 @@ class ContrastiveTrainer(EmbedderTrainer):
             self.teacher.to(self.args.device)
 
     # ------------------------------------------------------------------ loss and step
-    def embed_fn(self, model):
-        """The function GradCache embeds chunks with: the model, or its per-layer-count embeddings side by side."""
+    def embed_fn(self, model, inputs: dict[str, Any]):
+        """The function GradCache embeds chunks of `inputs` with: the model; or its per-layer-count embeddings side
+        by side; or, for a late-interaction loss, pooled and token vectors packed (train/late_loss.py), every chunk
+        to the width of the batch's widest side so that chunks and processes concatenate."""
+        if getattr(self.contrastive_loss, "late_interaction", None) is not None:
+            width = max(inputs[side]["input_ids"].shape[1] for side in ("queries", "documents"))
+            return lambda batch: pack(*model(batch, with_tokens=True), width)
         if not self.layers:
             return model
         return lambda batch: torch.cat([model(batch, layers=count) for count in self.layers], dim=-1)
@@ -111,7 +117,7 @@ class ContrastiveTrainer(EmbedderTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Plain (no GradCache) loss, used by evaluation; training goes through `training_step`."""
-        embed = self.embed_fn(model)
+        embed = self.embed_fn(model, inputs)
         embeddings = [embed(inputs["queries"]), embed(inputs["documents"])]
         loss = self._loss_fn(inputs)(embeddings)
         return (loss, {"queries": embeddings[0], "documents": embeddings[1]}) if return_outputs else loss
@@ -128,7 +134,7 @@ class ContrastiveTrainer(EmbedderTrainer):
         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with self.compute_loss_context_manager():
             return gradcache_backward(
-                self.embed_fn(model),
+                self.embed_fn(model, inputs),
                 [inputs["queries"], inputs["documents"]],
                 self._loss_fn(inputs, scale),
                 self.gradcache_chunk,

@@ -1,4 +1,5 @@
-"""A stage's loss options reach the trainer: Matryoshka plans, the guide model, and GradCache with both."""
+"""A stage's loss options reach the trainer: Matryoshka plans, the guide model, late interaction, and GradCache with
+each."""
 
 from __future__ import annotations
 
@@ -115,10 +116,87 @@ def test_two_dimensional_matryoshka_step_equals_full_batch(step_gradients, tiny_
         trainer = make_trainer(model, data_file, tmp_path / str(chunk), chunk, **options)
         batch = next(iter(trainer.get_train_dataloader()))
         with torch.no_grad():
-            first, full = trainer.embed_fn(model)(batch["queries"]).chunk(2, dim=-1)
+            first, full = trainer.embed_fn(model, batch)(batch["queries"]).chunk(2, dim=-1)
             assert torch.allclose(full, model(batch["queries"])) and not torch.allclose(first, full, atol=1e-3)
         grads[chunk] = step_gradients(trainer)
     assert_same(grads[2], grads[None])
+
+
+def test_late_interaction_trains_the_head_and_gradcache_keeps_full_batch_gradients(
+    step_gradients, tiny_qwen2, data_file, tmp_path
+):
+    spec = stage(data_file, hard_negatives=1, late_interaction={"dim": 8, "weight": 0.5})
+    grads = {}
+    for chunk in (None, 2):
+        model = embedder(tiny_qwen2)
+        torch.manual_seed(2)
+        model.add_token_head(8)
+        options = trainer_options(spec, model, 0)
+        term = options["loss"].late_interaction
+        assert (term.pooled_dim, term.token_dim, term.weight) == (64, 8, 0.5)
+        trainer = make_trainer(model, data_file, tmp_path / str(chunk), chunk, **options)
+        grads[chunk] = step_gradients(trainer)
+        assert "token_head.projection.weight" in grads[chunk]  # the head learns, next to the adapter
+    assert_same(grads[2], grads[None])  # chunks of short texts are padded back to the batch's token width
+
+
+def test_the_late_interaction_term_adds_chamfer_infonce_to_the_pooled_loss():
+    from llm2emb.late_interaction import chamfer_scores
+    from llm2emb.train.late_loss import LateInteractionTerm, pack
+    from llm2emb.train.losses import InfoNCELoss
+
+    torch.manual_seed(0)
+    pooled = torch.randn(4, 6), torch.randn(8, 6)  # 4 queries; 4 positives then one hard negative each
+    tokens = [torch.nn.functional.normalize(torch.randn(n, t, 3), dim=-1) for n, t in ((4, 5), (8, 7))]
+    masks = [(torch.arange(t) < torch.randint(1, t + 1, (n, 1))).long() for n, t in ((4, 5), (8, 7))]
+    packed = [pack(p, t, m, width=9) for p, t, m in zip(pooled, tokens, masks)]
+    term = LateInteractionTerm(6, 3, weight=0.5)
+    back = term.unpack(packed[1])
+    assert torch.equal(back[0], pooled[1]) and torch.equal(back[1][:, :7], tokens[1]) and not back[1][:, 7:].any()
+    ids = (torch.arange(4), torch.arange(8))
+    late = InfoNCELoss(0.05, late_interaction=term)(*packed, *ids)
+    plain = InfoNCELoss(0.05)(*pooled, *ids)
+    logits = chamfer_scores(tokens[0], masks[0], tokens[1], masks[1]) / 0.05
+    want = plain + 0.5 * torch.nn.functional.cross_entropy(logits, torch.arange(4))
+    assert late.item() == pytest.approx(want.item(), rel=1e-5) and late.item() > plain.item()
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"late_interaction": {"dim": 0}}, r"stages\[0\]\.late_interaction\.dim: Input should be greater than 0"),
+        ({"late_interaction": {}, "objective": "mntp", "datasets": [{"path": "TEXT"}]},
+         r"stages\[0\]\.late_interaction: objective mntp has no queries and documents"),
+        ({"late_interaction": {}, "matryoshka_layers": [[1, 16]]},
+         r"stages\[0\]\.late_interaction: cannot be combined with matryoshka_layers"),
+        ({"late_interaction": {}, "loss": "cosent", "datasets": [{"path": "SCORED", "format": "scored_pairs"}]},
+         r"stages\[0\]\.late_interaction: acts on InfoNCE's negatives; loss cosent has none"),
+    ],
+)
+def test_recipe_rejects_late_interaction_where_it_cannot_train(data_file, keys, message):
+    from llm2emb.train.recipe_file import validate_recipe
+
+    for dataset in keys.get("datasets", []):
+        name = {"TEXT": "texts.txt", "SCORED": "scored.tsv"}[dataset["path"]]
+        (data_file.parent / name).write_text("score\tsentence1\tsentence2\n3\ta\tb\n" if name == "scored.tsv" else "a\n")
+        dataset["path"] = str(data_file.parent / name)
+    recipe = {"model": {"base": "org/model"}, "output_dir": "out",
+              "stages": [{"max_steps": 2, "datasets": [{"path": str(data_file)}], **keys}]}
+    with pytest.raises(UserError, match=message):
+        validate_recipe(recipe)
+
+
+def test_every_late_interaction_stage_trains_one_head_width(data_file):
+    from llm2emb.train.recipe_file import validate_recipe
+
+    first = {"name": "a", "max_steps": 2, "datasets": [{"path": str(data_file)}], "late_interaction": {"dim": 8}}
+    second = {**first, "name": "b", "late_interaction": {"dim": 16}}
+    recipe = {"model": {"base": "org/model"}, "output_dir": "out", "stages": [first, second]}
+    with pytest.raises(UserError, match=r"stages\[1\]\.late_interaction\.dim: 16: every stage trains the one "
+                                        r"token head, of 8 dimensions"):
+        validate_recipe(recipe)
+    second["late_interaction"] = None  # a later stage may leave the head alone
+    assert validate_recipe(recipe).token_dim == 8
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,39 @@ def test_resume_after_interrupt_ends_with_the_same_weights(finished, converted, 
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
+def late_interaction_workspace(directory: Path, base: Path) -> Path:
+    """The two-stage workspace whose second stage also trains an 8-dimensional token head."""
+    recipe = write_workspace(directory, base)
+    text = recipe.read_text()
+    assert "  - name: blend\n" in text
+    recipe.write_text(text.replace("  - name: blend\n", "  - name: blend\n    late_interaction: {dim: 8}\n"))
+    return recipe
+
+
+def head_weights(folder: Path) -> torch.Tensor:
+    return load_file(str(folder / "token_head.safetensors"))["projection.weight"]
+
+
+def test_a_late_interaction_stage_trains_the_head_it_saves_and_resumes(converted, tmp_path):
+    (tmp_path / "whole").mkdir()
+    whole = late_interaction_workspace(tmp_path / "whole", converted)
+    summary = train(whole)
+    stages = tmp_path / "whole" / "run" / "stages"
+    untouched, trained = head_weights(stages / "0-retrieval" / "final"), head_weights(stages / "1-blend" / "final")
+    assert not torch.equal(untouched, trained)  # frozen in the first stage, trained by the second
+    assert (stages / "1-blend" / "checkpoint-2" / "token_head.safetensors").is_file()
+    model = Embedder.from_pretrained(summary.model_dir)
+    assert model.config.token_dim == 8 and model.encode_tokens(["A cat is on the mat."])[0].shape[1] == 8
+
+    (tmp_path / "cut").mkdir()
+    cut = late_interaction_workspace(tmp_path / "cut", converted)
+    with pytest.raises(Interrupt):
+        train(cut, callbacks=[InterruptAt("1-blend", step=2)])
+    train(cut, resume=True)  # the first stage is skipped: its head comes back from its final folder
+    torch.testing.assert_close(head_weights(tmp_path / "cut" / "run" / "model"), head_weights(Path(summary.model_dir)),
+                               rtol=1e-3, atol=1e-4)
+
+
 def test_resume_refuses_a_changed_recipe(finished):
     recipe, _ = finished
     with pytest.raises(UserError, match=r"recipe changed since this run started \(stages\[1\]\.max_steps\)"):

@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo) with DDP give the single-process loss and gradients of the same global batch, with
-and without a teacher's vectors to distil (gathered with the batch)."""
+"""Two CPU processes (gloo) with DDP give the single-process loss and gradients of the same global batch: plain, with
+a teacher's vectors to distil (gathered with the batch), and with late interaction (token vectors packed beside the
+pooled ones, gathered as one tensor)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from llm2emb.train.distillation import Distillation
 from llm2emb.train.gradcache import gradcache_backward
+from llm2emb.train.late_loss import LateInteractionTerm, pack
 from llm2emb.train.losses import InfoNCELoss
 
-B, K, DIM, TEACHER_DIM = 5, 2, 8, 6
+B, K, DIM, TEACHER_DIM, TOKENS = 5, 2, 8, 6, 4
+MODES = ("plain", "taught", "late")
 SPLIT = [3, 2]  # rank 0 holds queries 0-2, rank 1 queries 3-4: unequal, like a short last batch
 FLAGS = [True, False]  # rank 1's dataset turns in-batch negatives off
 
@@ -35,35 +38,45 @@ def global_batch():
     document_ids[4] = 100  # positive of query 4 is the same text as positive of query 0
     flags = torch.tensor([FLAGS[0]] * SPLIT[0] + [FLAGS[1]] * SPLIT[1])
     teacher = {"teacher_queries": torch.randn(B, TEACHER_DIM), "teacher_documents": torch.randn(B * (1 + K), TEACHER_DIM)}
-    return queries, documents, query_ids, document_ids, flags, teacher
+    sides = [{"x": queries}, {"x": documents}]
+    for side in sides:  # each row's token inputs and how many of its TOKENS are real
+        rows = side["x"].shape[0]
+        side["t"] = torch.randn(rows, TOKENS, DIM)
+        side["m"] = (torch.arange(TOKENS) < torch.randint(1, TOKENS + 1, (rows, 1))).long()
+    return sides, query_ids, document_ids, flags, teacher
 
 
 def local_batch(rank: int):
-    queries, documents, query_ids, document_ids, _, teacher = global_batch()
+    sides, query_ids, document_ids, _, teacher = global_batch()
     start = sum(SPLIT[:rank])
     rows = list(range(start, start + SPLIT[rank]))
     doc_rows = rows + [B + i * K + j for i in rows for j in range(K)]
     teacher = {"teacher_queries": teacher["teacher_queries"][rows],
                "teacher_documents": teacher["teacher_documents"][doc_rows]}
-    return queries[rows], documents[doc_rows], query_ids[rows], document_ids[doc_rows], FLAGS[rank], teacher
+    sides = [{k: v[index] for k, v in side.items()} for side, index in zip(sides, (rows, doc_rows))]
+    return sides, query_ids[rows], document_ids[doc_rows], FLAGS[rank], teacher
 
 
-def make_loss(taught: bool) -> InfoNCELoss:
-    distillation = Distillation(kl_weight=0.7, margin_weight=0.3, temperature=0.2) if taught else None
-    return InfoNCELoss(temperature=0.1, learnable_temperature=True, distillation=distillation)
+def make_loss(mode: str) -> InfoNCELoss:
+    distillation = Distillation(kl_weight=0.7, margin_weight=0.3, temperature=0.2) if mode == "taught" else None
+    late = LateInteractionTerm(DIM, DIM, weight=0.5) if mode == "late" else None
+    return InfoNCELoss(temperature=0.1, learnable_temperature=True, distillation=distillation, late_interaction=late)
 
 
 def step(model, loss_module, batch, chunk_size, no_sync):
-    queries, documents, query_ids, document_ids, flags, teacher = batch
+    sides, query_ids, document_ids, flags, teacher = batch
     teacher = teacher if loss_module.distillation is not None else {}
 
     def loss_fn(embs):
         return loss_module(embs[0], embs[1], query_ids, document_ids, flags, **teacher)
 
     def embed(chunk):
-        return model(chunk["x"])
+        if loss_module.late_interaction is None:
+            return model(chunk["x"])
+        tokens = torch.nn.functional.normalize(model(chunk["t"]), dim=-1)
+        return pack(model(chunk["x"]), tokens, chunk["m"], TOKENS)
 
-    loss = gradcache_backward(embed, [{"x": queries}, {"x": documents}], loss_fn, chunk_size, no_sync=no_sync)
+    loss = gradcache_backward(embed, sides, loss_fn, chunk_size, no_sync=no_sync)
     params = [p.grad.clone() for p in model.parameters()] + [
         loss_module.temperature.log_temperature.grad.clone()
     ]
@@ -79,8 +92,8 @@ def worker(rank: int, init_file: str, out_dir: str):
     try:
         model = DistributedDataParallel(make_model())
         results = {
-            (taught, chunk): step(model, make_loss(taught), local_batch(rank), chunk, model.no_sync)
-            for taught in (False, True)
+            (mode, chunk): step(model, make_loss(mode), local_batch(rank), chunk, model.no_sync)
+            for mode in MODES
             for chunk in (None, 2)
         }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -96,13 +109,14 @@ def test_two_processes_match_single_process(tmp_path, two_workers):
     two_workers(worker, (str(tmp_path / "init"), str(tmp_path)))
 
     model = make_model()
-    want = {taught: step(model, make_loss(taught), global_batch(), None, None) for taught in (False, True)}
-    assert want[True][0].item() != pytest.approx(want[False][0].item(), rel=1e-3)  # the teacher's terms count
+    want = {mode: step(model, make_loss(mode), global_batch(), None, None) for mode in MODES}
+    for mode in ("taught", "late"):  # the teacher's terms and the late-interaction term count
+        assert want[mode][0].item() != pytest.approx(want["plain"][0].item(), rel=1e-3)
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")
-        for (taught, chunk), (loss, grads) in results.items():
-            want_loss, want_grads = want[taught]
-            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6), (rank, taught, chunk)
+        for (mode, chunk), (loss, grads) in results.items():
+            want_loss, want_grads = want[mode]
+            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6), (rank, mode, chunk)
             for got, expected in zip(grads, want_grads):
                 assert expected.abs().sum() > 0
                 # float32 sums in another order (gloo's reduction) differ by a few ulps of the tensor's scale, not

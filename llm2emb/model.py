@@ -396,6 +396,8 @@ class Embedder(nn.Module):
             return pooled
         if self.token_head is None:
             raise UserError("token vectors for late interaction need the model's token head (add_token_head)")
+        if pool_rows is not None:
+            raise ValueError("with_tokens gives one row of token vectors per input row; it takes no pool_rows")
         return pooled, self.token_head(hidden), pool_mask
 
     def _states(self, input_ids, attention_mask, kernel: str):

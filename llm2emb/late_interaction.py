@@ -50,15 +50,14 @@ def chamfer_scores(queries: torch.Tensor, query_mask: torch.Tensor, documents: t
     instead of ColBERT's sum keeps scores in cosine range, so the stage's temperature means what it means for single
     vectors; a query's ranking of documents is the same either way. A document without tokens scores -inf.
     """
-    query_mask = query_mask.to(queries.dtype)
+    real = query_mask.bool()
     blocked = ~document_mask.bool()
-    counts = query_mask.sum(dim=1).clamp_min(1)
+    counts = real.sum(dim=1).clamp_min(1).to(queries.dtype)
     rows = []
     for start in range(0, queries.shape[0], CHAMFER_QUERY_ROWS):
-        q = queries[start:start + CHAMFER_QUERY_ROWS]
-        similarity = torch.einsum("qte,dse->qdts", q, documents)
+        block = slice(start, start + CHAMFER_QUERY_ROWS)
+        similarity = torch.einsum("qte,dse->qdts", queries[block], documents)
         best = similarity.masked_fill(blocked[None, :, None, :], float("-inf")).amax(dim=-1)  # (q, d, Tq)
-        weights = query_mask[start:start + CHAMFER_QUERY_ROWS, None, :]
-        best = torch.where(weights.bool(), best, torch.zeros_like(best))
-        rows.append(best.sum(dim=-1) / counts[start:start + CHAMFER_QUERY_ROWS, None])
+        best = torch.where(real[block, None, :], best, torch.zeros_like(best))
+        rows.append(best.sum(dim=-1) / counts[block, None])
     return torch.cat(rows)

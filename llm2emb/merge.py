@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
+from llm2emb.config import EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
-from llm2emb.late_interaction import TOKEN_HEAD_WEIGHTS_NAME
 from llm2emb.model import Embedder, adapter_base_reference
 
 COMPARED = ("attention", "pooling", "query_template", "document_template", "padding_side", "token_dim")
@@ -91,11 +90,9 @@ def merge(models: Sequence[str | Path], out: str | Path, weights: Sequence[float
     backbone.set_adapter("default")
     for name in names:
         backbone.delete_adapter(name)
-    heads = [(merged.pooler, POOLING_WEIGHTS_NAME)] if merged.pooler.trainable else []
-    heads += [(merged.token_head, TOKEN_HEAD_WEIGHTS_NAME)] if merged.token_head is not None else []
-    for module, name in heads:
-        states = [load_file(str(folder / name)) for folder in folders]
-        module.load_state_dict({key: sum(w * state[key].float() for w, state in zip(weights, states))
-                                for key in states[0]})
+    for attribute, weights_file, _ in merged.head_modules():
+        states = [load_file(str(folder / weights_file)) for folder in folders]
+        getattr(merged, attribute).load_state_dict({key: sum(w * state[key].float() for w, state in zip(weights, states))
+                                                    for key in states[0]})
     merged.config.base = adapter_base_reference(Path(folders[0]), merged.config.base)
     return merged.save_pretrained(out, overwrite=overwrite)

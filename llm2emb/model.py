@@ -167,21 +167,24 @@ class Embedder(nn.Module):
         self.config.token_dim = dim
         return self.token_head
 
-    def load_head_weights(self, folder: str | Path) -> None:
-        """The weights of the modules beside the backbone, from a model folder or a checkpoint: a trainable pooler's
-        (pooling.safetensors) and the late-interaction head's (token_head.safetensors)."""
+    def head_modules(self) -> list[tuple[str, str, str]]:
+        """The modules beside the backbone that carry trained weights, each as (attribute, its weights file in a
+        model folder, what needs that file): a trainable pooler and the late-interaction head."""
+        modules = []
         if self.pooler.trainable:
-            path = Path(folder) / POOLING_WEIGHTS_NAME
-            if not path.is_file():
-                raise UserError(f"{folder}: pooling {self.pooler.name!r} is trainable but {POOLING_WEIGHTS_NAME} "
-                                "is missing")
-            self.pooler.load_state_dict(load_file(str(path)))
+            modules.append(("pooler", POOLING_WEIGHTS_NAME, f"pooling {self.pooler.name!r} is trainable"))
         if self.token_head is not None:
-            path = Path(folder) / TOKEN_HEAD_WEIGHTS_NAME
+            modules.append(("token_head", TOKEN_HEAD_WEIGHTS_NAME,
+                            f"llm2emb.json gives a {self.token_head.dim}-dimensional late-interaction head"))
+        return modules
+
+    def load_head_weights(self, folder: str | Path) -> None:
+        """The weights of `head_modules` from a model folder or a checkpoint."""
+        for attribute, name, needs in self.head_modules():
+            path = Path(folder) / name
             if not path.is_file():
-                raise UserError(f"{folder}: llm2emb.json gives a {self.token_head.dim}-dimensional late-interaction "
-                                f"head but {TOKEN_HEAD_WEIGHTS_NAME} is missing")
-            self.token_head.load_state_dict(load_file(str(path)))
+                raise UserError(f"{folder}: {needs} but {name} is missing")
+            getattr(self, attribute).load_state_dict(load_file(str(path)))
 
     def load_weights(self, folder: str | Path) -> None:
         """Put a saved model folder's trained weights into this live Embedder, in place (optimizer references stay
@@ -646,19 +649,16 @@ class Embedder(nn.Module):
     def _write(self, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         config = EmbedderConfig(**{**self.config.__dict__})
         config.pooling = pooler_spec(self.pooler)
+        config.token_dim = self.token_head.dim if self.token_head is not None else None
         config.backbone = "adapter" if is_peft(self.backbone) else "weights"
         backbone_state = None if state_dict is None else submodule_state(state_dict, "backbone")
         # PEFT keeps only the adapter's entries of a given state dict; transformers saves all of them
         self.backbone.save_pretrained(str(folder), state_dict=backbone_state)
         self.tokenizer.save_pretrained(str(folder))
-        if self.pooler.trainable:
-            state = self.pooler.state_dict() if state_dict is None else submodule_state(state_dict, "pooler")
-            state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-            save_file(state, str(folder / POOLING_WEIGHTS_NAME))
-        if self.token_head is not None:
-            state = self.token_head.state_dict() if state_dict is None else submodule_state(state_dict, "token_head")
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / TOKEN_HEAD_WEIGHTS_NAME))
-            config.token_dim = self.token_head.dim
+        for attribute, name, _ in self.head_modules():
+            module = getattr(self, attribute)
+            state = module.state_dict() if state_dict is None else submodule_state(state_dict, attribute)
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / name))
         config.save(folder)
 
 

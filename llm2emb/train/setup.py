@@ -61,14 +61,12 @@ def load_embedder(recipe: Recipe):
             embedder.backbone.enable_input_require_grads()
     embedder.pooler.requires_grad_(embedder.pooler.trainable)
     if recipe.token_dim is not None:  # made before any stage runs, so a resumed or skipped stage's head loads into it
-        key = next(format_key_path(("stages", i, "late_interaction", "dim"))
-                   for i, stage in enumerate(recipe.stages) if stage.late_interaction)
         try:
             embedder.add_token_head(recipe.token_dim)
         except UserError as exc:
+            first = next(i for i, stage in enumerate(recipe.stages) if stage.late_interaction)
+            key = format_key_path(("stages", first, "late_interaction", "dim"))
             raise UserError(f"{key}: {exc} ({spec.base} has one)") from None
-    if embedder.token_head is not None:
-        embedder.token_head.requires_grad_(False)  # each stage turns it on when it trains it (objectives.build_trainer)
     return embedder.train()
 
 

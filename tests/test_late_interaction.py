@@ -77,3 +77,16 @@ def test_token_vectors_in_training_need_a_head(tiny_qwen2):
     pooled, tokens, mask = model(batch, with_tokens=True)
     assert pooled.shape == (3, 64) and tokens.shape[:2] == mask.shape and tokens.shape[2] == 8
     assert torch.equal(mask, batch["pool_mask"])
+    with pytest.raises(ValueError, match="it takes no pool_rows"):  # chunk rows would not line up with token rows
+        model({**batch, "pool_rows": torch.arange(3)}, with_tokens=True)
+
+
+def test_packing_refuses_shapes_it_cannot_hold():
+    from llm2emb.train.late_loss import LateInteractionTerm, pack
+
+    with pytest.raises(ValueError, match="5 tokens do not fit a packed width of 4"):
+        pack(torch.zeros(2, 6), torch.zeros(2, 5, 3), torch.ones(2, 5), width=4)
+    with pytest.raises(ValueError, match="a packed width of 11 does not hold 6 pooled dims and tokens of 3"):
+        LateInteractionTerm(6, 3).unpack(torch.zeros(2, 11))
+    with pytest.raises(ValueError, match="a positive weight"):
+        LateInteractionTerm(6, 3, weight=0)

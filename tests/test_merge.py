@@ -17,10 +17,13 @@ TEXTS = ["A man is playing a guitar.", "The cat sat on the mat.", "Paris is the 
 POOLING = {"type": "latent_attention", "num_latents": 4, "num_heads": 2}
 
 
-def trained_folder(base, directory, seed: int, r: int, pooling=POOLING):
-    """An adapter folder with random (non-zero) LoRA and pooler weights, as a training run would leave it."""
+def trained_folder(base, directory, seed: int, r: int, pooling=POOLING, token_dim: int | None = None):
+    """An adapter folder with random (non-zero) LoRA and pooler weights (and a late-interaction head of `token_dim`),
+    as a training run would leave it."""
     torch.manual_seed(seed)
     embedder = Embedder.from_pretrained(base, pooling=pooling)
+    if token_dim is not None:
+        embedder.add_token_head(token_dim)
     lora = LoraConfig(r=r, lora_alpha=2 * r + seed, target_modules=["q_proj", "v_proj", "up_proj"],
                       init_lora_weights=False)
     embedder.backbone = get_peft_model(embedder.backbone, lora)
@@ -75,6 +78,17 @@ def test_merging_a_model_with_itself_gives_the_model(folders, tmp_path):
     want = Embedder.from_pretrained(folders[0]).encode(TEXTS)
     got = Embedder.from_pretrained(out).encode(TEXTS)
     assert abs(got - want).max() < 1e-5
+
+
+def test_late_interaction_heads_are_averaged_and_must_agree(tiny_qwen2, folders, tmp_path, capsys):
+    heads = [trained_folder(tiny_qwen2, tmp_path / name, seed=seed, r=4, token_dim=8)
+             for name, seed in (("a", 5), ("b", 6))]
+    merged = Embedder.from_pretrained(merge(heads, tmp_path / "merged", weights=[0.25, 0.75]))
+    first, second = (Embedder.from_pretrained(h).token_head.projection.weight for h in heads)
+    torch.testing.assert_close(merged.token_head.projection.weight, 0.25 * first + 0.75 * second)
+    capsys.readouterr()
+    assert main(["merge", str(heads[0]), str(folders[0]), "--out", str(tmp_path / "out")]) == 2
+    assert "token_dim None differs" in capsys.readouterr().err  # the model without a head, named against the first
 
 
 def test_parse_weights():

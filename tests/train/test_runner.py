@@ -198,6 +198,18 @@ def test_a_late_interaction_stage_trains_the_head_it_saves_and_resumes(converted
                                rtol=1e-3, atol=1e-4)
 
 
+def test_a_base_whose_head_has_another_width_is_refused_before_any_step(converted, tmp_path):
+    headed = Embedder.from_pretrained(converted)
+    headed.add_token_head(16)
+    headed.save_pretrained(tmp_path / "headed")
+    (tmp_path / "work").mkdir()
+    recipe = late_interaction_workspace(tmp_path / "work", tmp_path / "headed")
+    with pytest.raises(UserError, match=r"stages\[1\]\.late_interaction\.dim: the model's late-interaction head is "
+                                        r"16-dimensional; it cannot become 8-dimensional \(.*headed has one\)"):
+        train(recipe)
+    assert not (tmp_path / "work" / "run").exists()
+
+
 def test_resume_refuses_a_changed_recipe(finished):
     recipe, _ = finished
     with pytest.raises(UserError, match=r"recipe changed since this run started \(stages\[1\]\.max_steps\)"):

@@ -256,9 +256,10 @@ def run_train(args) -> None:
     if args.check:
         print(check_recipe(args.recipe, args.overrides))
         return
-    from llm2emb.train.distributed import is_main_process
+    from llm2emb.train.distributed import end_process_group, is_main_process
 
     summary = train(args.recipe, args.overrides, resume=args.resume)
+    end_process_group()
     if is_main_process():  # one summary line, not one per process
         print(summary.format())
 

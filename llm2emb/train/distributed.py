@@ -39,6 +39,15 @@ def wait_for_all_processes() -> None:
         dist.barrier()
 
 
+def end_process_group() -> None:
+    """Once every process is done, tear the default group down (no-op without one). accelerate creates the group and
+    leaves it open; a process that exits with gloo's threads still running aborts ("terminate called without an
+    active exception", exit -6) in about 1 run in 10 of a two-process CPU run, failing a run that had finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _gather_rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     """All ranks' tensors (rows may differ per rank), the local one still attached to its autograd graph."""
     longest = max(sizes)

@@ -56,13 +56,19 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--row-seeds", type=int, nargs="+",
+                   help="one per --seeds entry: run i trains with seed i on the rows of row order i (a permutation "
+                        "of the whole --data file, the first ROWS of it); default: the file's first rows for every seed")
     p.add_argument("--systems", nargs="+", default=["st", "default"],
-                   help="st | default | NAME:key.path=value,key.path=value (recipe overrides on top of default)")
+                   help="st | st-NAME:key=value,... (sentence-transformers training-argument overrides, e.g. "
+                        "learning_rate=1e-4,warmup_ratio=0.1) | default | NAME:key.path=value,... (recipe overrides "
+                        "on top of default)")
     p.add_argument("--jobs", type=int, default=2, help="jobs side by side, --threads threads each")
     p.add_argument("--threads", type=int, default=1,
                    help="threads per job: 1 so that --jobs 2 fills two cores; 2 with --jobs 1 finishes one job sooner")
-    p.add_argument("--tasks", nargs="+", default=["stsb", "scifact"], choices=["stsb", "scifact"],
-                   help="evaluations to run (stsb alone takes minutes instead of most of an hour: for tuning)")
+    p.add_argument("--tasks", nargs="+", default=["stsb", "scifact"], choices=list(TASKS),
+                   help="evaluations to run: stsb (test), stsb-dev (the split for model selection: screen candidates "
+                        "with it alone, minutes instead of most of an hour), scifact")
     p.add_argument("--eval-max-length", type=int, default=256)
     p.add_argument("--corpus-sample", type=int, help="SciFact documents kept (every relevant one + random others)")
     p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -72,10 +78,31 @@ def parse_args(argv=None):
     p.add_argument("--plot", help="write a PNG of the scores per system and seed here")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job (system name) in this process
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--row-seed", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.report and not (args.base and args.causal_base and args.out):
         p.error("--base, --causal-base and --out are required unless --report is given")
+    if args.row_seeds is not None and len(args.row_seeds) != len(args.seeds):
+        p.error(f"--row-seeds needs one row order per seed: {len(args.seeds)} seeds, {len(args.row_seeds)} row seeds")
     return args
+
+
+TASKS = {"stsb": "STS-B test", "stsb-dev": "STS-B dev", "scifact": "SciFact nDCG@10"}
+"""Evaluation name -> its column heading; each is also the key of its score in a result row."""
+
+
+def runs(args) -> list[tuple[int, int | None]]:
+    """(training seed, row seed) of every run; row seed None: the file's first rows."""
+    return list(zip(args.seeds, args.row_seeds or [None] * len(args.seeds)))
+
+
+def run_name(system: str, seed: int, row_seed: int | None) -> str:
+    return f"{system}-s{seed}" + (f"-r{row_seed}" if row_seed is not None else "")
+
+
+def is_st(system: str) -> bool:
+    """A sentence-transformers system: `st`, or `st-NAME` with training-argument overrides."""
+    return system == "st" or system.startswith("st-")
 
 
 def system_name(spec: str) -> str:
@@ -84,7 +111,8 @@ def system_name(spec: str) -> str:
 
 def result_name(args) -> str:
     """One result file per evaluation setting: a later run with other settings re-evaluates the trained models."""
-    tasks = f"scifact{args.corpus_sample or 'full'}" if "scifact" in args.tasks else "stsb"
+    tasks = "+".join(f"scifact{args.corpus_sample or 'full'}" if task == "scifact" else task
+                     for task in sorted(args.tasks))
     return f"result-{tasks}-{args.eval_max_length}-{args.eval_dtype}.json"
 
 
@@ -106,15 +134,17 @@ def rows_in_llm2emb_order(args, seed: int, rows_file: Path) -> list[dict]:
     return [rows[i] for i in order[: args.steps * args.batch_size]]
 
 
-def write_rows(args, out: Path) -> Path:
-    """The first ROWS triplets, as a JSONL both systems read."""
-    target = out / "rows.jsonl"
+def write_rows(args, out: Path, row_seed: int | None = None) -> Path:
+    """The first ROWS triplets of the file, or of its permutation by `row_seed`, as a JSONL both systems read."""
+    target = out / ("rows.jsonl" if row_seed is None else f"rows-r{row_seed}.jsonl")
     if not target.is_file():
         count = args.rows or args.steps * args.batch_size
         with open(args.data, encoding="utf-8") as handle:
-            lines = [line for line in handle if line.strip()][:count]
+            lines = [line if line.endswith("\n") else line + "\n" for line in handle if line.strip()]
+        if row_seed is not None:
+            lines = [lines[i] for i in np.random.default_rng(row_seed).permutation(len(lines))]
         out.mkdir(parents=True, exist_ok=True)
-        target.write_text("".join(lines))
+        target.write_text("".join(lines[:count]))
     return target
 
 
@@ -128,8 +158,15 @@ def sequential_batches(data, batch_size, drop_last, **_):
     return torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), batch_size, drop_last)
 
 
-def train_st(args, seed: int, rows_file: Path, folder: Path) -> Path:
-    """sentence-transformers' MNRL script on the causal base, fed llm2emb's batches in order."""
+def st_overrides(spec: str) -> dict:
+    """`st-NAME:learning_rate=1e-4,warmup_ratio=0.1` -> training-argument overrides, values read as YAML."""
+    pairs = [pair.split("=", 1) for pair in spec.partition(":")[2].split(",") if pair]
+    return {key: yaml.safe_load(value) for key, value in pairs}
+
+
+def train_st(args, spec: str, seed: int, rows_file: Path, folder: Path) -> Path:
+    """sentence-transformers' MNRL script on the causal base, fed llm2emb's batches in order; `spec`'s overrides
+    (learning rate, warmup, schedule) go to its training arguments, everything else stays at the script's defaults."""
     import torch
     from datasets import Dataset
     from sentence_transformers import (
@@ -154,7 +191,7 @@ def train_st(args, seed: int, rows_file: Path, folder: Path) -> Path:
     training = SentenceTransformerTrainingArguments(
         output_dir=str(folder / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         seed=seed, batch_sampler=sequential_batches, save_strategy="steps", save_steps=10, save_total_limit=1,
-        logging_steps=5, report_to=[], use_cpu=True, dataloader_drop_last=True,
+        logging_steps=5, report_to=[], use_cpu=True, dataloader_drop_last=True, **st_overrides(spec),
     )
     trainer = SentenceTransformerTrainer(model=model, args=training, train_dataset=dataset,
                                          loss=MultipleNegativesRankingLoss(model))
@@ -188,9 +225,32 @@ def train_llm2emb(args, spec: str, seed: int, rows_file: Path, folder: Path) -> 
     command = [sys.executable, "-m", "llm2emb.cli", "train", str(path), *overrides]
     holds = (folder / "run" / "stages").exists()
     started = time.perf_counter()
-    subprocess.run(command + (["--resume"] if holds else []), check=True)
+    finished = subprocess.run(command + (["--resume"] if holds else []))
+    if finished.returncode and collapse_record(folder) is None:
+        raise subprocess.CalledProcessError(finished.returncode, command)
     record_train_seconds(folder, time.perf_counter() - started, resumed=holds)
     return model_dir
+
+
+def collapse_record(folder: Path) -> dict | None:
+    """The collapse guard's event in the run's metrics.jsonl (llm2emb.train.collapse), if it stopped the run."""
+    metrics = folder / "run" / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    events = [json.loads(line) for line in metrics.read_text().splitlines() if '"collapse"' in line]
+    return next((e for e in events if e.get("event") == "collapse"), None)
+
+
+def training_record(folder: Path) -> dict:
+    """What an llm2emb run's own files say of its health: its last logged loss and embedding spread, or the
+    collapse that stopped it."""
+    collapse = collapse_record(folder)
+    if collapse is not None:
+        return {"collapsed": True, "collapse": collapse["message"]}
+    metrics = folder / "run" / "metrics.jsonl"
+    losses = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    last = losses[-1] if losses else {}
+    return {"collapsed": False, **{key: last[key] for key in ("loss", "chance_loss", "embedding_cosine") if key in last}}
 
 
 def record_train_seconds(folder: Path, seconds: float, resumed: bool) -> None:
@@ -217,8 +277,10 @@ def evaluate(args, model_dir: Path) -> dict:
     model = load_model(model_dir, max_length=args.eval_max_length, torch_dtype=dtype)
     started = time.perf_counter()
     scores: dict = {}
-    if "stsb" in args.tasks:
-        scores["stsb"] = round(evaluate_sts(model, load_sts(DATA / "stsb" / "test.tsv"), batch_size=64).main, 2)
+    for task, split in (("stsb", "test"), ("stsb-dev", "dev")):
+        if task in args.tasks:
+            sts = load_sts(DATA / "stsb" / f"{split}.tsv")
+            scores[task] = round(evaluate_sts(model, sts, batch_size=64).main, 2)
     if "scifact" in args.tasks:
         scifact = load_beir(DATA / "scifact", "test")
         if args.corpus_sample:
@@ -234,17 +296,20 @@ def run_job(args) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     spec = next(s for s in args.systems if system_name(s) == args.job)
-    folder = out / f"{args.job}-s{args.seed}"
-    rows_file = write_rows(args, out)
-    if args.job == "st":
-        model_dir = train_st(args, args.seed, rows_file, folder)
+    folder = out / run_name(args.job, args.seed, args.row_seed)
+    rows_file = write_rows(args, out, args.row_seed)
+    record: dict = {}
+    if is_st(args.job):
+        model_dir = train_st(args, spec, args.seed, rows_file, folder)
     else:
         model_dir = train_llm2emb(args, spec, args.seed, rows_file, folder)
-    scores = evaluate(args, model_dir)
+        record = training_record(folder)
+    scores = {} if record.get("collapsed") else evaluate(args, model_dir)  # a collapsed run leaves no model
     seconds = float((folder / "train_seconds").read_text()) if (folder / "train_seconds").is_file() else None
-    result = {"system": args.job, "spec": spec, "seed": args.seed, **scores, "train_seconds": seconds,
-              "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-              "eval_max_length": args.eval_max_length, "corpus_sample": args.corpus_sample, "threads": args.threads}
+    result = {"system": args.job, "spec": spec, "seed": args.seed, "row_seed": args.row_seed, **scores, **record,
+              "train_seconds": seconds, "steps": args.steps, "batch_size": args.batch_size,
+              "max_length": args.max_length, "eval_max_length": args.eval_max_length,
+              "corpus_sample": args.corpus_sample, "threads": args.threads}
     (folder / result_name(args)).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
@@ -254,48 +319,86 @@ def run_job(args) -> None:
 
 def run_all(args, argv=None) -> list[dict]:
     out = Path(args.out)
-    write_rows(args, out)
-    jobs = [Job(f"{system_name(s)}-s{seed}", ["--job", system_name(s), "--seed", str(seed)])
-            for seed in args.seeds for s in args.systems
-            if not (out / f"{system_name(s)}-s{seed}" / result_name(args)).is_file()]
+    jobs = []
+    for seed, row_seed in runs(args):
+        write_rows(args, out, row_seed)
+        for spec in args.systems:
+            name = run_name(system_name(spec), seed, row_seed)
+            if not (out / name / result_name(args)).is_file():
+                row_args = ["--row-seed", str(row_seed)] if row_seed is not None else []
+                jobs.append(Job(name, ["--job", system_name(spec), "--seed", str(seed), *row_args]))
     run_jobs("scripts.compare_recipes", jobs, without_reporting(sys.argv[1:] if argv is None else argv), args.jobs, out,
              args.threads)
-    return [json.loads(p.read_text()) for p in sorted(out.glob(f"*-s*/{result_name(args)}"))]
+    wanted = {run_name(system_name(spec), seed, row_seed) for seed, row_seed in runs(args) for spec in args.systems}
+    return [json.loads(p.read_text()) for p in sorted(out.glob(f"*/{result_name(args)}")) if p.parent.name in wanted]
+
+
+def score_keys(results: list[dict]) -> list[str]:
+    return [task for task in TASKS if any(task in r for r in results)]
+
+
+def spread_cell(values: list[float], collapsed: int) -> str:
+    """worst / median / best (spread) over a system's runs; a collapsed run counts as the worst."""
+    if not values and not collapsed:
+        return "-"
+    worst = "collapsed" if collapsed else f"{min(values):.2f}"
+    if not values:
+        return worst
+    return (f"{worst} / {np.median(values):.2f} / {max(values):.2f} "
+            f"({max(values) - min(values):.2f})")
 
 
 def table(results: list[dict], systems: list[str]) -> str:
-    lines = ["| system | seeds | STS-B test (mean, min-max) | SciFact nDCG@10 (mean, min-max) | train s/run |",
-             "|---|---|---|---|---|"]
+    """Per system: runs, collapsed runs, and worst / median / best (spread) of each score over its runs; then, for
+    each llm2emb system, its worst run minus the median run of each sentence-transformers system."""
+    keys = score_keys(results)
+    lines = ["| system | runs | collapsed | " + " | ".join(f"{TASKS[k]} worst / median / best (spread)" for k in keys)
+             + " | train s/run |", "|---|---|---|" + "---|" * len(keys) + "---|"]
+    by_system = {system_name(spec): [r for r in results if r["system"] == system_name(spec)] for spec in systems}
     for spec in systems:
-        mine = [r for r in results if r["system"] == system_name(spec)]
+        mine = by_system[system_name(spec)]
         if not mine:
             continue
-        cells = []
-        for key in ("stsb", "scifact"):
-            values = np.array([r[key] for r in mine if key in r])
-            cells.append(f"{values.mean():.2f} ({values.min():.2f}-{values.max():.2f})" if values.size else "-")
+        collapsed = sum(bool(r.get("collapsed")) for r in mine)
+        cells = [spread_cell([r[k] for r in mine if k in r], collapsed) for k in keys]
         seconds = [r["train_seconds"] for r in mine if r.get("train_seconds")]
         time_cell = f"{np.mean(seconds):.0f}" if seconds else "-"
-        lines.append(f"| `{spec}` | {len(mine)} | {cells[0]} | {cells[1]} | {time_cell} |")
+        lines.append(f"| `{spec}` | {len(mine)} | {collapsed} | " + " | ".join(cells) + f" | {time_cell} |")
+    baselines = [name for name in by_system if is_st(name) and by_system[name]]
+    contenders = [name for name in by_system if not is_st(name) and by_system[name]]
+    if baselines and contenders:
+        lines += ["", "| llm2emb worst run minus the baseline's median run | " + " | ".join(TASKS[k] for k in keys)
+                  + " |", "|---|" + "---|" * len(keys)]
+        for name in contenders:
+            for baseline in baselines:
+                cells = []
+                for key in keys:
+                    ours = [r.get(key, -np.inf) if not r.get("collapsed") else -np.inf for r in by_system[name]]
+                    theirs = [r[key] for r in by_system[baseline] if key in r]
+                    gap = min(ours) - np.median(theirs) if theirs else None
+                    cells.append("-" if gap is None else ("collapsed" if not np.isfinite(gap) else f"{gap:+.2f}"))
+                lines.append(f"| `{name}` vs `{baseline}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(results: list[dict], systems: list[str], target: str) -> None:
+    """Every run's score per system and task, with a bar at the median."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    keys = score_keys(results)
+    figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     names = [system_name(s) for s in systems]
-    for axis, key, label in zip(axes, ("stsb", "scifact"), ("STS-B test Spearman x100", "SciFact nDCG@10 x100")):
+    for axis, key in zip(axes[0], keys):
         for position, name in enumerate(names):
             values = [r[key] for r in results if r["system"] == name and key in r]
-            axis.scatter([position] * len(values), values)
+            axis.scatter([position] * len(values), values, s=12)
             if values:
-                axis.hlines(np.mean(values), position - 0.2, position + 0.2)
-        axis.set_xticks(range(len(names)), names, rotation=20)
-        axis.set_ylabel(label)
+                axis.hlines(np.median(values), position - 0.25, position + 0.25)
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        axis.set_ylabel(f"{TASKS[key]} x100")
     figure.tight_layout()
     figure.savefig(target, dpi=100)
 

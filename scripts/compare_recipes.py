@@ -215,6 +215,7 @@ def train_llm2emb(args, spec: str, seed: int, rows_file: Path, folder: Path) -> 
         "seed": seed,
         "report_to": [],
         "save_steps": 10,  # an interrupted job resumes from its last checkpoint, as sentence-transformers' jobs do
+        "logging_steps": 1,  # every step's loss and spread in metrics.jsonl: the curves the collapse guard is tested on
         "stages": [{"name": "train", "max_steps": args.steps, "batch_size": args.batch_size, "hard_negatives": 1,
                     "datasets": [{"path": str(rows_file.resolve())}]}],
     }

@@ -72,7 +72,7 @@ class EmbedderTrainer(Trainer):
 
     def non_finite_message(self, value: float) -> str:
         return (
-            f"loss became {value} at step {self.state.global_step + 1}; stopped before the optimizer step and "
+            f"step {self.state.global_step + 1}: the loss became {value}; stopped before the optimizer step and "
             f"{self.kept_checkpoint()} (try a lower learning rate, a larger temperature or fp32)"
         )
 

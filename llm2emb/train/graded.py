@@ -60,6 +60,10 @@ class GradedPairLoss(nn.Module):
     with the rows' gold `scores`; ids and in-batch flags are not used (every pair is compared with every other).
     """
 
+    chance = None
+    """A ranking loss has no loss level at uniform scores to compare with (InfoNCELoss.chance): the collapse guard
+    watches the cosine alone."""
+
     def __init__(self, kind: str = "cosent", temperature: float | Temperature = 0.05, angle_weight: float = 1.0):
         super().__init__()
         if kind not in GRADED_LOSSES:

@@ -25,6 +25,10 @@ Options (each off by default, each leaving the plain loss unchanged when off):
 - late interaction: with ``late_interaction`` (`llm2emb.train.late_loss.LateInteractionTerm`), each embedding row
   carries the text's token vectors packed beside its pooled vector, and the same candidates are also scored by
   normalised Chamfer similarity (ColBERT), with the same masks and temperature.
+
+After each forward, ``chance`` holds the loss the batch would have if every candidate scored the same (ln of each
+query's candidate count, averaged, summed over the loss's cross-entropy terms): the collapse guard's reference
+(llm2emb.train.collapse). None with distillation, whose KL term has no such fixed level.
 """
 
 from __future__ import annotations
@@ -172,6 +176,14 @@ class InfoNCELoss(nn.Module):
         self.segments = segments
         self.distillation = distillation
         self.late_interaction = late_interaction
+        self.chance: torch.Tensor | None = None
+
+    def chance_level(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The loss at uniform scores over `mask`'s candidates (see the module docstring); None with distillation."""
+        if self.distillation is not None:
+            return None
+        terms = len(self.views) + (self.late_interaction.weight if self.late_interaction is not None else 0.0)
+        return terms * mask.sum(dim=1).float().log().mean().detach()
 
     @staticmethod
     def similarity(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
@@ -224,6 +236,7 @@ class InfoNCELoss(nn.Module):
             queries, *query_tokens = late.unpack(queries)
             documents, *document_tokens = late.unpack(documents)
         mask = candidate_mask(query_ids, document_ids, flags)
+        self.chance = self.chance_level(mask)
         if guided:
             mask = mask & guide_mask(self.similarity(guide_queries, guide_documents))
         teacher_scores = self.similarity(teacher_queries, teacher_documents) if taught else None

@@ -18,6 +18,7 @@ import datasets
 
 from llm2emb.errors import UserError
 from llm2emb.readers import BadRow
+from llm2emb.train.collapse import CollapseGuard
 from llm2emb.train.data import (
     ContrastiveCollator,
     LoadedDataset,
@@ -101,9 +102,14 @@ def build_trainer(stage: StageSpec, index: int, embedder, args, data: StageData,
                            data_collator=MNTPCollator(embedder, stage.mask_probability, max_length))
     options = trainer_options(stage, embedder, index)
     collator = ContrastiveCollator(embedder, max_length=max_length, keep_texts=options["teacher"] is not None)
+    guard = stage.collapse_guard
     trainer = ContrastiveTrainer(
         model=embedder, args=args, train_dataset=data, data_collator=collator,
-        gradcache_chunk=stage.gradcache_chunk, bidirectional_warmup=stage.bidirectional_warmup, **options,
+        gradcache_chunk=stage.gradcache_chunk, bidirectional_warmup=stage.bidirectional_warmup,
+        collapse_guard=guard is not None and CollapseGuard(
+            patience=guard.patience, cosine=guard.cosine, loss_ratio=guard.loss_ratio,
+            cosine_alone=guard.cosine_alone, after_step=stage.warmup_step_count),
+        **options,
     )
     if stage.objective == "simcse":
         trainer.add_callback(AttentionDropout(embedder, stage.simcse_dropout))

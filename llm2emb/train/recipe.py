@@ -241,6 +241,18 @@ class LateInteractionSpec(_Strict):
     weight: Annotated[float, Field(gt=0)] = 1.0
 
 
+class CollapseGuardSpec(_Strict):
+    """When a stage stops because its embeddings collapsed (llm2emb.train.collapse): after `patience` optimizer
+    steps in a row, warmup excluded, whose batch has a mean cosine between different texts of at least `cosine` and a
+    loss of at least `loss_ratio` x the chance loss ln(candidates); losses without a chance level (graded pairs,
+    distillation) use `cosine_alone`. The stop names the stage, step, loss and spread and writes no model."""
+
+    patience: Annotated[int, Field(gt=0)] = 10
+    cosine: Annotated[float, Field(gt=0, le=1)] = 0.95
+    loss_ratio: Annotated[float, Field(gt=0)] = 0.9
+    cosine_alone: Annotated[float, Field(gt=0, le=1)] = 0.99
+
+
 class StageSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     objective: Literal["contrastive", "mntp", "simcse"] = "contrastive"
@@ -300,6 +312,8 @@ class StageSpec(_Strict):
     """Train token vectors for multi-vector retrieval next to the pooled vector (see LateInteractionSpec)."""
     mine: MineSpec | None = None
     """Re-mine hard negatives with the weights this stage starts from; not inherited."""
+    collapse_guard: CollapseGuardSpec | None = CollapseGuardSpec()
+    """Stop a contrastive or simcse stage whose embeddings collapse (see CollapseGuardSpec); null: never."""
     datasets: list[DatasetSpec]
     """At least one, unless `mine` provides the stage's data."""
 

@@ -26,6 +26,8 @@ TRAINER_STATE = "trainer_state.json"
 
 RESUME_IGNORED_KEYS = {"eval", "logging_steps", "report_to", "save_steps", "save_total_limit"}
 """Keys a resumed run may change: they do not affect the weights."""
+RESUME_IGNORED_STAGE_KEYS = {"collapse_guard"}
+"""Stage keys a resumed run may change: a guard watches the weights, it does not change them."""
 
 
 def holds_run(root: Path) -> bool:
@@ -53,7 +55,8 @@ def check_output(recipe: Recipe, root: Path, resume: bool) -> bool:
     if saved.is_file():
         before = yaml.safe_load(saved.read_text())
         now = recipe.model_dump(mode="json")
-        changed = [key for key in _diff(before, now) if key[0] not in RESUME_IGNORED_KEYS]
+        changed = [key for key in _diff(before, now) if key[0] not in RESUME_IGNORED_KEYS
+                   and not (key[0] == "stages" and len(key) > 2 and key[2] in RESUME_IGNORED_STAGE_KEYS)]
         if changed:
             keys = ", ".join(format_key_path(key) for key in changed[:5])
             raise UserError(f"{root}: the recipe changed since this run started ({keys}); "

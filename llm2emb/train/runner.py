@@ -35,9 +35,10 @@ from llm2emb.train.callbacks import (
     StageProgress,
     tensorboard_callback,
 )
+from llm2emb.train.collapse import CollapseError
 from llm2emb.train.data import StageData
 from llm2emb.train.distributed import is_main_process, launched_processes, wait_for_all_processes
-from llm2emb.train.errors import NonFiniteLossError
+from llm2emb.train.errors import TrainingStopped
 from llm2emb.train.fit import check_fit
 from llm2emb.train.objectives import build_objective_data, build_trainer
 from llm2emb.train.recipe import Recipe, StageSpec
@@ -202,8 +203,14 @@ def run_stage(
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
-    except NonFiniteLossError as exc:  # the trainer's message names the intact checkpoint; add which stage
-        raise NonFiniteLossError(f"stages[{index}] ({stage.name}): {exc}") from None
+    except TrainingStopped as exc:  # the trainer's message names the intact checkpoint; add which stage
+        message = f"stages[{index}] ({stage.name}) {exc}; nothing was written to {Path(recipe.output_dir) / 'model'}"
+        if isinstance(exc, CollapseError):
+            log.write({"event": "collapse", "stage": stage.name, "step": exc.step, "time": time.time(),
+                       "loss": round(exc.spread.loss, 4), "chance_loss": exc.spread.chance and round(exc.spread.chance, 4),
+                       "embedding_cosine": round(exc.spread.cosine, 4), "message": message})
+        exc.args = (message,)
+        raise exc from None
     finally:
         progress.close()
     steps = trainer.state.global_step - start_step
@@ -215,6 +222,7 @@ def run_stage(
         "tokens": trainer.state.num_input_tokens_seen - start_tokens,
         "seconds": time.perf_counter() - started,
         "final_loss": _last_loss(trainer.state.log_history),
+        **(trainer.collapse_guard.report() if getattr(trainer, "collapse_guard", None) else {}),
         "sharding": "fsdp" if trainer.is_fsdp_enabled else ("ddp" if world_size > 1 else "none"),
     }
     return stats, full_state

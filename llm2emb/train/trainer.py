@@ -2,17 +2,22 @@
 
 It changes only what a contrastive embedder needs: the training step (GradCache over the whole contrastive batch,
 a loss whose temperature may be a parameter outside the model, a guide's or a teacher's embeddings of the batch,
-the causal-to-bidirectional curriculum) and a stop on a non-finite loss before the optimizer step.
+the causal-to-bidirectional curriculum) and two stops before the optimizer step: on a non-finite loss, and on
+embeddings that collapsed into one vector (train/collapse.py). Each logged step also reports the batch's spread
+(`embedding_cosine`, the mean cosine between its different texts) and `chance_loss`, the loss at uniform scores.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from llm2emb.errors import UserError
+from llm2emb.spread import mean_cosine
+from llm2emb.train.collapse import BatchSpread, CollapseError, CollapseGuard
 from llm2emb.train.embedder_trainer import EmbedderTrainer
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.gradcache import chunks, gradcache_backward
@@ -44,6 +49,7 @@ class ContrastiveTrainer(EmbedderTrainer):
         teacher=None,
         layers: list[int | None] | None = None,
         bidirectional_warmup: int = 0,
+        collapse_guard: CollapseGuard | bool = True,
         **kwargs,
     ):
         if gradcache_chunk is not None and gradcache_chunk < 1:
@@ -55,6 +61,11 @@ class ContrastiveTrainer(EmbedderTrainer):
         self.layers = list(layers) if layers else None
         self.bidirectional_warmup = bidirectional_warmup
         super().__init__(model=model, args=args, **kwargs)
+        if collapse_guard is True:
+            collapse_guard = CollapseGuard(after_step=self.args.get_warmup_steps(self.args.max_steps))
+        self.collapse_guard = collapse_guard or None
+        self.batch_spread: tuple | None = None
+        self.spread_window: list[BatchSpread] = []
         self.contrastive_loss.to(self.args.device)
         if self.guide is not None:
             self.guide.to(self.args.device)
@@ -111,9 +122,50 @@ class ContrastiveTrainer(EmbedderTrainer):
             )
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(self.non_finite_message(loss.item()))
+            self.batch_spread = (loss.detach(), getattr(self.contrastive_loss, "chance", None),
+                                 mean_cosine(self.pooled(embeddings[1]), inputs["document_ids"]))
             return loss * scale
 
         return loss_fn
+
+    def pooled(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The pooled vectors of a batch's embeddings (late interaction packs token vectors beside them)."""
+        late = getattr(self.contrastive_loss, "late_interaction", None)
+        return late.unpack(embeddings)[0] if late is not None else embeddings
+
+    def step_spread(self) -> BatchSpread:
+        """The step's loss and spread, averaged over processes so every process's guard decides alike."""
+        loss, chance, cosine = self.batch_spread
+        values = self.accelerator.reduce(torch.stack([loss.float(), cosine.float()]), reduction="mean")
+        return BatchSpread(loss=values[0].item(), chance=None if chance is None else float(chance),
+                           cosine=values[1].item())
+
+    def watch_spread(self) -> None:
+        """Log the step's spread and let the collapse guard see it; a collapse stops here, before the optimizer step,
+        naming the checkpoint to go back to."""
+        spread = self.step_spread()
+        self.spread_window.append(spread)
+        if self.collapse_guard is None:
+            return
+        try:
+            self.collapse_guard.observe(self.state.global_step + 1, spread)
+        except CollapseError as exc:
+            warmup = self.args.get_warmup_steps(self.args.max_steps)
+            hint = (f"{self.checkpoint_before(self.collapse_guard.streak_start)}; lower learning_rate "
+                    f"({self.args.learning_rate:g}) or lengthen warmup_steps ({warmup})")
+            raise CollapseError(f"{exc}; {hint}", exc.step, exc.spread) from None
+
+    def checkpoint_before(self, step: int) -> str:
+        """The newest checkpoint saved before `step`, which the collapse did not reach."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(self.args.output_dir)
+        saved = [int(p.name.rpartition("-")[2]) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                 if p.name.rpartition("-")[2].isdigit()] if folder.is_dir() else []
+        before = [n for n in saved if n < step]
+        if not before:
+            return "no checkpoint predates the collapse"
+        return f"{folder / f'{PREFIX_CHECKPOINT_DIR}-{max(before)}'} predates it and is intact"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Plain (no GradCache) loss, used by evaluation; training goes through `training_step`."""
@@ -133,7 +185,7 @@ class ContrastiveTrainer(EmbedderTrainer):
             self.accelerator.unwrap_model(model).set_future_attention(weight)
         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with self.compute_loss_context_manager():
-            return gradcache_backward(
+            loss = gradcache_backward(
                 self.embed_fn(model, inputs),
                 [inputs["queries"], inputs["documents"]],
                 self._loss_fn(inputs, scale),
@@ -141,6 +193,8 @@ class ContrastiveTrainer(EmbedderTrainer):
                 backward=self.accelerator.backward,
                 no_sync=functools.partial(self.accelerator.no_sync, model),
             )
+        self.watch_spread()
+        return loss
 
     def train(self, *args, **kwargs):
         """Trainer's loop; whatever happens, the model leaves it plainly bidirectional (the curriculum is over)."""
@@ -182,4 +236,10 @@ class ContrastiveTrainer(EmbedderTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.contrastive_loss.temperature.learnable:
             logs["temperature"] = round(self.contrastive_loss.temperature().item(), 6)
+        if "loss" in logs and self.spread_window:  # the spread over the steps this loss averages
+            cosines = [s.cosine for s in self.spread_window]
+            logs["embedding_cosine"] = round(sum(cosines) / len(cosines), 4)
+            if self.spread_window[-1].chance is not None:
+                logs["chance_loss"] = round(self.spread_window[-1].chance, 4)
+            self.spread_window = []
         super().log(logs, start_time)

@@ -234,7 +234,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(convert
         train(recipe, callbacks=[PoisonAdapterBefore(step=3)])
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith("stages[0] (retrieval): loss became nan at step 3")
+    assert message.startswith("stages[0] (retrieval) step 3: the loss became nan; stopped before the optimizer step")
     stage_dir = tmp_path / "run" / "stages" / "0-retrieval"
     assert f"{stage_dir / 'checkpoint-2'}" in message
     assert sorted(p.name for p in stage_dir.iterdir()) == ["checkpoint-1", "checkpoint-2"]

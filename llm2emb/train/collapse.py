@@ -1,0 +1,98 @@
+"""The collapse guard: stop a contrastive run whose embeddings have become one vector, instead of saving it.
+
+A bidirectional decoder trained at a learning rate near its edge can fall into a state it never leaves: every text
+maps to nearly the same vector, each query's softmax over its candidates is uniform, and the loss sits at
+ln(candidates) (issue 29: loss 4.10 at step 50 = ln 64, cosine 0.99 between unrelated sentences, STS-B 6.9; the
+run exited 0). The NaN guard does not see it, since every number stays finite.
+
+A step counts as collapsed when both hold: the mean cosine between the batch's different texts is at least
+`cosine`, and the loss is at least `loss_ratio` x the chance loss (the loss when every candidate scores the same).
+Either alone happens in healthy runs: an untrained model's loss starts near or above chance (a healthy SmolLM2 run
+passed 4.05 against ln 64 = 4.16 at step 10, then fell to 1.46 by step 20), and a causal base's texts already share a
+mean cosine of 0.84. Where the loss has no chance level (graded pairs, distillation) the cosine alone decides, at
+`cosine_alone`. The run stops after `patience` collapsed steps in a row, none counted during warmup; the streak
+restarts when a run resumes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from llm2emb.train.errors import TrainingStopped
+
+
+@dataclass
+class BatchSpread:
+    """One step's view of the embeddings: its loss, the loss at chance (None where undefined) and the mean cosine
+    between the batch's different texts."""
+
+    loss: float
+    chance: float | None
+    cosine: float
+
+
+class CollapseError(TrainingStopped):
+    """The embeddings collapsed; raised before the optimizer step, so every checkpoint on disk predates it."""
+
+    def __init__(self, message: str, step: int, spread: BatchSpread):
+        super().__init__(message)
+        self.step, self.spread = step, spread
+
+
+class CollapseGuard:
+    """Watches each step's `BatchSpread` and raises `CollapseError` after `patience` collapsed steps in a row."""
+
+    def __init__(self, patience: int = 10, cosine: float = 0.95, loss_ratio: float = 0.9,
+                 cosine_alone: float = 0.99, after_step: int = 0):
+        if patience < 1:
+            raise ValueError(f"patience must be at least 1, got {patience}")
+        self.patience, self.cosine, self.loss_ratio = patience, cosine, loss_ratio
+        self.cosine_alone, self.after_step = cosine_alone, after_step
+        self.streak = self.longest_streak = 0
+        self.streak_start: int | None = None
+        self.highest_cosine: float | None = None
+        self.last: BatchSpread | None = None
+
+    def collapsed(self, spread: BatchSpread) -> bool:
+        if not math.isfinite(spread.cosine):
+            return False
+        if spread.chance is None:
+            return spread.cosine >= self.cosine_alone
+        return spread.cosine >= self.cosine and spread.loss >= self.loss_ratio * spread.chance
+
+    def observe(self, step: int, spread: BatchSpread, hint: str = "") -> None:
+        """Record step `step` (1-based, the optimizer step about to be taken); raise once the streak is full."""
+        self.last = spread
+        if step <= self.after_step:
+            return
+        if math.isfinite(spread.cosine):
+            self.highest_cosine = max(spread.cosine, self.highest_cosine or -1.0)
+        if not self.collapsed(spread):
+            self.streak, self.streak_start = 0, None
+            return
+        self.streak += 1
+        self.streak_start = self.streak_start or step
+        self.longest_streak = max(self.longest_streak, self.streak)
+        if self.streak >= self.patience:
+            raise CollapseError(self.message(step, spread, hint), step, spread)
+
+    def message(self, step: int, spread: BatchSpread, hint: str) -> str:
+        if spread.chance is None:
+            signal = f"loss {spread.loss:.2f}, mean cosine {spread.cosine:.3f} between different texts"
+        else:
+            candidates = round(math.exp(spread.chance))
+            signal = (f"loss {spread.loss:.2f} against {spread.chance:.2f} = ln {candidates} candidates at chance, "
+                      f"mean cosine {spread.cosine:.3f} between different texts")
+        return (f"step {step}: the embeddings collapsed ({signal}, steps {self.streak_start}-{step}); "
+                f"stopped before the optimizer step{'; ' + hint if hint else ''}")
+
+    def report(self) -> dict:
+        """What summary.json keeps of the stage: how close it came (the longest streak against the patience)."""
+        return {
+            "embedding_cosine": None if self.last is None else round(self.last.cosine, 4),
+            "highest_embedding_cosine_after_warmup": None if self.highest_cosine is None
+            else round(self.highest_cosine, 4),
+            "longest_collapse_streak": self.longest_streak,
+            "collapse_patience": self.patience,
+        }

@@ -195,6 +195,12 @@ def verify_attention(model: torch.nn.Module, attention: str, vocab_size: int | N
     scale = first[0, 0].abs().max().clamp_min(1e-6)
     moved = ((first[0, 0] - first[1, 0]).abs().max() / scale).item()
     name = model.config.model_type
+    own = ((first[0, -1] - first[1, -1]).abs().max() / first[0, -1].abs().max().clamp_min(1e-6)).item()
+    if own < 1e-5:  # not even the changed token's own position moved: the output ignores the input
+        raise VerificationError(
+            f"model_type {name!r}: the hidden states do not depend on the input tokens (changing a token moved no "
+            "position, not even its own): the weights are degenerate, as after a collapsed training run"
+        )
     if attention == "bidirectional" and moved < 1e-5:
         raise VerificationError(
             f"model_type {name!r} stayed causal with is_causal=False (its attention ignores the flag); "

@@ -155,6 +155,14 @@ def run_encode(args) -> None:
             source.unlink(missing_ok=True)
     if rank == 0:
         print(stats.format(output))
+        if args.precision == "float32":
+            import numpy as np
+
+            from llm2emb.spread import degenerate_warning
+
+            warning = degenerate_warning(np.load(output, mmap_mode="r"), str(output))
+            if warning:
+                print(warning, file=sys.stderr)
 
 
 # ---------------------------------------------------------------- info
@@ -232,6 +240,9 @@ def run_eval(args) -> None:
         rope_scaling=args.rope_scaling, long_tasks=args.long, long_lengths=args.lengths,
         long_documents=args.long_documents, haystack=args.haystack, limit=args.limit, torch_dtype=args.dtype,
     )
+    for result in report.results:
+        if result.warning:
+            print(result.warning, file=sys.stderr)
     print(format_table(report.results))
     if args.json:
         write_json(args.json, report.results, model=report.model, settings=report.settings,

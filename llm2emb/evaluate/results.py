@@ -30,6 +30,11 @@ class TaskResult:
     def main(self) -> float:
         return self.scores[self.main_score]
 
+    @property
+    def warning(self) -> str | None:
+        """A line for the user about the vectors behind the scores (degenerate ones: llm2emb.spread), if any."""
+        return self.extra.get("warning")
+
 
 def format_table(results: list[TaskResult]) -> str:
     """A fixed-width table: task, main metric, every score, size and wall time."""

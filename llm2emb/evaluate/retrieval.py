@@ -22,6 +22,7 @@ from llm2emb.precision import (
     needs_ranges,
     quantize,
 )
+from llm2emb.spread import degenerate_warning
 from llm2emb.tokenization import locate_texts
 
 CORPUS_BLOCK = 8192
@@ -130,5 +131,6 @@ def evaluate_retrieval(
         seconds=time.perf_counter() - start,
         corpus_cached=cached if cache is not None else None,
         extra={"query_instruction": query_instruction, "precision": precision, "rescore": rescore,
-               "bytes_per_vector": bytes_per_vector(precision, corpus.shape[1])},
+               "bytes_per_vector": bytes_per_vector(precision, corpus.shape[1]),
+               "warning": degenerate_warning(corpus, f"{data.name} corpus")},
     )

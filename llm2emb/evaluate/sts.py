@@ -11,6 +11,7 @@ from llm2emb.evaluate.data import StsData
 from llm2emb.evaluate.encoders import as_encoder, normalized
 from llm2emb.evaluate.metrics import spearman
 from llm2emb.evaluate.results import TaskResult
+from llm2emb.spread import degenerate_warning
 from llm2emb.tokenization import locate_texts
 
 
@@ -36,5 +37,5 @@ def evaluate_sts(model: Any, data: StsData, instruction: str | None = None, batc
         scores={"spearman": spearman(cosine, data.scores)},
         examples=len(data.scores),
         seconds=time.perf_counter() - start,
-        extra={"instruction": instruction},
+        extra={"instruction": instruction, "warning": degenerate_warning(vectors, f"{data.name} sentences")},
     )

@@ -12,11 +12,17 @@ passed 4.05 against ln 64 = 4.16 at step 10, then fell to 1.46 by step 20), and 
 mean cosine of 0.84. Where the loss has no chance level (graded pairs, distillation) the cosine alone decides, at
 `cosine_alone`. The run stops after `patience` collapsed steps in a row, none counted during warmup; the streak
 restarts when a run resumes.
+
+A stage can also learn nothing without collapsing: at 20 steps of 16 at learning rate 4e-4, SmolLM2's bidirectional
+loss fell from 6.58 only to 4.06, above chance (ln 32 = 3.47), at a cosine of 0.62, and scored 14 on STS-B dev, as
+untrained. So at the end of a stage, a mean loss over its last `patience` steps at or above the chance loss stops
+it too, before its model is saved; a stage with fewer than `patience` steps after warmup is too short to judge.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from llm2emb.train.errors import TrainingStopped
@@ -53,6 +59,7 @@ class CollapseGuard:
         self.streak_start: int | None = None
         self.highest_cosine: float | None = None
         self.last: BatchSpread | None = None
+        self.recent: deque[BatchSpread] = deque(maxlen=patience)
 
     def collapsed(self, spread: BatchSpread) -> bool:
         if not math.isfinite(spread.cosine):
@@ -66,6 +73,7 @@ class CollapseGuard:
         self.last = spread
         if step <= self.after_step:
             return
+        self.recent.append(spread)
         if math.isfinite(spread.cosine):
             self.highest_cosine = max(spread.cosine, self.highest_cosine or -1.0)
         if not self.collapsed(spread):
@@ -86,6 +94,22 @@ class CollapseGuard:
                       f"mean cosine {spread.cosine:.3f} between different texts")
         return (f"step {step}: the embeddings collapsed ({signal}, steps {self.streak_start}-{step}); "
                 f"stopped before the optimizer step{'; ' + hint if hint else ''}")
+
+    def check_learned(self, step: int) -> None:
+        """At the end of a stage: raise when its last `patience` steps after warmup averaged a loss at or above
+        chance (it learned nothing); a stage with fewer such steps, or a loss without a chance level, passes."""
+        if len(self.recent) < self.patience or any(s.chance is None for s in self.recent):
+            return
+        loss = sum(s.loss for s in self.recent) / len(self.recent)
+        chance = sum(s.chance for s in self.recent) / len(self.recent)
+        if loss < chance:
+            return
+        cosine = sum(s.cosine for s in self.recent) / len(self.recent)
+        raise CollapseError(
+            f"step {step}: the stage ended without learning (mean loss {loss:.2f} over its last {len(self.recent)} "
+            f"steps, at or above {chance:.2f} = ln {round(math.exp(chance))} candidates at chance; mean cosine "
+            f"{cosine:.3f} between different texts); its model was not saved",
+            step, BatchSpread(loss, chance, cosine))
 
     def report(self) -> dict:
         """What summary.json keeps of the stage: how close it came (the longest streak against the patience)."""

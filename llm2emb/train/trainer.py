@@ -197,12 +197,21 @@ class ContrastiveTrainer(EmbedderTrainer):
         return loss
 
     def train(self, *args, **kwargs):
-        """Trainer's loop; whatever happens, the model leaves it plainly bidirectional (the curriculum is over)."""
+        """Trainer's loop, then the collapse guard's end-of-stage check (a stage whose loss ended at chance learned
+        nothing); whatever happens, the model leaves it plainly bidirectional (the curriculum is over)."""
         try:
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
         finally:
             if self.bidirectional_warmup:
                 self.model.set_future_attention(1.0)
+        if self.collapse_guard is not None:
+            try:
+                self.collapse_guard.check_learned(self.state.global_step)
+            except CollapseError as exc:
+                hint = (f"lower learning_rate ({self.args.learning_rate:g}), lengthen warmup_steps "
+                        f"({self.args.get_warmup_steps(self.args.max_steps)}) or train more steps")
+                raise CollapseError(f"{exc}; {hint}", exc.step, exc.spread) from None
+        return output
 
     def extra_state(self) -> dict:
         return dict(self.contrastive_loss.state_dict())

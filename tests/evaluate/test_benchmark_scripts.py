@@ -27,13 +27,43 @@ def test_bench_train_beir_triplets_keep_every_text_unique_in_a_batch(tmp_path, w
 def test_compare_recipes_report_builds_the_table_from_rows_and_needs_the_bases_otherwise(tmp_path, capsys):
     rows = [{"system": "st", "seed": 1, "stsb": 70.0, "scifact": 20.0},
             {"system": "st", "seed": 2, "stsb": 72.0, "scifact": 22.0},
-            {"system": "default", "seed": 1, "stsb": 75.0, "scifact": 38.0}]
+            {"system": "st", "seed": 3, "stsb": 74.0, "scifact": 30.0},
+            {"system": "default", "seed": 1, "stsb": 75.0, "scifact": 38.0},
+            {"system": "default", "seed": 2, "stsb": 73.0, "scifact": 40.0},
+            {"system": "lr9", "seed": 1, "stsb": 80.0, "scifact": 41.0},
+            {"system": "lr9", "seed": 2, "collapsed": True, "collapse": "stages[0] (train) step 30: ..."}]
     report = tmp_path / "rows.jsonl"
     report.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
-    compare_recipes.main(["--report", str(report), "--systems", "st", "default", "--table", str(tmp_path / "t.md")])
+    compare_recipes.main(["--report", str(report), "--systems", "st", "default", "lr9", "--table",
+                          str(tmp_path / "t.md")])
     table = (tmp_path / "t.md").read_text()
-    assert "| `st` | 2 | 71.00 (70.00-72.00) | 21.00 (20.00-22.00) | - |" in table
-    assert "| `default` | 1 | 75.00 (75.00-75.00) | 38.00 (38.00-38.00) | - |" in table
+    assert "| `st` | 3 | 0 | 70.00 / 72.00 / 74.00 (4.00) | 20.00 / 22.00 / 30.00 (10.00) | - |" in table
+    assert "| `default` | 2 | 0 | 73.00 / 74.00 / 75.00 (2.00) | 38.00 / 39.00 / 40.00 (2.00) | - |" in table
+    assert "| `lr9` | 2 | 1 | collapsed / 80.00 / 80.00 (0.00) | collapsed / 41.00 / 41.00 (0.00) | - |" in table
+    assert "| `default` vs `st` | +1.00 | +16.00 |" in table  # worst llm2emb run minus the median baseline run
+    assert "| `lr9` vs `st` | collapsed | collapsed |" in table
     with pytest.raises(SystemExit):
         compare_recipes.parse_args(["--steps", "10"])
     assert "--base, --causal-base and --out are required unless --report is given" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare_recipes.parse_args(["--report", "r.jsonl", "--seeds", "1", "2", "--row-seeds", "5"])
+    assert "--row-seeds needs one row order per seed: 2 seeds, 1 row seeds" in capsys.readouterr().err
+
+
+def test_compare_recipes_row_orders_are_seeded_permutations_of_the_whole_file(tmp_path):
+    data = tmp_path / "all.jsonl"
+    data.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}", "negative": f"n{i}"}) + "\n"
+                            for i in range(50)))
+    args = compare_recipes.parse_args(["--report", "x", "--data", str(data), "--steps", "2", "--batch-size", "4",
+                                       "--seeds", "1", "2", "--row-seeds", "7", "8"])
+    assert compare_recipes.runs(args) == [(1, 7), (2, 8)]
+    first = compare_recipes.write_rows(args, tmp_path / "out")
+    assert [json.loads(line)["query"] for line in first.read_text().splitlines()] == [f"q{i}" for i in range(8)]
+    seven = compare_recipes.write_rows(args, tmp_path / "out", 7).read_text().splitlines()
+    eight = compare_recipes.write_rows(args, tmp_path / "out", 8).read_text().splitlines()
+    assert len(seven) == len(eight) == 8 and seven != eight
+    assert len(set(seven)) == 8 and set(seven) <= set(data.read_text().splitlines())
+    assert seven != first.read_text().splitlines()
+    again = compare_recipes.write_rows(args, tmp_path / "again", 7).read_text().splitlines()
+    assert again == seven  # a rerun draws the same rows
+    assert compare_recipes.run_name("default", 1, 7) == "default-s1-r7" and compare_recipes.run_name("st", 2, None) == "st-s2"

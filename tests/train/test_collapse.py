@@ -1,0 +1,221 @@
+"""The collapse guard both ways: it stops a forced collapse (and a stage that learned nothing) with one line and no
+model, and leaves healthy runs alone, real ones included; `encode` and `eval` warn about degenerate vectors."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llm2emb.cli import main
+from llm2emb.convert import convert
+from llm2emb.spread import degenerate_warning, mean_cosine
+from llm2emb.train.collapse import BatchSpread, CollapseError, CollapseGuard
+from llm2emb.train.runner import train
+
+CHANCE_64 = math.log(64)
+WORDS = ["alpha", "bravo", "delta", "echo", "gamma", "kilo", "lima", "mike", "oscar", "papa", "romeo", "sierra",
+         "tango", "victor", "whiskey", "zulu"]
+
+
+# ---- the measure and the rule --------------------------------------------------------------------------------
+
+
+def test_mean_cosine_skips_pairs_of_the_same_text():
+    vectors = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert mean_cosine(vectors).item() == pytest.approx(1 / 3)  # pairs: (0,1)=1, (0,2)=0, (1,2)=0
+    assert mean_cosine(vectors, torch.tensor([7, 7, 8])).item() == pytest.approx(0.0)
+    assert math.isnan(mean_cosine(vectors[:1]).item())
+
+
+def test_guard_stops_after_patience_collapsed_steps_counted_after_warmup_only():
+    guard = CollapseGuard(patience=3, after_step=2)
+    collapsed = BatchSpread(loss=4.15, chance=CHANCE_64, cosine=0.99)
+    for step in (1, 2):  # warmup: not counted
+        guard.observe(step, collapsed)
+    guard.observe(3, collapsed)
+    guard.observe(4, collapsed)
+    guard.observe(5, BatchSpread(loss=2.0, chance=CHANCE_64, cosine=0.99))  # the loss learned: streak over
+    guard.observe(6, collapsed)
+    guard.observe(7, collapsed)
+    with pytest.raises(CollapseError) as caught:
+        guard.observe(8, collapsed)
+    assert str(caught.value) == ("step 8: the embeddings collapsed (loss 4.15 against 4.16 = ln 64 candidates at "
+                                 "chance, mean cosine 0.990 between different texts, steps 6-8); stopped before the "
+                                 "optimizer step")
+    assert caught.value.step == 8 and guard.longest_streak == 3
+
+
+def test_either_signal_alone_is_no_collapse_but_cosine_decides_without_a_chance_level():
+    guard = CollapseGuard(patience=2)
+    for step in range(1, 6):
+        guard.observe(step, BatchSpread(loss=4.2, chance=CHANCE_64, cosine=0.80))  # at chance, vectors apart
+    for step in range(6, 11):
+        guard.observe(step, BatchSpread(loss=1.0, chance=CHANCE_64, cosine=0.99))  # alike, but still ranking
+    guard.observe(11, BatchSpread(loss=0.4, chance=None, cosine=0.98))  # a graded loss: 0.99 needed alone
+    assert guard.longest_streak == 0
+    guard.observe(12, BatchSpread(loss=0.4, chance=None, cosine=0.995))
+    with pytest.raises(CollapseError, match=r"loss 0.40, mean cosine 0.995 between different texts, steps 12-13"):
+        guard.observe(13, BatchSpread(loss=0.4, chance=None, cosine=0.995))
+
+
+def test_a_stage_that_ends_at_chance_learned_nothing_unless_too_short_to_judge():
+    guard = CollapseGuard(patience=4)
+    for step in range(1, 4):
+        guard.observe(step, BatchSpread(loss=4.3, chance=CHANCE_64, cosine=0.6))
+    guard.check_learned(3)  # three steps: too short to judge
+    guard.observe(4, BatchSpread(loss=4.0, chance=CHANCE_64, cosine=0.6))
+    with pytest.raises(CollapseError, match=r"step 4: the stage ended without learning \(mean loss 4.22 over its "
+                                            r"last 4 steps, at or above 4.16 = ln 64"):
+        guard.check_learned(4)
+    guard.observe(5, BatchSpread(loss=1.0, chance=CHANCE_64, cosine=0.6))
+    guard.check_learned(5)  # mean of the last four: 3.4 < 4.16
+
+
+# ---- real curves -------------------------------------------------------------------------------------------------
+
+CURVES = Path(__file__).parent / "data" / "spread_curves.jsonl"
+
+
+def real_curves() -> list[dict]:
+    return [json.loads(line) for line in CURVES.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("curve", real_curves(), ids=lambda c: c["name"])
+def test_real_smollm2_curves(curve):
+    """Per-step loss, chance loss and spread of real SmolLM2-135M runs (benchmarks/RESULTS.md, "Robust defaults"),
+    replayed through the default guard: healthy ones pass, the ones that collapsed or learned nothing stop."""
+    guard = CollapseGuard(after_step=curve["warmup_steps"])
+    try:
+        for step, loss, chance, cosine in curve["steps"]:
+            guard.observe(step, BatchSpread(loss, chance, cosine))
+        guard.check_learned(curve["steps"][-1][0])
+    except CollapseError:
+        assert not curve["healthy"], f"{curve['name']} (STS-B dev {curve['stsb_dev']}) was stopped"
+    else:
+        assert curve["healthy"], f"{curve['name']} (STS-B dev {curve['stsb_dev']}) was not stopped"
+
+
+# ---- tiny models, end to end -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tiny_qwen2, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("collapse") / "emb"
+    convert(str(tiny_qwen2), out, pooling="mean", dtype="float32")
+    return out
+
+
+def write_run(folder: Path, base: Path, rows: list[dict], **stage) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = {"name": "s", "max_steps": 30, "batch_size": 8, "temperature": 0.05, "hard_negatives": 1,
+            "datasets": [{"path": "rows.jsonl"}], **stage}
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        model: {{base: {base}, max_length: 32}}
+        lora: null
+        output_dir: {folder / "run"}
+        logging_steps: 1
+        save_steps: 5
+        report_to: []
+        stages: [{json.dumps(keys)}]
+        """))
+    return recipe
+
+
+def sentence_rows() -> list[dict]:
+    subjects = ["man", "woman", "cat", "dog", "chef", "enzyme", "protein", "capital"]
+    places = ["street", "kitchen", "mat", "garden"]
+    return [{"query": f"{s} on the {p}?", "positive": f"A {s} is on the {p}.", "negative": f"A {s} is far from the {p}."}
+            for s in subjects for p in places]
+
+
+def word_rows() -> list[dict]:
+    """Queries and positives with no word in common: a tiny model starts near (here above) chance on them."""
+    pick = random.Random(0).sample
+    return [{"query": " ".join(pick(WORDS, 3)), "positive": " ".join(pick(WORDS, 3)),
+             "negative": " ".join(pick(WORDS, 3))} for _ in range(32)]
+
+
+def losses(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_a_forced_collapse_stops_in_one_line_keeps_checkpoints_and_writes_no_model(base, tmp_path, capsys):
+    recipe = write_run(tmp_path, base, sentence_rows(), learning_rate=10.0, lr_scheduler="constant", warmup_steps=0)
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("llm2emb train: error: stages[0] (s) step ") and "the embeddings collapsed (loss 2.7" in err
+    assert "= ln 16 candidates at chance, mean cosine 0.99" in err
+    assert "lower learning_rate (10) or lengthen warmup_steps (0)" in err
+    assert err.endswith(f"nothing was written to {tmp_path / 'run' / 'model'}")
+    run = tmp_path / "run"
+    assert not (run / "model").exists() and not (run / "stages" / "0-s" / "final").exists()
+    assert sorted(p.name for p in (run / "stages" / "0-s").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    event = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"collapse"' in line)
+    assert event["embedding_cosine"] >= 0.95 and event["message"] == err.removeprefix("llm2emb train: error: ")
+    assert all("embedding_cosine" in r and r["chance_loss"] == pytest.approx(math.log(16), abs=1e-3)
+               for r in losses(run))
+
+    # the collapsed checkpoint's vectors: encode and eval warn in one line each
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"{r['positive']}\n" for r in sentence_rows()))
+    assert main(["encode", str(run / "stages" / "0-s" / "checkpoint-10"), "--input", str(texts), "--output",
+                 str(tmp_path / "e.npy")]) == 2  # ten steps at 10: the output no longer depends on the input
+    assert "the hidden states do not depend on the input tokens" in capsys.readouterr().err
+    collapsed = run / "stages" / "0-s" / "checkpoint-5"
+    assert main(["encode", str(collapsed), "--input", str(texts), "--output", str(tmp_path / "e.npy"), "--quiet"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
+    assert len(warning) == 1 and "the vectors are degenerate: mean cosine 0.99" in warning[0]
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("score\tsentence1\tsentence2\n" + "".join(f"{i % 5}\t{r['query']}\t{r['positive']}\n"
+                                                           for i, r in enumerate(sentence_rows())))
+    assert main(["eval", str(collapsed), "--sts", str(sts)]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
+    assert len(warning) == 1 and "/sts sentences: the vectors are degenerate: mean cosine 0.99" in warning[0]
+
+
+def test_a_healthy_tiny_run_is_left_alone_and_reports_its_spread(base, tmp_path, capsys):
+    recipe = write_run(tmp_path, base, sentence_rows(), learning_rate=5e-3)
+    summary = train(recipe)
+    stage = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"][0]
+    assert summary.steps == 30 and stage["longest_collapse_streak"] == 0 and stage["collapse_patience"] == 10
+    assert stage["highest_embedding_cosine_after_warmup"] < 0.95
+    assert (tmp_path / "run" / "model" / "llm2emb.json").is_file()
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"{r['positive']}\n" for r in sentence_rows()))
+    assert main(["encode", str(tmp_path / "run" / "model"), "--input", str(texts), "--output", str(tmp_path / "e.npy"),
+                 "--quiet"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_a_tiny_run_that_starts_above_chance_and_passes_the_edge_is_not_stopped(base, tmp_path):
+    """Words with nothing in common: the loss starts above ln 16, and the batch's vectors draw together (cosine up
+    to 0.98, loss at chance) for a few steps before they part again and the loss falls. The default patience leaves it
+    alone; a guard of patience 2 on the same run stops it, so the run does come near."""
+    recipe = write_run(tmp_path / "default", base, word_rows(), max_steps=40, learning_rate=1e-3)
+    train(recipe)
+    curve = losses(tmp_path / "default" / "run")
+    assert curve[0]["loss"] > math.log(16) and curve[-1]["loss"] < 0.7 * math.log(16)
+    stage = json.loads((tmp_path / "default" / "run" / "summary.json").read_text())["stages"][0]
+    assert 2 <= stage["longest_collapse_streak"] < 10
+    strict = write_run(tmp_path / "strict", base, word_rows(), max_steps=40, learning_rate=1e-3,
+                       collapse_guard={"patience": 2})
+    with pytest.raises(CollapseError, match=r"stages\[0\] \(s\) step \d+: the embeddings collapsed"):
+        train(strict)
+
+
+def test_degenerate_warning_needs_nearly_one_vector():
+    rng = np.random.default_rng(0)
+    spread_out = rng.normal(size=(100, 16)).astype(np.float32)
+    assert degenerate_warning(spread_out, "x") is None
+    alike = np.ones((100, 16), np.float32) + 0.01 * spread_out
+    assert degenerate_warning(alike, "emb.npy").startswith("WARNING: emb.npy: the vectors are degenerate: mean cosine")
+    assert degenerate_warning(alike[:1], "one row") is None

@@ -7,12 +7,13 @@ the batch whose gold scores say i is more similar than j, it penalises cos_j > c
     loss = log(1 + sum over s_i > s_j of exp((cos_j - cos_i) / temperature))
 
 AnglE (Li and Li 2023, "AnglE-optimized text embeddings") adds the same ranking on an angle measured in complex space,
-whose gradient does not vanish where the cosine saturates: each embedding is read as complex numbers (first half real
-parts, second half imaginary parts), the pair's quotient z / w is taken dimension by dimension and normalised by
-|z| / |w|, and the magnitude of the mean of its real plus imaginary parts is the pair's angle alignment (1 for equal
-vectors, the quotient then being 1 everywhere); pairs with higher gold scores must be better aligned. AnglE sums over
-dimensions; the mean keeps the term on the cosine's scale, so one temperature serves both. `loss: angle` is CoSENT on
-the cosine plus `angle_weight` x CoSENT on the angle alignment.
+whose gradient does not vanish where the cosine saturates: each embedding is read as a complex vector (first half real
+parts, second half imaginary parts), z / w is taken dimension by dimension over the squared norm of the whole of w
+(as the reference implementation, angle-emb's `angle_loss`, does), normalised by |z| / |w|, and the magnitude of the
+sum of its real plus imaginary parts is the pair's angle alignment. That sum is the real cosine of the two embeddings
+plus sum(b c - a d) / (|z| |w|), so it stays within sqrt(2), on the cosine's scale, and one temperature serves both.
+`loss: angle` is CoSENT on the cosine plus `angle_weight` x CoSENT on the angle alignment. (Until 2026-12 the quotient
+was divided dimension by dimension, which gave values above 1 and gradients about 44x the reference's on 576-d vectors.)
 
 Both rank pairs within one process's batch (no gathering: a pair's score is only comparable with pairs seen
 together, and every process already sees whole pairs). Hand-written: no maintained library exposes these losses
@@ -40,17 +41,16 @@ def ranking_loss(values: torch.Tensor, scores: torch.Tensor, scale: torch.Tensor
 
 
 def angle_alignment(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """(B,) AnglE's angle term of each pair of embeddings read as complex vectors (real half, imaginary half):
-    |mean over dimensions of Re + Im of (z / w) / (|z| / |w|)|, 1 for equal vectors."""
+    """(B,) AnglE's angle term of each pair of embeddings read as complex vectors z, w (real half, imaginary half):
+    |sum over dimensions of Re + Im of (z_k / w_k, over |w|^2 instead of |w_k|^2) / (|z| / |w|)|, as angle-emb
+    computes it; equal vectors give 1."""
     if left.shape[-1] % 2:
         raise ValueError(f"the angle loss reads embeddings as complex numbers and needs an even width, got {left.shape[-1]}")
     a, b = left.float().chunk(2, dim=-1)
     c, d = right.float().chunk(2, dim=-1)
-    modulus = (c * c + d * d).clamp_min(1e-12)
-    real = (a * c + b * d) / modulus  # (a + bi) / (c + di), dimension by dimension
-    imaginary = (b * c - a * d) / modulus
-    ratio = left.float().norm(dim=-1, keepdim=True) / right.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return ((real + imaginary) / ratio.clamp_min(1e-12)).mean(dim=-1).abs()
+    # sum_k (a c + b d + b c - a d) / |w|^2 / (|z| / |w|) = that sum / (|z| |w|)
+    norms = left.float().norm(dim=-1) * right.float().norm(dim=-1)
+    return ((a * c + b * d + b * c - a * d).sum(dim=-1) / norms.clamp_min(1e-12)).abs()
 
 
 class GradedPairLoss(nn.Module):

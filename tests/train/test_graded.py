@@ -3,6 +3,7 @@
 import json
 import math
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,12 +29,56 @@ def test_angle_alignment_by_hand():
     z = torch.tensor([[1.0, 2.0, 0.5, -1.0]])  # complex (1 + 0.5i, 2 - 1i)
     assert angle_alignment(z, z).item() == pytest.approx(1.0)
     w = torch.tensor([[0.5, 1.0, 1.0, 0.0]])  # (0.5 + 1i, 1 + 0i)
-    q1, q2 = complex(1, 0.5) / complex(0.5, 1), complex(2, -1) / complex(1, 0)
+    zs, ws = [complex(1, 0.5), complex(2, -1)], [complex(0.5, 1), complex(1, 0)]
+    w_norm2 = sum(abs(x) ** 2 for x in ws)  # the whole vector's squared norm, not each dimension's
+    products = [x * y.conjugate() / w_norm2 for x, y in zip(zs, ws)]
     ratio = z.norm().item() / w.norm().item()
-    want = abs(((q1.real + q1.imag) + (q2.real + q2.imag)) / 2 / ratio)
+    want = abs(sum(q.real + q.imag for q in products) / ratio)
     assert angle_alignment(z, w).item() == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="even width"):
         angle_alignment(torch.ones(1, 3), torch.ones(1, 3))
+
+
+def reference_losses():
+    """angle-emb's own loss module (angle_emb/loss.py), loaded by path: the package's __init__ imports its evaluation
+    and training stack, whose pins (transformers 5.3, peft 0.18) cannot sit beside llm2emb's, so CI installs it
+    with --no-deps and only this file, which needs torch alone, is used."""
+    import importlib.util
+
+    found = importlib.util.find_spec("angle_emb")
+    if found is None:
+        pytest.skip("angle-emb is not installed (pip install --no-deps angle-emb==0.6.1)")
+    spec = importlib.util.spec_from_file_location("angle_emb_loss", Path(found.submodule_search_locations[0]) / "loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("width", [8, 576])
+def test_cosent_and_angle_terms_equal_the_reference_implementation(width):
+    """Values and gradients against angle-emb 0.6.1 on random pairs (its zigzag layout: row 2i and 2i+1 a pair)."""
+    reference = reference_losses()
+    torch.manual_seed(width)
+    left, right = torch.randn(16, width, dtype=torch.float64), torch.randn(16, width, dtype=torch.float64)
+    right[:4] = left[:4] + 0.1 * right[:4]  # some pairs close, so the ranking has both ends
+    scores = torch.randint(0, 6, (16,)).double()
+    zigzag = torch.stack([left, right], dim=1).reshape(32, width).requires_grad_()
+    labels = scores.repeat_interleave(2)[:, None]
+    mine = zigzag.detach().clone().requires_grad_()
+    for ours_of, theirs_of in [
+        (lambda q, d: ranking_loss(torch.nn.functional.cosine_similarity(q, d, dim=-1), scores, 20.0),
+         lambda y: reference.cosine_loss(labels, y, tau=20.0)),
+        (lambda q, d: ranking_loss(angle_alignment(q, d).double(), scores, 20.0),
+         lambda y: reference.angle_loss(labels, y, tau=20.0)),
+    ]:
+        zigzag.grad = mine.grad = None
+        theirs = theirs_of(zigzag)
+        ours = ours_of(mine[0::2], mine[1::2])
+        theirs.backward()
+        ours.backward()
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+        torch.testing.assert_close(mine.grad, zigzag.grad, rtol=1e-3, atol=1e-6 * zigzag.grad.abs().max().item())
+    assert angle_alignment(left, right).max() <= 2 ** 0.5 + 1e-6  # Re + Im of a unit-scale quotient
 
 
 @pytest.mark.parametrize("kind", ["cosent", "angle"])

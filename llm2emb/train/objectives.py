@@ -109,7 +109,7 @@ def build_trainer(stage: StageSpec, index: int, embedder, args, data: StageData,
         collapse_guard=guard is not None and CollapseGuard(
             patience=guard.patience, cosine=guard.cosine, loss_ratio=guard.loss_ratio,
             cosine_alone=guard.cosine_alone, after_step=stage.warmup_step_count),
-        **options,
+        layer_lr_decay=stage.layer_lr_decay, **options,
     )
     if stage.objective == "simcse":
         trainer.add_callback(AttentionDropout(embedder, stage.simcse_dropout))

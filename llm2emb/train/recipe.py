@@ -271,6 +271,9 @@ class StageSpec(_Strict):
     from its causal pretraining, and 5e-5 (sentence-transformers' default) adapts it too slowly; on SmolLM2-135M
     at 51 x 32, STS-B rose from 45 (5e-5) through 57 (1e-4) and 62-65 (2e-4) to 70 (4e-4)."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    layer_lr_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Layer-wise rate decay: decoder layer i trains at learning_rate x decay^(L - i), the token embeddings at
+    learning_rate x decay^(L + 1), the pooler and heads at learning_rate (llm2emb.train.layer_rates); 1: one rate."""
     warmup_steps: int | float = 0.1
     """Linear warmup from 0 to learning_rate: a whole number counts steps, a fraction below 1 is that share of
     max_steps, rounded down (so a run of under 10 steps has none by default). A LoRA adapter on a cold bidirectional model gets gradient norms in the hundreds on its

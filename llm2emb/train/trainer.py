@@ -23,6 +23,7 @@ from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.gradcache import chunks, gradcache_backward
 from llm2emb.train.graded import GradedPairLoss
 from llm2emb.train.late_loss import pack
+from llm2emb.train.layer_rates import split_by_depth
 from llm2emb.train.losses import InfoNCELoss
 
 
@@ -50,6 +51,7 @@ class ContrastiveTrainer(EmbedderTrainer):
         layers: list[int | None] | None = None,
         bidirectional_warmup: int = 0,
         collapse_guard: CollapseGuard | bool = True,
+        layer_lr_decay: float = 1.0,
         **kwargs,
     ):
         if gradcache_chunk is not None and gradcache_chunk < 1:
@@ -60,6 +62,9 @@ class ContrastiveTrainer(EmbedderTrainer):
         self.teacher = teacher
         self.layers = list(layers) if layers else None
         self.bidirectional_warmup = bidirectional_warmup
+        if not 0 < layer_lr_decay <= 1:
+            raise UserError(f"layer_lr_decay must be in (0, 1], got {layer_lr_decay}")
+        self.layer_lr_decay = layer_lr_decay
         super().__init__(model=model, args=args, **kwargs)
         if collapse_guard is True:
             collapse_guard = CollapseGuard(after_step=self.args.get_warmup_steps(self.args.max_steps))
@@ -220,8 +225,13 @@ class ContrastiveTrainer(EmbedderTrainer):
         self.contrastive_loss.load_state_dict(state)
 
     def create_optimizer(self, model=None):
-        """Trainer's optimizer over the model, plus the loss's own parameters (no weight decay)."""
+        """Trainer's optimizer over the model (its groups split by depth under layer-wise rate decay), plus the loss's
+        own parameters (no weight decay)."""
+        fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
+        if fresh and self.layer_lr_decay != 1.0:
+            split_by_depth(optimizer, model if model is not None else self.model, self.model.num_layers,
+                           self.layer_lr_decay)
         extra = [p for p in self.contrastive_loss.parameters() if p.requires_grad]
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if extra and not any(id(p) in known for p in extra):

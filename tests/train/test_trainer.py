@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
+from llm2emb.errors import UserError
 from llm2emb.model import Embedder
 from llm2emb.train.data import ContrastiveCollator, StageData, load_rows
 from llm2emb.train.embedder_trainer import EXTRA_STATE_NAME, STAGING_NAME
@@ -51,7 +52,8 @@ def make_embedder(base: Path, seed: int = 0) -> Embedder:
     return embedder
 
 
-def make_trainer(embedder, data_file, out: Path, chunk=2, learnable=True, **args) -> ContrastiveTrainer:
+def make_trainer(embedder, data_file, out: Path, chunk=2, learnable=True, options=None, **args) -> ContrastiveTrainer:
+    """`options`: ContrastiveTrainer keywords; `args`: TrainingArguments over these defaults."""
     spec = DatasetSpec.model_validate({"path": str(data_file)}, context={"base_dir": data_file.parent})
     dataset = StageData([load_rows(spec)], batch_size=BATCH, hard_negatives=K, seed=7)
     defaults = dict(
@@ -74,6 +76,7 @@ def make_trainer(embedder, data_file, out: Path, chunk=2, learnable=True, **args
         gradcache_chunk=chunk,
         train_dataset=dataset,
         data_collator=ContrastiveCollator(embedder),
+        **(options or {}),
     )
 
 
@@ -172,3 +175,31 @@ def test_checkpoints_are_complete_model_folders_and_resume_exactly(tiny_qwen2, d
     for name in want:
         atol = 5e-3 if name.endswith("log_temperature") else 1e-4
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=atol, msg=name)
+
+
+def test_layer_lr_decay_gives_each_depth_its_rate_and_the_schedule_keeps_the_ratios(tiny_qwen2, tmp_path):
+    from llm2emb.train.layer_rates import depth
+
+    embedder = Embedder.from_pretrained(tiny_qwen2, pooling={"type": "latent_attention", "num_latents": 4,
+                                                              "num_heads": 2})
+    layers = embedder.num_layers
+    trainer = make_trainer(embedder, write_data(tmp_path / "rows.jsonl"), tmp_path / "run", learnable=False,
+                           options={"layer_lr_decay": 0.5}, lr_scheduler_type="linear", max_steps=4)
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    names = {id(p): n for n, p in embedder.named_parameters()}
+    rates = {}
+    for group in trainer.optimizer.param_groups:
+        for parameter in group["params"]:
+            rates[names[id(parameter)]] = group["lr"]
+    assert len(rates) == sum(p.requires_grad for p in embedder.parameters())  # every trained weight, once
+    assert rates["backbone.embed_tokens.weight"] == pytest.approx(5e-3 * 0.5 ** (layers + 1))
+    assert rates["backbone.layers.0.self_attn.q_proj.weight"] == pytest.approx(5e-3 * 0.5 ** layers)
+    assert rates[f"backbone.layers.{layers - 1}.mlp.up_proj.weight"] == pytest.approx(5e-3 * 0.5)
+    assert rates["backbone.norm.weight"] == rates["pooler.latents"] == pytest.approx(5e-3)
+    assert depth("backbone.base_model.model.layers.3.self_attn.q_proj.lora_A.default.weight", 8) == 4  # under PEFT
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    by_group = [group["lr"] / group["initial_lr"] for group in trainer.optimizer.param_groups]
+    assert max(by_group) == pytest.approx(min(by_group))  # one schedule: every depth decays alike
+    with pytest.raises(UserError, match=r"layer_lr_decay must be in \(0, 1\]"):
+        make_trainer(embedder, tmp_path / "rows.jsonl", tmp_path / "bad", options={"layer_lr_decay": 1.5})

@@ -216,8 +216,9 @@ def train_llm2emb(args, spec: str, seed: int, rows_file: Path, folder: Path) -> 
         "report_to": [],
         "save_steps": 10,  # an interrupted job resumes from its last checkpoint, as sentence-transformers' jobs do
         "logging_steps": 1,  # every step's loss and spread in metrics.jsonl: the curves the collapse guard is tested on
+        # the guard is off so that every run ends and is scored; its verdict is replayed from the curve afterwards
         "stages": [{"name": "train", "max_steps": args.steps, "batch_size": args.batch_size, "hard_negatives": 1,
-                    "datasets": [{"path": str(rows_file.resolve())}]}],
+                    "collapse_guard": None, "datasets": [{"path": str(rows_file.resolve())}]}],
     }
     path = folder / "recipe.yaml"
     folder.mkdir(parents=True, exist_ok=True)
@@ -226,32 +227,24 @@ def train_llm2emb(args, spec: str, seed: int, rows_file: Path, folder: Path) -> 
     command = [sys.executable, "-m", "llm2emb.cli", "train", str(path), *overrides]
     holds = (folder / "run" / "stages").exists()
     started = time.perf_counter()
-    finished = subprocess.run(command + (["--resume"] if holds else []))
-    if finished.returncode and collapse_record(folder) is None:
-        raise subprocess.CalledProcessError(finished.returncode, command)
+    subprocess.run(command + (["--resume"] if holds else []), check=True)
     record_train_seconds(folder, time.perf_counter() - started, resumed=holds)
     return model_dir
 
 
-def collapse_record(folder: Path) -> dict | None:
-    """The collapse guard's event in the run's metrics.jsonl (llm2emb.train.collapse), if it stopped the run."""
-    metrics = folder / "run" / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    events = [json.loads(line) for line in metrics.read_text().splitlines() if '"collapse"' in line]
-    return next((e for e in events if e.get("event") == "collapse"), None)
-
-
 def training_record(folder: Path) -> dict:
-    """What an llm2emb run's own files say of its health: its last logged loss and embedding spread, or the
-    collapse that stopped it."""
-    collapse = collapse_record(folder)
-    if collapse is not None:
-        return {"collapsed": True, "collapse": collapse["message"]}
+    """What an llm2emb run's own files say of its health: its last logged loss and spread, and whether the default
+    collapse guard would have stopped it (replayed from its per-step curve; the run itself trained with it off)."""
+    from llm2emb.train.collapse import CollapseGuard, replay
+    from llm2emb.train.recipe_file import load_recipe
+
+    stage = load_recipe(folder / "run" / "recipe.resolved.yaml").stages[0]
     metrics = folder / "run" / "metrics.jsonl"
-    losses = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
-    last = losses[-1] if losses else {}
-    return {"collapsed": False, **{key: last[key] for key in ("loss", "chance_loss", "embedding_cosine") if key in last}}
+    curve = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    verdict = replay([r for r in curve if "embedding_cosine" in r], CollapseGuard(after_step=stage.warmup_step_count))
+    last = curve[-1] if curve else {}
+    return {"collapsed": verdict is not None, **({"collapse": verdict} if verdict else {}),
+            **{key: last[key] for key in ("loss", "chance_loss", "embedding_cosine") if key in last}}
 
 
 def record_train_seconds(folder: Path, seconds: float, resumed: bool) -> None:
@@ -305,7 +298,7 @@ def run_job(args) -> None:
     else:
         model_dir = train_llm2emb(args, spec, args.seed, rows_file, folder)
         record = training_record(folder)
-    scores = {} if record.get("collapsed") else evaluate(args, model_dir)  # a collapsed run leaves no model
+    scores = evaluate(args, model_dir)
     seconds = float((folder / "train_seconds").read_text()) if (folder / "train_seconds").is_file() else None
     result = {"system": args.job, "spec": spec, "seed": args.seed, "row_seed": args.row_seed, **scores, **record,
               "train_seconds": seconds, "steps": args.steps, "batch_size": args.batch_size,
@@ -338,20 +331,17 @@ def score_keys(results: list[dict]) -> list[str]:
     return [task for task in TASKS if any(task in r for r in results)]
 
 
-def spread_cell(values: list[float], collapsed: int) -> str:
-    """worst / median / best (spread) over a system's runs; a collapsed run counts as the worst."""
-    if not values and not collapsed:
-        return "-"
-    worst = "collapsed" if collapsed else f"{min(values):.2f}"
+def spread_cell(values: list[float]) -> str:
+    """worst / median / best (spread) over a system's scored runs."""
     if not values:
-        return worst
-    return (f"{worst} / {np.median(values):.2f} / {max(values):.2f} "
-            f"({max(values) - min(values):.2f})")
+        return "-"
+    return f"{min(values):.2f} / {np.median(values):.2f} / {max(values):.2f} ({max(values) - min(values):.2f})"
 
 
 def table(results: list[dict], systems: list[str]) -> str:
-    """Per system: runs, collapsed runs, and worst / median / best (spread) of each score over its runs; then, for
-    each llm2emb system, its worst run minus the median run of each sentence-transformers system."""
+    """Per system: runs, the runs the collapse guard stops, and worst / median / best (spread) of each score over its
+    runs (stopped ones too, scored from their last weights); then, for each llm2emb system, its worst run minus the
+    median run of each sentence-transformers system, where a run the guard stops counts as failed ("collapsed")."""
     keys = score_keys(results)
     lines = ["| system | runs | collapsed | " + " | ".join(f"{TASKS[k]} worst / median / best (spread)" for k in keys)
              + " | train s/run |", "|---|---|---|" + "---|" * len(keys) + "---|"]
@@ -361,7 +351,7 @@ def table(results: list[dict], systems: list[str]) -> str:
         if not mine:
             continue
         collapsed = sum(bool(r.get("collapsed")) for r in mine)
-        cells = [spread_cell([r[k] for r in mine if k in r], collapsed) for k in keys]
+        cells = [spread_cell([r[k] for r in mine if k in r]) for k in keys]
         seconds = [r["train_seconds"] for r in mine if r.get("train_seconds")]
         time_cell = f"{np.mean(seconds):.0f}" if seconds else "-"
         lines.append(f"| `{spec}` | {len(mine)} | {collapsed} | " + " | ".join(cells) + f" | {time_cell} |")

@@ -120,3 +120,19 @@ class CollapseGuard:
             "longest_collapse_streak": self.longest_streak,
             "collapse_patience": self.patience,
         }
+
+
+def replay(records: list[dict], guard: CollapseGuard) -> str | None:
+    """What `guard` would have said of a finished run: its stop message, or None. `records` are a stage's loss lines
+    of metrics.jsonl logged every step (logging_steps: 1), each with `loss`, `chance_loss` and `embedding_cosine`;
+    the benchmark scripts run with the guard off and judge every run this way, so a run's score and the guard's
+    verdict can be compared."""
+    step = 0
+    try:
+        for record in records:
+            step = record["step"]
+            guard.observe(step, BatchSpread(record["loss"], record.get("chance_loss"), record["embedding_cosine"]))
+        guard.check_learned(step)
+    except CollapseError as exc:
+        return str(exc)
+    return None

@@ -31,7 +31,7 @@ def test_compare_recipes_report_builds_the_table_from_rows_and_needs_the_bases_o
             {"system": "default", "seed": 1, "stsb": 75.0, "scifact": 38.0},
             {"system": "default", "seed": 2, "stsb": 73.0, "scifact": 40.0},
             {"system": "lr9", "seed": 1, "stsb": 80.0, "scifact": 41.0},
-            {"system": "lr9", "seed": 2, "collapsed": True, "collapse": "stages[0] (train) step 30: ..."}]
+            {"system": "lr9", "seed": 2, "stsb": 12.0, "scifact": 3.0, "collapsed": True, "collapse": "step 30: ..."}]
     report = tmp_path / "rows.jsonl"
     report.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
     compare_recipes.main(["--report", str(report), "--systems", "st", "default", "lr9", "--table",
@@ -39,7 +39,7 @@ def test_compare_recipes_report_builds_the_table_from_rows_and_needs_the_bases_o
     table = (tmp_path / "t.md").read_text()
     assert "| `st` | 3 | 0 | 70.00 / 72.00 / 74.00 (4.00) | 20.00 / 22.00 / 30.00 (10.00) | - |" in table
     assert "| `default` | 2 | 0 | 73.00 / 74.00 / 75.00 (2.00) | 38.00 / 39.00 / 40.00 (2.00) | - |" in table
-    assert "| `lr9` | 2 | 1 | collapsed / 80.00 / 80.00 (0.00) | collapsed / 41.00 / 41.00 (0.00) | - |" in table
+    assert "| `lr9` | 2 | 1 | 12.00 / 46.00 / 80.00 (68.00) | 3.00 / 22.00 / 41.00 (38.00) | - |" in table
     assert "| `default` vs `st` | +1.00 | +16.00 |" in table  # worst llm2emb run minus the median baseline run
     assert "| `lr9` vs `st` | collapsed | collapsed |" in table
     with pytest.raises(SystemExit):

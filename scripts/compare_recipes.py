@@ -23,6 +23,13 @@ instruction on either side since no system trained with one; the full 5,183-docu
 
 `--report ROWS.jsonl` builds the table and the plot from result rows kept in the repository (one JSON object per
 line, as a job writes them) and trains nothing: runs spread over sessions outlive the machine that holds `--out`.
+`--collect ROWS.jsonl` (with the same `--out`, `--systems`, `--seeds` and `--row-seeds`) writes that file from the
+results under `--out`.
+
+Row orders: `--row-seeds` gives run i the rows of a seeded permutation of the whole `--data` file (training seed i);
+without it every seed trains on the file's first rows. llm2emb runs train with the collapse guard off and log every
+step, and each result records whether the default guard would have stopped the run (`collapsed`, replayed from the
+curve), so a stopped run still has its scores beside the guard's verdict.
 
     python -m scripts.compare_recipes --report benchmarks/compare_200.jsonl --systems st default \
         --table benchmarks/compare_recipes_200.md --plot benchmarks/compare_200.png
@@ -74,14 +81,19 @@ def parse_args(argv=None):
     p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", help="folder for the runs and results")
     p.add_argument("--report", metavar="ROWS_JSONL", help="table and plot from these result rows; train nothing")
+    p.add_argument("--collect", metavar="ROWS_JSONL",
+                   help="write the result rows found under --out for these systems and runs to ROWS_JSONL (the file "
+                        "to commit: run folders do not outlive the machine), then report them; train nothing")
     p.add_argument("--table", help="write the markdown table here")
     p.add_argument("--plot", help="write a PNG of the scores per system and seed here")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job (system name) in this process
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--row-seed", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not args.report and not (args.base and args.causal_base and args.out):
-        p.error("--base, --causal-base and --out are required unless --report is given")
+    if args.collect and not args.out:
+        p.error("--collect needs --out, the folder whose results it gathers")
+    if not args.report and not args.collect and not (args.base and args.causal_base and args.out):
+        p.error("--base, --causal-base and --out are required unless --report or --collect is given")
     if args.row_seeds is not None and len(args.row_seeds) != len(args.seeds):
         p.error(f"--row-seeds needs one row order per seed: {len(args.seeds)} seeds, {len(args.row_seeds)} row seeds")
     return args
@@ -323,8 +335,19 @@ def run_all(args, argv=None) -> list[dict]:
                 jobs.append(Job(name, ["--job", system_name(spec), "--seed", str(seed), *row_args]))
     run_jobs("scripts.compare_recipes", jobs, without_reporting(sys.argv[1:] if argv is None else argv), args.jobs, out,
              args.threads)
-    wanted = {run_name(system_name(spec), seed, row_seed) for seed, row_seed in runs(args) for spec in args.systems}
-    return [json.loads(p.read_text()) for p in sorted(out.glob(f"*/{result_name(args)}")) if p.parent.name in wanted]
+    return collected(args)
+
+
+def collected(args) -> list[dict]:
+    """The result rows under --out of every (system, run) asked for, each with the file it came from."""
+    out = Path(args.out)
+    rows = []
+    for seed, row_seed in runs(args):
+        for spec in args.systems:
+            path = out / run_name(system_name(spec), seed, row_seed) / result_name(args)
+            if path.is_file():
+                rows.append({**json.loads(path.read_text()), "source": str(path)})
+    return rows
 
 
 def score_keys(results: list[dict]) -> list[str]:
@@ -402,6 +425,9 @@ def main(argv=None) -> None:
     if args.report:
         lines = Path(args.report).read_text().splitlines()
         results = [json.loads(line) for line in lines if line.strip()]
+    elif args.collect:
+        results = collected(args)
+        Path(args.collect).write_text("".join(json.dumps(row) + "\n" for row in results))
     else:
         results = run_all(args, argv)
     text = table(results, args.systems)

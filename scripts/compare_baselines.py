@@ -138,11 +138,8 @@ def notes(records: list[dict]) -> list[str]:
     for size in samples:
         out.append(f"SciFact at `--corpus-sample {size}`: the corpus is cut to {size} documents, every document "
                    "relevant to a test query plus random others (seed 0); all 300 test queries are kept. Scores are "
-                   "higher than on the full 5183-document corpus (fewer distractors): compare rows only at the same "
-                   "corpus size. SmolLM2 on full abstracts is too slow for the shared 2-core machine, so these rows "
-                   "also truncate every text to the max length shown (STS-B sentences are far shorter) and run "
-                   "SmolLM2 in bfloat16 (the CPU's AMX units; an aborted float32 attempt took about 2.5x longer "
-                   "per STS-B batch).")
+                   "higher than on the full corpus (fewer distractors): compare rows only at the same corpus size, "
+                   "max length and dtype, which each row names.")
     full = [r for r in records if r["row"] == "minilm" and docs[id(r)] == full_size]
     for r in full:
         sts = next(x for x in r["results"] if x["kind"] == "sts")["scores"]["spearman"]
@@ -150,9 +147,11 @@ def notes(records: list[dict]) -> list[str]:
         out.append(f"Harness check: all-MiniLM-L6-v2 on the full corpus scores nDCG@10 {ndcg:.2f} and STS-B "
                    f"{sts:.2f}; ../shared/data/README.md gives 64.51 and 81.85 for the same model and data "
                    "(MTEB publishes 64.51 and 82.03).")
-    out.append("Wall time is one evaluation (encoding, exact search, scoring), model loading excluded, on 2 cores "
-               "shared with other jobs (load average 4 to 7 during these runs): the same MiniLM STS-B evaluation "
-               "took 12 s in one run and 36 s in another, so read times as rough.")
+    threads = sorted({r["environment"].get("torch_threads") for r in records if r["environment"].get("torch_threads")})
+    out.append("Wall time is one evaluation (encoding, exact search, scoring), model loading excluded, with "
+               f"{'/'.join(map(str, threads)) or 'the default number of'} torch threads, on a machine that may have "
+               "run other jobs beside it: read times as rough, and compare speed only in a benchmark that runs both "
+               "systems side by side.")
     return [line + "\n" for line in out]
 
 

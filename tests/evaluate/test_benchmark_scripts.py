@@ -44,7 +44,7 @@ def test_compare_recipes_report_builds_the_table_from_rows_and_needs_the_bases_o
     assert "| `lr9` vs `st` | collapsed | collapsed |" in table
     with pytest.raises(SystemExit):
         compare_recipes.parse_args(["--steps", "10"])
-    assert "--base, --causal-base and --out are required unless --report is given" in capsys.readouterr().err
+    assert "--base, --causal-base and --out are required unless --report or --collect is given" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         compare_recipes.parse_args(["--report", "r.jsonl", "--seeds", "1", "2", "--row-seeds", "5"])
     assert "--row-seeds needs one row order per seed: 2 seeds, 1 row seeds" in capsys.readouterr().err

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm2emb.errors import UserError, VerificationError
+from llm2emb.weights import load_checked, refuse_damaged
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ VERIFIED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 """Model types whose bidirectional mode was verified in eager and sdpa by tests/test_backbone.py."""
 
 ATTENTION_MODES = ("bidirectional", "causal")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+"""A folder's tokenizer is in at least one of these (fast, SentencePiece, BPE vocab, tiktoken)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ def load_config(base: BaseRef, attention: str):
     """The base's config with attention set as asked; sliding windows and the KV cache off for embedders."""
     if attention not in ATTENTION_MODES:
         raise UserError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if not base.gguf_file:
+        refuse_damaged(base.path)
     try:
         config = AutoConfig.from_pretrained(base.path, **base.kwargs)
     except (OSError, ValueError) as exc:
@@ -140,13 +145,13 @@ def load_backbone(
     """The headless decoder (`AutoModel`) with the attention mode applied, on `device`, in eval mode; `quantization`
     (4bit | 8bit) loads its linear layers through bitsandbytes for QLoRA."""
     config = load_config(base, attention)
-    kwargs = dict(base.model_kwargs)
+    kwargs = {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         kwargs["quantization_config"] = quantization_config(quantization, dtype)
     try:
-        model = AutoModel.from_pretrained(base.path, config=config, dtype=dtype or "auto", **kwargs)
+        model = load_pretrained(AutoModel, base, config=config, dtype=dtype or "auto", **kwargs)
     except ImportError as exc:
         raise UserError(f"{base.path}: {_first_line(exc)}") from None
     except (OSError, ValueError) as exc:
@@ -156,8 +161,20 @@ def load_backbone(
     return model.eval()
 
 
+def load_pretrained(model_class, base: BaseRef, **kwargs) -> PreTrainedModel:
+    """`model_class.from_pretrained` of `base` (GGUF weights dequantized), refusing damaged files and missing weights
+    (llm2emb.weights); `kwargs` win over the base's own (a quantization config replaces GGUF's)."""
+    options = {**base.model_kwargs, **kwargs}
+    options.pop("gguf_file", None)
+    return load_checked(model_class, base.path, base.gguf_file, **options)
+
+
 def load_tokenizer(source: BaseRef, padding_side: str = "right") -> PreTrainedTokenizerBase:
     """The base's tokenizer with a pad token (EOS, else UNK) so batches can be padded."""
+    folder = Path(source.path)
+    if folder.is_dir() and not source.gguf_file and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{folder}: no tokenizer file (one of {', '.join(TOKENIZER_FILES)}); copy the base's "
+                        "tokenizer files into it, or convert it again")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs)
     except (OSError, ValueError) as exc:

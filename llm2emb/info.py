@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
+from llm2emb.weights import refuse_damaged
 
 
 def describe(folder: str | Path) -> dict:
@@ -15,6 +16,7 @@ def describe(folder: str | Path) -> dict:
         raise UserError(f"{folder}: no such folder")
     if not is_model_folder(folder):
         raise UserError(f"{folder}: not an llm2emb model folder (no llm2emb.json)")
+    refuse_damaged(folder, "re-convert or re-train it (a training run's last intact checkpoint is a model folder too)")
     config = EmbedderConfig.load(folder)
     backbone_config = folder / ("adapter_config.json" if config.backbone == "adapter" else "config.json")
     details = json.loads(backbone_config.read_text()) if backbone_config.is_file() else {}

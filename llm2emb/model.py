@@ -28,6 +28,7 @@ from llm2emb.precision import check_precision, needs_ranges, quantize
 from llm2emb.prompts import Prompts
 from llm2emb.rope import extend_rope, parse_rope_scaling, rebuild_rotary, rope_window
 from llm2emb.tokenization import PromptTokenizer, UnembeddableText
+from llm2emb.weights import refuse_damaged
 
 PROGRESS_BAR_MIN_TEXTS = 1000
 """`encode` shows a progress bar from this many texts on, unless told otherwise."""
@@ -117,6 +118,7 @@ class Embedder(nn.Module):
 
     @classmethod
     def _load_folder(cls, folder, pooling, attention, torch_dtype, device, attn_implementation, quantization) -> Embedder:
+        refuse_damaged(folder, "re-convert or re-train it (a training run's last intact checkpoint is a model folder too)")
         config = EmbedderConfig.load(folder)
         if attention is not None and attention != config.attention:
             raise UserError(f"{folder}: built with attention {config.attention!r}; cannot load it as {attention!r}")

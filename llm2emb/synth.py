@@ -155,12 +155,12 @@ class Generator:
     def __init__(self, reference: str, max_new_tokens: int = 48, temperature: float = 0.7, device: str | None = None):
         from transformers import AutoModelForCausalLM
 
-        from llm2emb.backbone import load_tokenizer, resolve_base
+        from llm2emb.backbone import load_pretrained, load_tokenizer, resolve_base
 
         base = resolve_base(reference)
         self.tokenizer = load_tokenizer(base, padding_side="left")
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, **base.model_kwargs)
+            self.model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise UserError(f"--generator {reference}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

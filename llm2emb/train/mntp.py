@@ -50,7 +50,7 @@ def lm_head(embedder) -> nn.Module:
     """The base model's output projection, frozen: tied to the input embeddings, or loaded from the base."""
     from transformers import AutoModelForCausalLM
 
-    from llm2emb.backbone import resolve_base
+    from llm2emb.backbone import load_pretrained, resolve_base
     config = embedder.base_config
     embeddings = embedder.backbone.get_input_embeddings()
     head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=embeddings.weight.device,
@@ -60,7 +60,7 @@ def lm_head(embedder) -> nn.Module:
         return head
     try:
         base = resolve_base(embedder.config.base)
-        causal = AutoModelForCausalLM.from_pretrained(base.path, dtype=embeddings.weight.dtype, **base.model_kwargs)
+        causal = load_pretrained(AutoModelForCausalLM, base, dtype=embeddings.weight.dtype)
     except (OSError, ValueError, UserError) as exc:
         raise UserError(f"objective mntp needs the LM head of {embedder.config.base}: {str(exc).splitlines()[0]}") from None
     with torch.no_grad():

@@ -1,0 +1,151 @@
+"""Damaged and weightless checkpoints: refused in one line with exit 2, never loaded as a random model; a pickle
+carrying code is never run (issue 30's table, row by row)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llm2emb.cli import main
+from llm2emb.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def converted(llama, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hostile") / "emb"
+    assert main(["convert", "--base", str(llama), "--out", str(out), "--pooling", "mean"]) == 0
+    return out
+
+
+def copy(folder: Path, target: Path) -> Path:
+    shutil.copytree(folder, target)
+    return target
+
+
+def one_line_error(capsys, command: list, *fragments: str) -> str:
+    assert main([str(a) for a in command]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    last = lines[-1]
+    assert last.startswith(f"llm2emb {command[0]}: error: ") and "Traceback" not in "\n".join(lines)
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def test_a_base_with_none_of_its_weights_is_refused_not_made_random(llama, tmp_path, capsys):
+    for name, write in [("model.safetensors", lambda p: save_file({"unrelated": torch.zeros(3)}, str(p))),
+                        ("pytorch_model.bin", lambda p: torch.save({"unrelated": torch.zeros(3)}, p))]:
+        base = copy(llama, tmp_path / name)
+        (base / "model.safetensors").unlink()
+        write(base / name)
+        one_line_error(capsys, ["convert", "--base", base, "--out", tmp_path / f"out-{name}"],
+                       f"{base / name}: 20 of 20 weights the LlamaModel architecture needs are missing "
+                       "(embed_tokens.weight, layers.0.")
+        assert not (tmp_path / f"out-{name}").exists()
+
+
+def test_one_missing_weight_is_named_and_unused_ones_only_warn(llama, tmp_path, capsys, caplog):
+    base = copy(llama, tmp_path / "base")
+    weights = load_file(str(base / "model.safetensors"))
+    del weights["norm.weight"]
+    save_file(weights, str(base / "model.safetensors"))
+    one_line_error(capsys, ["convert", "--base", base, "--out", tmp_path / "o"],
+                   "1 of 20 weights the LlamaModel architecture needs are missing (norm.weight);")
+
+    extra = copy(llama, tmp_path / "extra")
+    weights = load_file(str(extra / "model.safetensors"))
+    save_file({**weights, "lm_head.weight": weights["embed_tokens.weight"].clone(), "stray.bias": torch.zeros(2)},
+              str(extra / "model.safetensors"))
+    assert main(["convert", "--base", str(extra), "--out", str(tmp_path / "e")]) == 0
+    warned = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert warned == [f"{extra / 'model.safetensors'}: 1 weights the LlamaModel architecture does not use were "
+                      "ignored (stray.bias)"]  # the LM head is no surprise for a headless embedder
+
+
+def test_a_pickle_that_carries_code_is_refused_and_never_run(llama, tmp_path):
+    base = copy(llama, tmp_path / "evil")
+    (base / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    payload = (f"import os, torch\nclass E:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"
+               f"torch.save({{'x': E()}}, {str(base / 'pytorch_model.bin')!r})\n")
+    subprocess.run([sys.executable, "-c", payload], check=True)
+    result = subprocess.run([sys.executable, "-m", "llm2emb.cli", "convert", "--base", str(base), "--out",
+                             str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2 and not marker.exists()
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "pytorch_model.bin: this pickle checkpoint holds more than weights (code or objects that torch's weights-only "
+        "loading refuses); llm2emb does not run it: convert it to safetensors where you trust it")
+    assert "Traceback" not in result.stderr
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    os.truncate(path, int(path.stat().st_size * keep))
+
+
+def test_a_truncated_model_folder_is_one_line_for_every_command(converted, tmp_path, capsys):
+    folder = copy(converted, tmp_path / "trunc")
+    truncate(folder / "model.safetensors")
+    texts = tmp_path / "t.txt"
+    texts.write_text("a b\nc d\n")
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("score\tsentence1\tsentence2\n1\ta b\tc d\n4\tc d\ta b\n")
+    expected = f"{folder}/model.safetensors is truncated ("
+    for command in (["encode", folder, "--input", texts, "--output", tmp_path / "e.npy"],
+                    ["eval", folder, "--sts", sts], ["export", folder, "--merged", "--out", tmp_path / "x"],
+                    ["info", folder]):
+        one_line_error(capsys, command, expected, "the folder is damaged: re-convert or re-train it")
+    assert not (tmp_path / "e.npy").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_truncated_base_a_broken_config_and_a_missing_tokenizer(llama, converted, tmp_path, capsys):
+    base = copy(llama, tmp_path / "base")
+    truncate(base / "model.safetensors", 0.001)
+    one_line_error(capsys, ["convert", "--base", base, "--out", tmp_path / "o"],
+                   f"{base}/model.safetensors is truncated or corrupt; the folder is damaged: re-download it")
+    broken = copy(converted, tmp_path / "config")
+    (broken / "config.json").write_text('{"model_type": ')
+    texts = tmp_path / "t.txt"
+    texts.write_text("a b\n")
+    one_line_error(capsys, ["encode", broken, "--input", texts, "--output", tmp_path / "e.npy"],
+                   f"{broken}/config.json is truncated or corrupt")
+    no_tokenizer = copy(converted, tmp_path / "tok")
+    (no_tokenizer / "tokenizer.json").unlink()
+    one_line_error(capsys, ["encode", no_tokenizer, "--input", texts, "--output", tmp_path / "e.npy"],
+                   f"{no_tokenizer}: no tokenizer file (one of tokenizer.json,")
+
+
+def test_train_refuses_a_weightless_base_before_writing_anything(llama, tmp_path, capsys):
+    base = copy(llama, tmp_path / "base")
+    save_file({"unrelated": torch.zeros(3)}, str(base / "model.safetensors"))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"query": f"q {i}", "positive": f"p {i}"}) + "\n"
+                                                 for i in range(8)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{base: {base}}}\noutput_dir: {tmp_path / 'run'}\nreport_to: []\n"
+                      "stages: [{name: s, max_steps: 2, batch_size: 4, datasets: [{path: rows.jsonl}]}]\n")
+    one_line_error(capsys, ["train", recipe], "20 of 20 weights the LlamaModel architecture needs are missing")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_the_weights_check_reads_the_loading_report_of_any_model_class(llama):
+    from transformers import AutoModelForCausalLM
+
+    from llm2emb.weights import load_checked
+
+    model = load_checked(AutoModelForCausalLM, llama)  # tied head: nothing missing
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(UserError, match=r"1 of 21 weights the LlamaForCausalLM architecture needs are missing "
+                                        r"\(lm_head.weight\)"):
+        load_checked(AutoModelForCausalLM, llama, tie_word_embeddings=False)  # an untied head the file lacks

@@ -7,11 +7,22 @@ special tokens alone leave the text no token is refused (`UnembeddableText`) rat
 
 This is the rule sentence-transformers applies to a prompt with a text at its end (it truncates the prompt string
 from the right), so an exported folder gives the same vectors as `Embedder` for the same `max_length`.
+
+A text far longer than `max_length` is cut before it is tokenized, so that one 10 MB line costs what a text of
+`max_length` tokens costs (issue 30: tokenizing it whole took 23 s and 3.7 GB to keep 512 tokens). No token covers
+more than `longest_token` characters, so the first `limit` tokens of any text lie within its first `limit x
+longest_token` characters; the text is cut at the first whitespace after `(limit + 8) x longest_token` characters.
+With a pre-tokenizer that splits at whitespace (the byte-level BPE of Qwen, Llama 3, SmolLM2, GPT-2), tokens never
+cross the cut and every token before it is the one full tokenization gives. For any tokenizer the cut is checked:
+the prompt is also tokenized with the text cut at twice that bound, and unless both keep the same ids the text is
+tokenized whole. A cut text's `cut` count is then a lower bound (at least 1), not the exact number of tokens lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +31,9 @@ from llm2emb.prompts import Prompt, Prompts
 
 TOKENIZE_CHUNK = 1024
 """Prompts handed to the (Rust, multi-threaded) tokenizer at once: fast, and memory stays bounded for corpora."""
+CUT_MARGIN = 8
+"""Tokens of slack past `limit` in the pre-tokenization cut (see the module docstring)."""
+WHITESPACE = re.compile(r"\s")
 
 
 class UnembeddableText(UserError):
@@ -92,7 +106,7 @@ class PromptTokenizer:
         render = self.prompts.query if kind == "query" else self.prompts.document
         limit = max_length or self.max_length
         for start in range(0, len(texts), TOKENIZE_CHUNK):
-            chunk = [render(text, instruction) for text, instruction in
+            chunk = [render(self.bounded(text, instruction, limit, render), instruction) for text, instruction in
                      zip(texts[start:start + TOKENIZE_CHUNK], instructions[start:start + TOKENIZE_CHUNK])]
             encoded = self.tokenizer(
                 [prompt.string for prompt in chunk],
@@ -104,6 +118,36 @@ class PromptTokenizer:
             for offset, prompt in enumerate(chunk):
                 yield self._fit(prompt, encoded["input_ids"][offset], encoded["offset_mapping"][offset],
                                 encoded["special_tokens_mask"][offset], limit, start + offset)
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """Characters of the longest token in the vocabulary (added tokens too): no token covers more text."""
+        return max(len(token) for token in self.tokenizer.get_vocab())
+
+    def cut_point(self, text: str, limit: int) -> int | None:
+        """Where to cut `text` so that its first `limit` tokens stay whole, or None when it is short enough."""
+        bound = (limit + CUT_MARGIN) * self.longest_token
+        if len(text) <= bound:
+            return None
+        space = WHITESPACE.search(text, bound)
+        return space.start() if space else bound
+
+    def bounded(self, text: str, instruction: str | None, limit: int, render) -> str:
+        """`text`, cut before tokenization when it is far longer than `limit` tokens can cover, where the cut is
+        checked to leave the kept ids as they are (module docstring); else whole."""
+        first = self.cut_point(text, limit)
+        second = self.cut_point(text, 2 * limit + CUT_MARGIN) if first is not None else None
+        if second is None:
+            return text  # short enough to tokenize whole, or the check would read it all anyway
+        kept = [self.text_ids(render(text[:end], instruction))[:limit] for end in (first, second)]
+        return text[:first] if kept[0] == kept[1] else text
+
+    def text_ids(self, prompt: Prompt) -> list[int]:
+        """The ids of a prompt's text tokens (template and special tokens left out)."""
+        encoded = self.tokenizer(prompt.string, add_special_tokens=True, return_offsets_mapping=True,
+                                 return_special_tokens_mask=True, verbose=False)
+        positions = _text_positions(prompt, encoded["offset_mapping"], encoded["special_tokens_mask"])
+        return [encoded["input_ids"][i] for i in positions]
 
     def _fit(self, prompt: Prompt, ids, offsets, special, limit: int, index: int) -> TokenizedPrompt:
         text_positions = _text_positions(prompt, offsets, special)

@@ -75,3 +75,64 @@ def test_encode_refuses_a_non_finite_vector(tiny_qwen2):
     with pytest.raises(UnembeddableText, match=r"^text 0: the model gave a vector of norm nan"):
         broken.encode(["a cat"])
     assert isinstance(UnembeddableText(0, "x"), UserError)
+
+
+# ---- texts far longer than max_length are cut before tokenization ----------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from llm2emb.tokenization import PromptTokenizer  # noqa: E402
+
+PIECES = ["a", "man", " ", "  ", "plays", ".", ",", "\n", "é", "日本", "guitar", "-", "----", "x" * 40, "\t"]
+
+
+def whole(monkeypatch, embedder, texts, instruction=None, max_length=None):
+    """The prompts tokenized whole (the pre-tokenization cut switched off): the reference."""
+    with monkeypatch.context() as patched:
+        patched.setattr(PromptTokenizer, "cut_point", lambda self, text, limit: None)
+        return list(embedder.prompt_tokenizer.rows(texts, instruction, max_length, "query"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.sampled_from(PIECES), min_size=1, max_size=400), max_length=st.integers(4, 24))
+def test_the_cut_before_tokenization_keeps_every_kept_token(embedder, monkeypatch, pieces, max_length):
+    text = "".join(pieces)
+    try:
+        want = whole(monkeypatch, embedder, [text], INSTRUCTION[:20], max_length + 16)[0]
+    except UnembeddableText:  # a text of whitespace only: refused either way
+        with pytest.raises(UnembeddableText):
+            next(embedder.prompt_tokenizer.rows([text], INSTRUCTION[:20], max_length + 16, "query"))
+        return
+    got = next(embedder.prompt_tokenizer.rows([text], INSTRUCTION[:20], max_length + 16, "query"))
+    assert (got.ids, got.pool) == (want.ids, want.pool)
+    assert (got.cut > 0) == (want.cut > 0) and got.cut <= want.cut
+
+
+def test_texts_around_the_bound_give_the_same_tokens_and_vectors(embedder, monkeypatch):
+    tokenizer = embedder.prompt_tokenizer
+    limit = 24
+    bound = (limit + 8) * tokenizer.longest_token
+    texts = [("word " * (bound // 5 + 3))[:n] for n in (bound - 1, bound, bound + 1, bound + 5, 2 * bound + 40, 5 * bound)]
+    texts += ["y" * (3 * bound), "z" * (bound - 3) + " tail " * 50]  # no whitespace at all; whitespace after the bound
+    assert tokenizer.cut_point(texts[-3], limit) is not None  # these do get cut
+    got = list(tokenizer.rows(texts, None, limit, "query"))
+    want = whole(monkeypatch, embedder, texts, None, limit)
+    assert [(g.ids, g.pool) for g in got] == [(w.ids, w.pool) for w in want]
+    monkeypatch.setattr(embedder.config, "max_length", limit)
+    vectors = embedder.encode(texts)
+    with monkeypatch.context() as patched:
+        patched.setattr(PromptTokenizer, "cut_point", lambda self, text, limit: None)
+        np.testing.assert_array_equal(vectors, embedder.encode(texts))
+
+
+def test_a_tokenizer_whose_cut_would_move_tokens_is_given_the_whole_text(embedder, monkeypatch):
+    """The check behind the cut: when the tokens kept from the text cut at the bound and at twice the bound differ,
+    the text is tokenized whole (simulated by a bound so small that tokens straddle it)."""
+    tokenizer = embedder.prompt_tokenizer
+    monkeypatch.setattr(PromptTokenizer, "longest_token", 1)  # claims no token is longer than one character
+    text = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx " * 40
+    assert tokenizer.bounded(text, None, 4, tokenizer.prompts.query) in (text, text[: tokenizer.cut_point(text, 4)])
+    got = next(tokenizer.rows([text], None, 4, "query"))
+    want = whole(monkeypatch, embedder, [text], None, 4)[0]
+    assert (got.ids, got.pool) == (want.ids, want.pool)

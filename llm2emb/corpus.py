@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from llm2emb.errors import UserError
-from llm2emb.files import atomic_path, save_npy_atomic, write_text_atomic
+from llm2emb.files import atomic_path, exclusive_lock, save_npy_atomic, write_text_atomic
 from llm2emb.precision import quantize
 from llm2emb.readers import BadRow, document_text, json_object
 from llm2emb.tokenization import locate_texts
@@ -206,13 +206,24 @@ def encode_corpus(
     beside the output (`<output>.ranges.npy`) so that queries can be quantized alike. A corpus scanned with a
     `chunker` gets one row per text chunk, each embedded in its row's context (`Embedder.encode_chunks`, forwards of
     at most `window` tokens), and `<output>.chunks.jsonl` says which row and character span each output row is."""
+    output = Path(output)
+    if corpus.chunker and (layers or max_tokens):
+        raise UserError("--layers and --max-tokens are not available with --chunks")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # one lock per process rank: a second encode into the same output is refused at once, whether it runs alone or
+    # under torchrun (its rank r meets this run's rank r), and the processes of one torchrun run share the output
+    with exclusive_lock(sidecar(output, f"lock-{rank}"), "--output", output):
+        return _encode_locked(embedder, corpus, output, instruction, documents, batch_size, dim, layers, max_tokens,
+                              rank, world_size, barrier, progress, precision, ranges, window)
+
+
+def _encode_locked(embedder, corpus: Corpus, output: Path, instruction, documents, batch_size, dim, layers,
+                   max_tokens, rank, world_size, barrier, progress, precision, ranges, window) -> EncodeStats:
+    """`encode_corpus` while this process holds the output's lock."""
     from tqdm.auto import tqdm
 
     from llm2emb.evaluate.cache import model_fingerprint
 
-    output = Path(output)
-    if corpus.chunker and (layers or max_tokens):
-        raise UserError("--layers and --max-tokens are not available with --chunks")
     width = dim or embedder.dim
     probe = quantize(np.zeros((1, width), np.float32), precision, ranges)  # the codes' dtype and row width
     partial, plan_path = sidecar(output, "partial.npy"), sidecar(output, "plan.json")

@@ -109,27 +109,27 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (created if missing) for the block; a second holder is refused at once.
-
-    The lock is an flock on `<folder>/.lock`, which the kernel drops when the process dies, so a killed run never
-    leaves it stuck. A folder this call created and left holding only the lock file is removed again, so a run that
-    fails before writing anything leaves nothing behind. `what` names the folder in the refusal.
-    """
+def exclusive_lock(path: str | Path, what: str, subject: str | Path) -> Iterator[None]:
+    """Hold an flock on the file `path` for the block; a second holder is refused at once, naming `what` and
+    `subject` and the holder's pid. The kernel drops the lock when the process dies, so a killed run never leaves
+    it stuck; the lock file is removed again when the block ends."""
     import fcntl
 
-    folder = Path(folder)
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
-    with path.open("a+") as handle:
+    path = Path(path)
+    while True:
+        handle = path.open("a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise UserError(f"{what}: {folder} is in use by a running process ({holder}); wait for it or choose another")\
+            handle.close()
+            raise UserError(f"{what}: {subject} is in use by a running process ({holder}); wait for it or choose another")\
                 from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # the holder before us removed the file between our open and our lock: take the new one
+    with handle:
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}\n")
@@ -137,11 +137,26 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         try:
             yield
         finally:
-            handle.seek(0)
-            handle.truncate()
-            if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-                path.unlink()
-                folder.rmdir()
+            path.unlink(missing_ok=True)  # while still locked: a newcomer that opened it sees the inode change
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if missing) for the block; a second holder is refused at once.
+
+    The lock is `<folder>/.lock` (see `exclusive_lock`). A folder this call created and left holding nothing is
+    removed again, so a run that fails before writing anything leaves nothing behind. `what` names the folder in
+    the refusal.
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(folder / LOCK_NAME, what, folder):
+            yield
+    finally:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def damaged_file(folder: str | Path) -> str | None:

@@ -149,3 +149,20 @@ def test_the_weights_check_reads_the_loading_report_of_any_model_class(llama):
     with pytest.raises(UserError, match=r"1 of 21 weights the LlamaForCausalLM architecture needs are missing "
                                         r"\(lm_head.weight\)"):
         load_checked(AutoModelForCausalLM, llama, tie_word_embeddings=False)  # an untied head the file lacks
+
+
+def test_a_second_encode_into_the_same_output_is_refused_while_the_first_runs(converted, tmp_path, capsys):
+    import numpy as np
+
+    from llm2emb.corpus import sidecar
+    from llm2emb.files import exclusive_lock
+
+    texts = tmp_path / "t.txt"
+    texts.write_text("a b\nc d\n")
+    out = tmp_path / "e.npy"
+    with exclusive_lock(sidecar(out, "lock-0"), "--output", out):  # what a running encode holds
+        one_line_error(capsys, ["encode", converted, "--input", texts, "--output", out],
+                       f"--output: {out} is in use by a running process (pid {os.getpid()})")
+    assert not out.exists()
+    assert main(["encode", str(converted), "--input", str(texts), "--output", str(out), "--quiet"]) == 0
+    assert np.load(out).shape[0] == 2 and not sidecar(out, "lock-0").exists()  # the lock leaves with its run

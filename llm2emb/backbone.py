@@ -89,7 +89,7 @@ def load_config(base: BaseRef, attention: str):
         refuse_damaged(base.path)
     try:
         config = AutoConfig.from_pretrained(base.path, **base.kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a user's file: any failure to read it (a value of the wrong type included) is one line
         raise UserError(f"{base.path}: cannot read the model config ({_first_line(exc)})") from None
     if getattr(config, "is_encoder_decoder", False):
         raise UserError(f"{base.path}: model_type {config.model_type!r} is an encoder-decoder, not a decoder")
@@ -152,9 +152,11 @@ def load_backbone(
         kwargs["quantization_config"] = quantization_config(quantization, dtype)
     try:
         model = load_pretrained(AutoModel, base, config=config, dtype=dtype or "auto", **kwargs)
+    except UserError:
+        raise
     except ImportError as exc:
         raise UserError(f"{base.path}: {_first_line(exc)}") from None
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a config whose values build no model, weights of other shapes: one line
         raise UserError(f"{base.path}: cannot load the model weights ({_first_line(exc)})") from None
     if device is not None and quantization is None:  # bitsandbytes places quantized weights itself
         model.to(device)
@@ -177,7 +179,10 @@ def load_tokenizer(source: BaseRef, padding_side: str = "right") -> PreTrainedTo
                         "tokenizer files into it, or convert it again")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs)
-    except (OSError, ValueError) as exc:
+        # a probe as encode calls it: a tokenizer_config value of the wrong type fails here, not mid-corpus
+        tokenizer(["a probe"], add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True,
+                  verbose=False)
+    except Exception as exc:  # a user's tokenizer files, damaged in any way: one line
         raise UserError(f"{source.path}: cannot load the tokenizer ({_first_line(exc)})") from None
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
@@ -242,4 +247,4 @@ def verify_attention(model: torch.nn.Module, attention: str, vocab_size: int | N
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__

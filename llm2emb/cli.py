@@ -116,7 +116,11 @@ def run_encode(args) -> None:
 
         if not Path(args.calibration).is_file():
             raise UserError(f"--calibration {args.calibration}: file not found")
-        ranges = calibration_ranges(np.load(args.calibration, allow_pickle=False))
+        try:
+            sample = np.load(args.calibration, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:  # truncated, not .npy, or an object array
+            raise UserError(f"--calibration {args.calibration}: not a readable .npy matrix ({str(exc)[:120]})") from None
+        ranges = calibration_ranges(sample)
     world = launched_processes()
     rank, barrier, device = 0, (lambda: None), None
     if world > 1:  # torchrun --nproc_per_node N: each process a share of the chunks, one output

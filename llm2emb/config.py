@@ -3,6 +3,7 @@ the same Embedder."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -52,13 +53,36 @@ class EmbedderConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise UserError(f"{path}: unknown keys {unknown} (written by a newer llm2emb?)")
-        if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise UserError(f"{path}: format_version {raw['format_version']} is newer than this llm2emb reads")
-        return cls(**raw)
+        from pydantic import ValidationError
+
+        try:  # every value of the type its field declares (strict: no 1 for true, no "3" for 3)
+            _file_schema().model_validate(raw)
+            config = cls(**raw)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            key = ".".join(str(part) for part in problem["loc"])
+            raise UserError(f"{path}: {key}: {problem['msg']} (got {problem.get('input')!r:.60})") from None
+        if config.format_version > FORMAT_VERSION:
+            raise UserError(f"{path}: format_version {config.format_version} is newer than this llm2emb reads")
+        return config
+
+
+@functools.cache
+def _file_schema():
+    """A strict pydantic model of llm2emb.json's fields, to check the types a file holds before they are used."""
+    import typing
+
+    from pydantic import ConfigDict, create_model
+
+    hints = typing.get_type_hints(EmbedderConfig)
+    return create_model("EmbedderConfigFile", __config__=ConfigDict(strict=True, extra="forbid"),
+                        **{f.name: (hints[f.name], None) for f in fields(EmbedderConfig)})
 
 
 def is_model_folder(path: str | Path) -> bool:

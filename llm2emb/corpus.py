@@ -32,7 +32,7 @@ import numpy as np
 from llm2emb.errors import UserError
 from llm2emb.files import atomic_path, exclusive_lock, save_npy_atomic, write_text_atomic
 from llm2emb.precision import quantize
-from llm2emb.readers import BadRow, document_text, json_object
+from llm2emb.readers import BadRow, document_text, json_object, require_line_end
 from llm2emb.tokenization import locate_texts
 
 PLAN_FORMAT = 1
@@ -125,6 +125,8 @@ def scan(path: Path, text_field: str = "text", id_field: str | None = None, chun
         from llm2emb.chunking import chunker_from_spec
 
         chunker_from_spec(chunker)  # a bad spec fails before the pass
+    if jsonl:
+        require_line_end(path)
     corpus = Corpus(path, jsonl, text_field, id_field, chunk_size, chunker=chunker)
     blank: list[int] = []
     blank_count = 0

@@ -180,6 +180,8 @@ def damaged_file(folder: str | Path) -> str | None:
             if path.suffix == ".safetensors":
                 with path.open("rb") as handle:
                     (length,) = struct.unpack("<Q", handle.read(8))
+                    if length > size - 8:  # a header longer than the file: read nothing of it
+                        return f"{name} is truncated or corrupt"
                     header = json.loads(handle.read(length))
                 end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
                 if size != 8 + length + end:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from llm2emb.attention import resolve_backend, use_varlen_attention
 from llm2emb.backbone import BaseRef, load_backbone, load_tokenizer, resolve_base, verify_attention
-from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
+from llm2emb.config import CONFIG_NAME, POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
 from llm2emb.files import atomic_folder, refuse_non_empty
 from llm2emb.late_interaction import TOKEN_HEAD_WEIGHTS_NAME, TokenHead
@@ -139,8 +139,12 @@ class Embedder(nn.Module):
             backbone = load_backbone(BaseRef(str(folder)), config.attention, torch_dtype, attn_implementation, device,
                                      quantization)
         tokenizer = load_tokenizer(BaseRef(str(folder)), config.padding_side)
-        embedder = cls.assemble(backbone.eval(), tokenizer, config)
-        embedder.load_head_weights(folder)
+        try:
+            embedder = cls.assemble(backbone.eval(), tokenizer, config)
+            embedder.load_head_weights(folder)
+        except (ValueError, TypeError, KeyError, RuntimeError) as exc:  # values of the right type but no model
+            raise UserError(f"{folder}/{CONFIG_NAME}: describes no model this llm2emb can build from the folder "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
         return embedder
 
     @classmethod

@@ -4,10 +4,15 @@ Every record carries its location (`file:line`), and every problem names it, so 
 reading a traceback. The lenient readers (`jsonl_records`, `delimited_records`, `qrel_pairs`) yield a `BadRow` in
 place of a malformed record, for callers that may skip such rows (`on_bad_rows: skip`); the strict ones
 (`read_jsonl`, `read_qrels`) raise `UserError` at the first problem.
+
+A JSONL or TSV file must end with a line break: a file cut short at any byte other than a line end has a last line
+without one, and that line may still parse (a TSV row whose last cell lost its end), so a missing line end is
+refused rather than read as data. Bytes that are not UTF-8 are refused naming the file, not raised as a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from collections.abc import Iterator, Mapping
@@ -20,9 +25,32 @@ class BadRow(ValueError):
     """One malformed record; its message starts with the record's location."""
 
 
+def require_line_end(path: Path) -> None:
+    """Refuse a non-empty file whose last byte is not a line break (see the module docstring)."""
+    with Path(path).open("rb") as handle:
+        handle.seek(0, 2)
+        if handle.tell() == 0:
+            return
+        handle.seek(-1, 2)
+        if handle.read(1) not in (b"\n", b"\r"):
+            raise UserError(f"{path}: the last line has no line end, as in a file cut short; if the file is whole, "
+                            "end it with a newline")
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Check the file's end, then turn text that is not UTF-8 into one line naming the file."""
+    require_line_end(path)
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at a line's position "
+                        f"{exc.start}); convert it to UTF-8") from None
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
     """(`file:line`, JSON object or BadRow) for every non-blank line."""
-    with Path(path).open(encoding="utf-8") as handle:
+    with reading(path), Path(path).open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -43,7 +71,7 @@ def json_object(line: str, where: str) -> dict | BadRow:
 
 def delimited_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict | BadRow]]:
     """(`file:line`, {header: cell} or BadRow) for every non-empty row after the header; tabs are never quotes."""
-    with Path(path).open(newline="", encoding="utf-8") as handle:
+    with reading(path), Path(path).open(newline="", encoding="utf-8") as handle:
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
         reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
         header = next(reader, None)
@@ -81,7 +109,7 @@ def read_qrels(path: Path) -> dict[str, dict[str, float]]:
     if not path.is_file():
         raise UserError(f"{path}: qrels file not found")
     qrels: dict[str, dict[str, float]] = {}
-    with path.open(newline="", encoding="utf-8") as f:
+    with reading(path), path.open(newline="", encoding="utf-8") as f:
         for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
             if not row:
                 continue

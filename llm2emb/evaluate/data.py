@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm2emb.errors import UserError
-from llm2emb.readers import document_text, read_jsonl, read_qrels
+from llm2emb.readers import document_text, read_jsonl, read_qrels, reading
 
 BEIR_LAYOUT = " (BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv)"
 
@@ -46,7 +46,7 @@ def load_sts(path: str | Path) -> StsData:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: STS file not found")
-    with path.open(newline="", encoding="utf-8") as f:
+    with reading(path), path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
         needed = ("score", "sentence1", "sentence2")
@@ -95,6 +95,13 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
     if missing:
         raise UserError(f"{directory / 'queries.jsonl'}: {len(missing)} query id(s) of qrels/{split}.tsv are absent, "
                         f"e.g. {missing[0]!r}")
+    relevant = {doc for judged in qrels.values() for doc, score in judged.items() if score > 0}
+    absent = sorted(relevant - set(doc_ids))
+    if absent:
+        raise UserError(f"{directory / 'corpus.jsonl'}: {len(absent)} document id(s) judged relevant in "
+                        f"qrels/{split}.tsv are absent, e.g. {absent[0]!r}")
+    if not relevant:
+        raise UserError(f"{directory / 'qrels' / (split + '.tsv')}: no query has a relevant document (score > 0)")
     query_ids = [q for q in queries if q in qrels]
     return BeirData(
         name=directory.name,

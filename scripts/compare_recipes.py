@@ -48,6 +48,7 @@ import numpy as np
 import yaml
 
 from scripts.jobs import Job, run_jobs, without_reporting
+from scripts.results_block import replace_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -85,6 +86,8 @@ def parse_args(argv=None):
                    help="write the result rows found under --out for these systems and runs to ROWS_JSONL (the file "
                         "to commit: run folders do not outlive the machine), then report them; train nothing")
     p.add_argument("--table", help="write the markdown table here")
+    p.add_argument("--results-block", metavar="NAME",
+                   help="also put the table in benchmarks/RESULTS.md's block NAME (scripts/results_block.py)")
     p.add_argument("--plot", help="write a PNG of the scores per system and seed here")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job (system name) in this process
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -434,6 +437,8 @@ def main(argv=None) -> None:
     print(text)
     if args.table:
         Path(args.table).write_text(text + "\n")
+    if args.results_block:
+        replace_block(args.results_block, text)
     if args.plot:
         plot(results, args.systems, args.plot)
 

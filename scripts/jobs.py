@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORTING_OPTIONS = ("--table", "--plot")
+REPORTING_OPTIONS = ("--table", "--plot", "--results-block", "--collect")
 
 
 @dataclass

@@ -5,6 +5,11 @@ before it was cut. Each size runs `llm2emb encode` in a process of its own (its 
 SNLI words; the first size is a normal line, the reference. Prints a table and writes JSON.
 
     python -m scripts.bench_long_line --model runs/q/smol-bi --sizes 200 1000000 10000000 --json benchmarks/long_line.json
+    python -m scripts.bench_long_line --report benchmarks/long_line_before.json benchmarks/long_line.json \
+        --results-block long-line
+
+`--report` renders the table from saved JSON files (one per llm2emb version measured), `--results-block` puts it in
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -39,33 +44,60 @@ def line_of(characters: int, seed: int = 0) -> str:
     return " ".join(parts)[:characters]
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--sizes", type=int, nargs="+", default=[200, 1_000_000, 10_000_000])
-    p.add_argument("--json")
-    args = p.parse_args(argv)
+def table(reports: list[dict]) -> str:
+    lines = ["| llm2emb commit | line (characters) | exit | encode s (load included) | peak RSS MiB | RSS above the "
+             "first line |", "|---|---|---|---|---|---|"]
+    for report in reports:
+        base = report["rows"][0]
+        for row in report["rows"]:
+            lines.append(f"| {report.get('commit', '-')} | {row['characters']:,} | {row['exit']} | {row['seconds']:.2f} "
+                         f"| {row['peak_rss_mb']:.0f} | {row['peak_rss_mb'] - base['peak_rss_mb']:+.0f} |")
+    env = reports[-1]["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    lines += ["", f"Machine: {env['cpu']} ({env['cpu_count']} cores), one torch thread per run; {versions}; "
+              f"measured {', '.join(r['environment']['date'] for r in reports)}."]
+    return "\n".join(lines)
+
+
+def measure(model: str, sizes: list[int]) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
+        for size in sizes:
             source = Path(tmp) / f"{size}.txt"
             source.write_text(line_of(size) + "\n")
-            done = subprocess.run([sys.executable, "-c", CHILD, args.model, str(source), str(Path(tmp) / f"{size}.npy")],
+            done = subprocess.run([sys.executable, "-c", CHILD, model, str(source), str(Path(tmp) / f"{size}.npy")],
                                   capture_output=True, text=True, check=True)
             code, seconds, peak = done.stdout.split()[-3:]
             rows.append({"characters": size, "exit": int(code), "seconds": round(float(seconds), 2),
                          "peak_rss_mb": round(float(peak), 1)})
-    base = rows[0]
-    print("| line (characters) | exit | encode s (load included) | peak RSS MiB | RSS above the first line |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['characters']:,} | {row['exit']} | {row['seconds']:.2f} | {row['peak_rss_mb']:.0f} "
-              f"| {row['peak_rss_mb'] - base['peak_rss_mb']:+.0f} |")
-    if args.json:
-        from llm2emb.evaluate.runner import environment
+    from llm2emb.evaluate.runner import environment
 
-        Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows, "environment": environment()},
-                                              indent=2) + "\n")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    return {"model": model, "commit": commit.strip(), "rows": rows, "environment": environment()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model")
+    p.add_argument("--sizes", type=int, nargs="+", default=[200, 1_000_000, 10_000_000])
+    p.add_argument("--json", help="save the measurement here")
+    p.add_argument("--report", nargs="+", metavar="JSON", help="render saved measurements; measure nothing")
+    p.add_argument("--results-block", metavar="NAME")
+    args = p.parse_args(argv)
+    if args.report:
+        reports = [json.loads(Path(path).read_text()) for path in args.report]
+    else:
+        if not args.model:
+            p.error("--model is required unless --report is given")
+        reports = [measure(args.model, args.sizes)]
+        if args.json:
+            Path(args.json).write_text(json.dumps(reports[0], indent=2) + "\n")
+    text = table(reports)
+    print(text)
+    if args.results_block:
+        from scripts.results_block import replace_block
+
+        replace_block(args.results_block, text)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,15 @@ def sequential_batches(data, batch_size, drop_last, **_):
 def st_overrides(spec: str) -> dict:
     """`st-NAME:learning_rate=1e-4,warmup_ratio=0.1` -> training-argument overrides, values read as YAML."""
     pairs = [pair.split("=", 1) for pair in spec.partition(":")[2].split(",") if pair]
-    return {key: yaml.safe_load(value) for key, value in pairs}
+    return {key: number_or_yaml(value) for key, value in pairs}
+
+
+def number_or_yaml(text: str):
+    """`1e-4` as the float it means (YAML 1.1 reads it as a string), anything else as YAML."""
+    try:
+        return float(text) if any(c in text for c in ".eE") and not text.isalpha() else yaml.safe_load(text)
+    except ValueError:
+        return yaml.safe_load(text)
 
 
 def train_st(args, spec: str, seed: int, rows_file: Path, folder: Path) -> Path:

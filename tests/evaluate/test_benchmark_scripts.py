@@ -67,3 +67,9 @@ def test_compare_recipes_row_orders_are_seeded_permutations_of_the_whole_file(tm
     again = compare_recipes.write_rows(args, tmp_path / "again", 7).read_text().splitlines()
     assert again == seven  # a rerun draws the same rows
     assert compare_recipes.run_name("default", 1, 7) == "default-s1-r7" and compare_recipes.run_name("st", 2, None) == "st-s2"
+
+
+def test_compare_recipes_st_overrides_read_numbers_as_numbers():
+    assert compare_recipes.st_overrides("st-x:learning_rate=1e-4,warmup_ratio=0.1,lr_scheduler_type=cosine,seed=3") == {
+        "learning_rate": 1e-4, "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "seed": 3}
+    assert compare_recipes.is_st("st-x") and compare_recipes.is_st("st") and not compare_recipes.is_st("stable")

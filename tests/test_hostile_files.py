@@ -166,3 +166,13 @@ def test_a_second_encode_into_the_same_output_is_refused_while_the_first_runs(co
     assert not out.exists()
     assert main(["encode", str(converted), "--input", str(texts), "--output", str(out), "--quiet"]) == 0
     assert np.load(out).shape[0] == 2 and not sidecar(out, "lock-0").exists()  # the lock leaves with its run
+
+
+def test_a_weightless_sentence_transformers_teacher_or_model_is_refused(tiny_st_teacher, tmp_path, capsys):
+    folder = copy(tiny_st_teacher, tmp_path / "st")
+    weights = next(folder.rglob("model.safetensors"))
+    save_file({"unrelated": torch.zeros(3)}, str(weights))
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("score\tsentence1\tsentence2\n1\ta b\tc d\n4\tc d\ta b\n")
+    one_line_error(capsys, ["eval", folder, "--sts", sts],
+                   f"{weights}: 20 of 20 weights the LlamaModel architecture needs are missing")

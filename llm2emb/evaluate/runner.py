@@ -59,6 +59,7 @@ def load_model(
             raise UserError(f"{model}: a sentence-transformers folder fixes its own pooling, attention and RoPE")
         from sentence_transformers import SentenceTransformer
 
+        check_sentence_transformers_weights(Path(model))
         try:
             st = SentenceTransformer(str(model), device="cpu", trust_remote_code=trust_remote_code)
         except ValueError as exc:
@@ -79,6 +80,34 @@ def load_model(
             raise UserError(f"max_length must be at least 2, got {max_length}")
         embedder.config.max_length = max_length
     return embedder
+
+
+def check_sentence_transformers_weights(folder: Path) -> None:
+    """The checks of llm2emb.weights for a sentence-transformers folder, which sentence-transformers would load with
+    random weights wherever its files lack them: no damaged file, and its transformer module's checkpoint whole
+    (loaded once more for transformers' loading report; a teacher or an evaluated model pays that once)."""
+    import json
+
+    from transformers import AutoModel
+
+    from llm2emb.weights import load_checked, refuse_damaged
+
+    refuse_damaged(folder)
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        paths = [m["path"] for m in modules if "Transformer" in m.get("type", "")]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{folder}/modules.json: not a sentence-transformers module list") from None
+    for path in paths:
+        inner = folder / path
+        if (inner / "config.json").is_file():
+            try:
+                load_checked(AutoModel, inner)
+            except UserError:
+                raise
+            except Exception as exc:
+                raise UserError(f"{inner}: cannot load the transformer module ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:160]})") from None
 
 
 def environment() -> dict[str, Any]:

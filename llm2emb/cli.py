@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
+from llm2emb.devices import add_device_argument, pick_device
 from llm2emb.errors import UserError
 from llm2emb.precision import PRECISIONS
 
@@ -97,6 +97,7 @@ def add_encode(sub) -> None:
                         "embedded in its text's context; OUTPUT.chunks.jsonl maps rows to input rows and spans")
     p.add_argument("--window", type=int, help="--chunks: tokens per forward over a text (default: max_length)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_argument(p)
     p.set_defaults(run=run_encode)
 
 
@@ -122,17 +123,14 @@ def run_encode(args) -> None:
             raise UserError(f"--calibration {args.calibration}: not a readable .npy matrix ({str(exc)[:120]})") from None
         ranges = calibration_ranges(sample)
     world = launched_processes()
-    rank, barrier, device = 0, (lambda: None), None
+    rank, barrier, device = 0, (lambda: None), pick_device(args.device)
     if world > 1:  # torchrun --nproc_per_node N: each process a share of the chunks, one output
-        import torch
         import torch.distributed as dist
 
         if args.input == "-":
             raise UserError("--input -: standard input cannot be split across processes; give a file")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         rank, barrier = dist.get_rank(), dist.barrier
-        if torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     source = Path(args.input)
     if args.input == "-":  # spooled to a file beside the output, so it is read in chunks like any input
         source = sidecar(output, "stdin.txt")
@@ -226,6 +224,7 @@ def add_eval(sub) -> None:
     p.add_argument("--limit", choices=["small", "large"],
                    help="the LIMIT task (46 people, every pair a query; large: 50,000 documents), recall@2/10/100")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    add_device_argument(p)
     p.set_defaults(run=run_eval)
 
 
@@ -243,7 +242,9 @@ def run_eval(args) -> None:
         corpus_sample=args.corpus_sample, precision=args.precision, rescore=args.rescore,
         rope_scaling=args.rope_scaling, long_tasks=args.long, long_lengths=args.lengths,
         long_documents=args.long_documents, haystack=args.haystack, limit=args.limit, torch_dtype=args.dtype,
+        device=pick_device(args.device),
     )
+    print(f"evaluated on {report.settings['device']}", file=sys.stderr)
     for result in report.results:
         if result.warning:
             print(result.warning, file=sys.stderr)
@@ -288,6 +289,7 @@ def add_export(sub) -> None:
                    help="sentence-transformers: Transformer + Pooling + Normalize (adapter merged)")
     p.add_argument("--merged", action="store_true", help="a standalone llm2emb folder with the LoRA adapter merged")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    add_device_argument(p)
     p.set_defaults(run=run_export)
 
 
@@ -296,7 +298,8 @@ def run_export(args) -> None:
 
     if (args.format is None) == (not args.merged):
         raise UserError("choose one of --format sentence-transformers or --merged")
-    out = export(args.model, args.out, format=args.format or "llm2emb", overwrite=args.overwrite)
+    out = export(args.model, args.out, format=args.format or "llm2emb", overwrite=args.overwrite,
+                 device=pick_device(args.device))
     print(f"wrote {out} ({args.format or 'merged llm2emb folder'})")
 
 
@@ -327,6 +330,7 @@ def add_mine(sub) -> None:
     p.add_argument("--num-negatives", type=int, default=7, help="negatives written per row (default 7)")
     p.add_argument("--instruction", help="instruction for every query (written into the rows)")
     p.add_argument("--batch-size", type=int, default=32)
+    add_device_argument(p)
     p.set_defaults(run=run_mine)
 
 
@@ -334,12 +338,13 @@ def run_mine(args) -> None:
     from llm2emb.mine import mine, parse_window
     from llm2emb.train.data import read_pairs
 
+    device = pick_device(args.device)  # before any data is read: a missing GPU fails at once
     stats = mine(
         args.model, corpus=args.corpus, out=args.out, queries=args.queries, qrels=args.qrels,
         pairs=read_pairs(args.pairs) if args.pairs else None,
         top_k=args.top_k, rank_window=parse_window(args.rank_window) if args.rank_window else None,
         margin=args.margin, num_negatives=args.num_negatives, instruction=args.instruction,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, device=device,
     )
     print(stats.format(args.out))
 
@@ -351,13 +356,15 @@ def add_merge(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--weights", help="comma-separated weights, normalised to sum to 1 (default: equal)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    add_device_argument(p)
     p.set_defaults(run=run_merge)
 
 
 def run_merge(args) -> None:
     from llm2emb.merge import merge, parse_weights
 
-    out = merge(args.models, args.out, parse_weights(args.weights, len(args.models)), overwrite=args.overwrite)
+    out = merge(args.models, args.out, parse_weights(args.weights, len(args.models)), overwrite=args.overwrite,
+                device=pick_device(args.device))
     print(f"merged {len(args.models)} models into {out}")
 
 
@@ -382,6 +389,7 @@ def add_synth(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_argument(p)
     p.set_defaults(run=run_synth)
 
 
@@ -400,6 +408,7 @@ def run_synth(args) -> None:
         chunk_size=args.chunk_size, embedder_reference=args.embedder, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, tasks=args.tasks, negatives=args.negatives, top_k=args.top_k,
         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, limit=args.limit,
+        device=pick_device(args.device),
     )
     print(stats.format(Path(args.out)))
 

@@ -171,12 +171,13 @@ class EncodeStats:
     tokens: int = 0
     resumed_rows: int = 0
     precision: str = "float32"
+    device: str = "cpu"
 
     def format(self, output: Path) -> str:
         rate = f"{self.texts / self.seconds:.1f} texts/s, {self.tokens / self.seconds:.0f} tokens/s" if self.seconds else ""
         resumed = f", {self.resumed_rows} rows kept from an interrupted run" if self.resumed_rows else ""
         kind = "float32" if self.precision == "float32" else f"{self.precision} codes"
-        return f"wrote {output}: {self.rows} x {self.dim} {kind} ({rate}{resumed})"
+        return f"wrote {output}: {self.rows} x {self.dim} {kind} on {self.device} ({rate}{resumed})"
 
 
 def sidecar(output: Path, suffix: str) -> Path:
@@ -259,11 +260,12 @@ def _encode_locked(embedder, corpus: Corpus, output: Path, instruction, document
     if documents and not instruction:
         instruction = embedder.config.default_document_instruction
     first_vector = np.cumsum([0] + corpus.vector_counts)
-    stats = EncodeStats(corpus.vectors, width, 0.0, resumed_rows=resumed_rows, precision=precision)
+    stats = EncodeStats(corpus.vectors, width, 0.0, resumed_rows=resumed_rows, precision=precision,
+                        device=str(embedder.device))
     from llm2emb.model import PROGRESS_BAR_MIN_TEXTS
 
     shown = progress and rank == 0 and corpus.rows >= PROGRESS_BAR_MIN_TEXTS
-    bar = tqdm(total=sum(corpus.vector_counts[c] for c in mine), disable=not shown, desc="encode",
+    bar = tqdm(total=sum(corpus.vector_counts[c] for c in mine), disable=not shown, desc=f"encode on {embedder.device}",
                unit="chunk" if corpus.chunker else "text")
     started = time.perf_counter()
 

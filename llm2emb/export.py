@@ -39,9 +39,10 @@ def merged(embedder: Embedder) -> Embedder:
     return embedder
 
 
-def export_merged(model: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export_merged(model: str | Path, out: str | Path, overwrite: bool = False, device: str | None = None) -> Path:
     """A standalone llm2emb folder with the adapter merged: loads without the base model or peft."""
-    return merged(Embedder.from_pretrained(model, torch_dtype="auto")).save_pretrained(out, overwrite=overwrite)
+    embedder = Embedder.from_pretrained(model, torch_dtype="auto", device=device)
+    return merged(embedder).save_pretrained(out, overwrite=overwrite)
 
 
 def _query_prompt(embedder: Embedder) -> str | None:
@@ -82,14 +83,15 @@ def _append_eos(tokenizer):
     return tokenizer
 
 
-def export_sentence_transformers(model: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export_sentence_transformers(model: str | Path, out: str | Path, overwrite: bool = False,
+                                 device: str | None = None) -> Path:
     """Write a sentence-transformers folder whose embeddings equal the Embedder's (see the module docstring)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     out = Path(out)
     refuse_non_empty(out, overwrite)
-    embedder = merged(Embedder.from_pretrained(model, torch_dtype="auto"))
+    embedder = merged(Embedder.from_pretrained(model, torch_dtype="auto", device=device))
     config, pooling = embedder.config, embedder.config.pooling["type"]
     portable = pooling in PORTABLE_POOLING
     if portable and pooling == "mean" and _special_prefix(embedder.tokenizer):
@@ -140,9 +142,10 @@ def _custom_pooling(embedder: Embedder):
     return custom
 
 
-def export(model: str | Path, out: str | Path, format: str, overwrite: bool = False) -> Path:
+def export(model: str | Path, out: str | Path, format: str, overwrite: bool = False, device: str | None = None) -> Path:
+    """`model` as `format` (llm2emb: the adapter merged; sentence-transformers), loaded and merged on `device`."""
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; choose one of {FORMATS}")
     if format == "llm2emb":
-        return export_merged(model, out, overwrite=overwrite)
-    return export_sentence_transformers(model, out, overwrite=overwrite)
+        return export_merged(model, out, overwrite=overwrite, device=device)
+    return export_sentence_transformers(model, out, overwrite=overwrite, device=device)

@@ -72,14 +72,15 @@ def check_mergeable(folders: Sequence[Path]) -> list[EmbedderConfig]:
 
 
 def merge(models: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None,
-          overwrite: bool = False) -> Path:
-    """Write the weighted merge of `models` (llm2emb adapter folders of one base) to `out`; see the module doc."""
+          overwrite: bool = False, device: str | None = None) -> Path:
+    """Write the weighted merge of `models` (llm2emb adapter folders of one base) to `out`, computed on `device`;
+    see the module doc."""
     folders = [Path(m) for m in models]
     if len(folders) < 2:
         raise UserError("merge needs at least two model folders")
     weights = list(weights) if weights is not None else [1.0 / len(folders)] * len(folders)
     check_mergeable(folders)
-    merged = Embedder.from_pretrained(folders[0], torch_dtype=torch.float32)
+    merged = Embedder.from_pretrained(folders[0], torch_dtype=torch.float32, device=device)
     backbone = merged.backbone
     names = [f"merge_{i}" for i in range(len(folders))]
     for name, folder in zip(names, folders):

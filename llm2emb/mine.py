@@ -115,6 +115,7 @@ def mine(
     num_negatives: int = 7,
     instruction: str | None = None,
     batch_size: int = 32,
+    device: str | None = None,
 ) -> MiningStats:
     """Mine hard negatives with `model` (an Embedder or a path for `Embedder.from_pretrained`); see the module doc.
 
@@ -149,7 +150,7 @@ def mine(
         found = list(pairs)
     if not found:
         raise UserError("no (query, positive) pairs to mine for")
-    embedder = model if isinstance(model, Embedder) else Embedder.from_pretrained(model)
+    embedder = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device)
 
     # One search per distinct (query, instruction); its positives are those of every pair with that query.
     keys = list(dict.fromkeys((p.query, p.instruction or instruction) for p in found))

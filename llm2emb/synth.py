@@ -316,14 +316,15 @@ def hash_seed(*parts: int) -> int:
 def synth_from_files(
     corpus_path: str | Path, generator: str, output: str | Path, text_field: str = "text",
     id_field: str | None = None, chunk_size: int = 64, embedder_reference: str | None = None,
-    max_new_tokens: int = 48, temperature: float = 0.7, **kwargs,
+    max_new_tokens: int = 48, temperature: float = 0.7, device: str | None = None, **kwargs,
 ) -> SynthStats:
-    """The CLI's entry: scan the corpus, load the generator (and the filter's embedder), synthesize."""
+    """The CLI's entry: scan the corpus, load the generator (and the filter's embedder) on `device` (default: the
+    GPU when there is one), synthesize."""
     corpus = scan(Path(corpus_path), text_field=text_field, id_field=id_field, chunk_size=chunk_size)
     embedder = None
     if embedder_reference is not None:
         from llm2emb.model import Embedder
 
-        embedder = Embedder.from_pretrained(embedder_reference)
-    generator_model = Generator(generator, max_new_tokens=max_new_tokens, temperature=temperature)
+        embedder = Embedder.from_pretrained(embedder_reference, device=device)
+    generator_model = Generator(generator, max_new_tokens=max_new_tokens, temperature=temperature, device=device)
     return synthesize(corpus, generator_model, output, embedder=embedder, **kwargs)

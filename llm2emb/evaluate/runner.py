@@ -52,8 +52,10 @@ def load_model(
     torch_dtype: Any = None,
     trust_remote_code: bool = False,
     rope_scaling: str | dict[str, Any] | None = None,
+    device: str | None = None,
 ) -> Any:
-    """An Embedder for llm2emb folders and base models; a SentenceTransformer for exported / ST folders."""
+    """An Embedder for llm2emb folders and base models; a SentenceTransformer for exported / ST folders; on
+    `device` (default: the CPU)."""
     if is_sentence_transformers_folder(model):
         if pooling is not None or attention is not None or rope_scaling is not None:
             raise UserError(f"{model}: a sentence-transformers folder fixes its own pooling, attention and RoPE")
@@ -61,7 +63,7 @@ def load_model(
 
         check_sentence_transformers_weights(Path(model))
         try:
-            st = SentenceTransformer(str(model), device="cpu", trust_remote_code=trust_remote_code)
+            st = SentenceTransformer(str(model), device=device or "cpu", trust_remote_code=trust_remote_code)
         except ValueError as exc:
             if "trust_remote_code" in str(exc):
                 raise UserError(f"{model}: uses custom modules; pass --trust-remote-code to load them") from None
@@ -74,7 +76,7 @@ def load_model(
     from llm2emb.model import Embedder
 
     embedder = Embedder.from_pretrained(model, pooling=pooling, attention=attention, torch_dtype=torch_dtype,
-                                        rope_scaling=rope_scaling)
+                                        rope_scaling=rope_scaling, device=device)
     if max_length is not None:
         if max_length < 2:
             raise UserError(f"max_length must be at least 2, got {max_length}")
@@ -249,6 +251,7 @@ def run_eval(
     haystack: str | Path | None = None,
     limit: str | None = None,
     torch_dtype: str | None = None,
+    device: str | None = None,
     **kwargs: Any,
 ) -> EvalReport:
     """Load `model` and evaluate it (see `evaluate_model` for the task arguments).
@@ -276,7 +279,7 @@ def run_eval(
     start = time.perf_counter()
     loaded = load_model(model, pooling=pooling, attention=attention, max_length=max_length,
                         torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
-                        trust_remote_code=trust_remote_code, rope_scaling=rope_scaling)
+                        trust_remote_code=trust_remote_code, rope_scaling=rope_scaling, device=device)
     load_seconds = time.perf_counter() - start
     if long_tasks:
         if max_length is None:
@@ -292,7 +295,7 @@ def run_eval(
         else:
             report.results += extra.results
     report.settings.update(rope_scaling=rope_scaling, long_documents=long_documents if long_tasks else None,
-                           dtype=torch_dtype)
+                           dtype=torch_dtype, device=device)
     report.load_seconds = load_seconds
     report.settings["corpus_sample"] = corpus_sample
     return report

@@ -21,8 +21,8 @@ tokenized whole. A cut text's `cut` count is then a lower bound (at least 1), no
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -119,13 +119,15 @@ class PromptTokenizer:
                 yield self._fit(prompt, encoded["input_ids"][offset], encoded["offset_mapping"][offset],
                                 encoded["special_tokens_mask"][offset], limit, start + offset)
 
-    @functools.cached_property
+    @property
     def longest_token(self) -> int:
         """Characters of the longest token in the vocabulary (added tokens too): no token covers more text."""
-        return max(len(token) for token in self.tokenizer.get_vocab())
+        return longest_token(self.tokenizer)
 
     def cut_point(self, text: str, limit: int) -> int | None:
         """Where to cut `text` so that its first `limit` tokens stay whole, or None when it is short enough."""
+        if len(text) <= limit + CUT_MARGIN:  # every token covers a character at least: nothing to cut
+            return None
         bound = (limit + CUT_MARGIN) * self.longest_token
         if len(text) <= bound:
             return None
@@ -190,6 +192,16 @@ class PromptTokenizer:
         encoded = self.tokenizer(prompt.string, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
         outside = sum(1 for begin, end in encoded["offset_mapping"] if end <= prompt.text_start or begin >= prompt.text_end)
         return outside + int(self.append_eos)
+
+
+_LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def longest_token(tokenizer) -> int:
+    """The longest token's characters, computed once per tokenizer (an Embedder makes a PromptTokenizer per call)."""
+    if tokenizer not in _LONGEST:
+        _LONGEST[tokenizer] = max(len(token) for token in tokenizer.get_vocab())
+    return _LONGEST[tokenizer]
 
 
 @contextlib.contextmanager

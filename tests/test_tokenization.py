@@ -130,7 +130,7 @@ def test_a_tokenizer_whose_cut_would_move_tokens_is_given_the_whole_text(embedde
     """The check behind the cut: when the tokens kept from the text cut at the bound and at twice the bound differ,
     the text is tokenized whole (simulated by a bound so small that tokens straddle it)."""
     tokenizer = embedder.prompt_tokenizer
-    monkeypatch.setattr(PromptTokenizer, "longest_token", 1)  # claims no token is longer than one character
+    monkeypatch.setattr(PromptTokenizer, "longest_token", property(lambda self: 1))  # no token over one character
     text = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx " * 40
     assert tokenizer.bounded(text, None, 4, tokenizer.prompts.query) in (text, text[: tokenizer.cut_point(text, 4)])
     got = next(tokenizer.rows([text], None, 4, "query"))

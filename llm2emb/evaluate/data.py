@@ -78,8 +78,10 @@ def corpus_hash(doc_ids: list[str], documents: list[str]) -> str:
     return digest.hexdigest()
 
 
-def load_beir(directory: str | Path, split: str = "test") -> BeirData:
-    """Load a BEIR folder; keeps only the queries that appear in the split's qrels."""
+def load_beir(directory: str | Path, split: str = "test", evaluated: bool = True) -> BeirData:
+    """Load a BEIR folder; keeps only the queries that appear in the split's qrels. `evaluated`: it is scored, so
+    a relevant document missing from the corpus (a corpus cut short) is refused; training rows check their pairs
+    one by one instead (`on_bad_rows` may skip them)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory}: BEIR folder not found")
@@ -96,7 +98,7 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
         raise UserError(f"{directory / 'queries.jsonl'}: {len(missing)} query id(s) of qrels/{split}.tsv are absent, "
                         f"e.g. {missing[0]!r}")
     relevant = {doc for judged in qrels.values() for doc, score in judged.items() if score > 0}
-    absent = sorted(relevant - set(doc_ids))
+    absent = sorted(relevant - set(doc_ids)) if evaluated else []
     if absent:
         raise UserError(f"{directory / 'corpus.jsonl'}: {len(absent)} document id(s) judged relevant in "
                         f"qrels/{split}.tsv are absent, e.g. {absent[0]!r}")

@@ -136,7 +136,7 @@ def _beir_records(path: Path, split: str) -> Iterator[tuple[str, dict | BadRow]]
     """(query, positive) for every qrel with score > 0; documents are `title text` as in BEIR and MTEB."""
     from llm2emb.evaluate.data import load_beir
 
-    beir = load_beir(path, split)
+    beir = load_beir(path, split, evaluated=False)
     pairs = qrel_pairs(dict(zip(beir.query_ids, beir.queries)), dict(zip(beir.doc_ids, beir.documents)), beir.qrels,
                        path / "qrels" / f"{split}.tsv")
     for where, query, document in pairs:

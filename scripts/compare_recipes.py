@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--corpus-sample", type=int, help="SciFact documents kept (every relevant one + random others)")
     p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", help="folder for the runs and results")
+    p.add_argument("--keep-models", action="store_true",
+                   help="keep each scored run's model (default: only its result, curve and recipe; another evaluation "
+                        "setting then retrains it)")
     p.add_argument("--report", metavar="ROWS_JSONL", help="table and plot from these result rows; train nothing")
     p.add_argument("--collect", metavar="ROWS_JSONL",
                    help="write the result rows found under --out for these systems and runs to ROWS_JSONL (the file "
@@ -328,7 +331,20 @@ def run_job(args) -> None:
               "max_length": args.max_length, "eval_max_length": args.eval_max_length,
               "corpus_sample": args.corpus_sample, "threads": args.threads}
     (folder / result_name(args)).write_text(json.dumps(result, indent=2) + "\n")
+    prune(folder, args.keep_models)
     print(json.dumps(result))
+
+
+def prune(folder: Path, keep_models: bool) -> None:
+    """Drop what a scored run no longer needs: its checkpoints (1.6 GB each for SmolLM2 with Adam's state; a sweep
+    of sixty runs filled the disk) and, unless `keep_models`, its model (the curve and recipe stay)."""
+    import shutil
+
+    for path in [folder / "trainer", *(folder / "run" / "stages").glob("*/checkpoint-*")]:
+        shutil.rmtree(path, ignore_errors=True)
+    if not keep_models:
+        for path in (folder / "model", folder / "run" / "model", folder / "run" / "stages"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- orchestration and reporting ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the same Embedder."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,6 +17,14 @@ CONFIG_NAME = "llm2emb.json"
 POOLING_WEIGHTS_NAME = "pooling.safetensors"
 FORMAT_VERSION = 1
 DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
+DIGESTED_FILES = ("config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+"""A model folder's small files whose every value can change the vectors (weights are checked structurally only,
+llm2emb.files.damaged_file: hashing gigabytes on every load would cost more than it guards)."""
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass
@@ -42,9 +51,35 @@ class EmbedderConfig:
     """Width of the trained late-interaction head (token_head.safetensors, llm2emb.late_interaction); None: none,
     token vectors are the hidden states as they are."""
     format_version: int = FORMAT_VERSION
+    file_digests: dict[str, str] | None = None
+    """sha256 of the folder's small files that change the vectors (DIGESTED_FILES), written last by `save`; a folder
+    whose file no longer matches is refused on load (a value edited into another valid one cannot be told from a
+    deliberate change otherwise). None in folders written before 2026-12-06: not checked."""
+    digest: str | None = None
+    """sha256 of this file's other fields: an llm2emb.json edited or damaged into other valid values is refused."""
 
     def save(self, directory: Path) -> None:
-        write_text_atomic(Path(directory) / CONFIG_NAME, json.dumps(asdict(self), indent=2) + "\n")
+        directory = Path(directory)
+        self.file_digests = {name: file_digest(directory / name) for name in DIGESTED_FILES
+                             if (directory / name).is_file()}
+        self.digest = self.own_digest()
+        write_text_atomic(directory / CONFIG_NAME, json.dumps(asdict(self), indent=2) + "\n")
+
+    def own_digest(self) -> str:
+        fields_but_digest = {k: v for k, v in asdict(self).items() if k != "digest"}
+        return hashlib.sha256(json.dumps(fields_but_digest, sort_keys=True).encode()).hexdigest()
+
+    def verify(self, directory: Path) -> None:
+        """Refuse a folder whose llm2emb.json or digested files changed since `save` wrote them."""
+        path = Path(directory) / CONFIG_NAME
+        if self.digest is not None and self.digest != self.own_digest():
+            raise UserError(f"{path}: its values were changed after llm2emb wrote it (the digest does not match): "
+                            "re-convert or re-save the model, or restore the file")
+        for name, digest in (self.file_digests or {}).items():
+            target = Path(directory) / name
+            if not target.is_file() or file_digest(target) != digest:
+                raise UserError(f"{target}: {'missing' if not target.is_file() else 'changed'} since this model folder "
+                                f"was written (llm2emb.json records its sha256): restore it, or re-convert the model")
 
     @classmethod
     def load(cls, directory: Path) -> EmbedderConfig:
@@ -70,6 +105,7 @@ class EmbedderConfig:
             raise UserError(f"{path}: {key}: {problem['msg']} (got {problem.get('input')!r:.60})") from None
         if config.format_version > FORMAT_VERSION:
             raise UserError(f"{path}: format_version {config.format_version} is newer than this llm2emb reads")
+        config.verify(directory)
         return config
 
 

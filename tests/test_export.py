@@ -140,8 +140,9 @@ def test_export_cli_sentence_transformers_and_errors(tiny_qwen2, tmp_path, capsy
 def test_export_truncates_as_embedder_does(tiny_qwen2, tmp_path, pooling):
     """Texts over max_length: both cut the text from its end and keep the prompt (llm2emb.tokenization's rule)."""
     folder = make_model(tiny_qwen2, tmp_path / "model", POOLINGS[pooling], lora=False)
-    config = json.loads((folder / "llm2emb.json").read_text())
-    (folder / "llm2emb.json").write_text(json.dumps({**config, "max_length": 40}))
+    embedder = Embedder.from_pretrained(folder)
+    embedder.config.max_length = 40  # a model's settings change through the API and a save (llm2emb.json's digest)
+    embedder.save_pretrained(folder, overwrite=True)
     embedder = Embedder.from_pretrained(folder)
     st = SentenceTransformer(str(export_sentence_transformers(folder, tmp_path / "st")), device="cpu",
                              trust_remote_code=True)

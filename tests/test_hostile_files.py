@@ -124,7 +124,29 @@ def test_a_truncated_base_a_broken_config_and_a_missing_tokenizer(llama, convert
     no_tokenizer = copy(converted, tmp_path / "tok")
     (no_tokenizer / "tokenizer.json").unlink()
     one_line_error(capsys, ["encode", no_tokenizer, "--input", texts, "--output", tmp_path / "e.npy"],
-                   f"{no_tokenizer}: no tokenizer file (one of tokenizer.json,")
+                   f"{no_tokenizer}/tokenizer.json: missing since this model folder was written")
+    base_without = copy(llama, tmp_path / "base-tok")
+    (base_without / "tokenizer.json").unlink()
+    one_line_error(capsys, ["convert", "--base", base_without, "--out", tmp_path / "o2"],
+                   f"{base_without}: no tokenizer file (one of tokenizer.json,")
+
+
+def test_a_model_folder_edited_into_other_valid_values_is_refused(converted, tmp_path, capsys):
+    """A value changed into another valid one (a tokenizer without its pre-tokenizer, another max_length) would give
+    other vectors with no error: the digests llm2emb.json keeps refuse it."""
+    texts = tmp_path / "t.txt"
+    texts.write_text("a b\n")
+    edited = copy(converted, tmp_path / "tok")
+    tokenizer = json.loads((edited / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = None
+    (edited / "tokenizer.json").write_text(json.dumps(tokenizer))
+    one_line_error(capsys, ["encode", edited, "--input", texts, "--output", tmp_path / "e.npy"],
+                   f"{edited}/tokenizer.json: changed since this model folder was written")
+    relabelled = copy(converted, tmp_path / "cfg")
+    config = json.loads((relabelled / "llm2emb.json").read_text())
+    config["max_length"] = 3
+    (relabelled / "llm2emb.json").write_text(json.dumps(config))
+    one_line_error(capsys, ["info", relabelled], "llm2emb.json: its values were changed after llm2emb wrote it")
 
 
 def test_train_refuses_a_weightless_base_before_writing_anything(llama, tmp_path, capsys):

@@ -423,7 +423,8 @@ def table(results: list[dict], systems: list[str]) -> str:
 
 
 def plot(results: list[dict], systems: list[str], target: str) -> None:
-    """Every run's score per system and task, with a bar at the median."""
+    """Every run's score per system and task, with a bar at the median; a black x marks the runs the collapse guard
+    stops."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -434,8 +435,11 @@ def plot(results: list[dict], systems: list[str], target: str) -> None:
     names = [system_name(s) for s in systems]
     for axis, key in zip(axes[0], keys):
         for position, name in enumerate(names):
-            values = [r[key] for r in results if r["system"] == name and key in r]
+            runs = [r for r in results if r["system"] == name and key in r]
+            values = [r[key] for r in runs]
+            stopped = [r[key] for r in runs if r.get("collapsed")]
             axis.scatter([position] * len(values), values, s=12)
+            axis.scatter([position] * len(stopped), stopped, s=40, marker="x", color="black")
             if values:
                 axis.hlines(np.median(values), position - 0.25, position + 0.25)
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right")

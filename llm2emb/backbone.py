@@ -75,6 +75,7 @@ def resolve_base(reference: str | Path) -> BaseRef:
             raise UserError(f"{text}: not a model folder or .gguf file")
         if not (path / "config.json").is_file():
             raise UserError(f"{text}: folder has no config.json (not a transformers model folder)")
+        refuse_damaged(path)
         return BaseRef(str(path.resolve()))
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise UserError(f"{text}: no such file or folder")
@@ -85,8 +86,6 @@ def load_config(base: BaseRef, attention: str):
     """The base's config with attention set as asked; sliding windows and the KV cache off for embedders."""
     if attention not in ATTENTION_MODES:
         raise UserError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-    if not base.gguf_file:
-        refuse_damaged(base.path)
     try:
         config = AutoConfig.from_pretrained(base.path, **base.kwargs)
     except Exception as exc:  # a user's file: any failure to read it (a value of the wrong type included) is one line
@@ -150,14 +149,7 @@ def load_backbone(
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         kwargs["quantization_config"] = quantization_config(quantization, dtype)
-    try:
-        model = load_pretrained(AutoModel, base, config=config, dtype=dtype or "auto", **kwargs)
-    except UserError:
-        raise
-    except ImportError as exc:
-        raise UserError(f"{base.path}: {_first_line(exc)}") from None
-    except Exception as exc:  # a config whose values build no model, weights of other shapes: one line
-        raise UserError(f"{base.path}: cannot load the model weights ({_first_line(exc)})") from None
+    model = load_pretrained(AutoModel, base, config=config, dtype=dtype or "auto", **kwargs)
     if device is not None and quantization is None:  # bitsandbytes places quantized weights itself
         model.to(device)
     return model.eval()

@@ -4,7 +4,10 @@ transformers fills every weight a checkpoint lacks with a fresh random initialis
 quiet logging hides; a base whose `model.safetensors` holds one unrelated tensor converted into a random-weight
 embedder with exit 0 (issue 30). Every base, model, teacher, guide and generator llm2emb loads goes through
 `load_checked`, which reads transformers' own loading report (`output_loading_info`) and refuses missing weights,
-and which turns a damaged file (truncated safetensors, corrupt or code-carrying pickle) into one line naming it.
+and which turns a damaged file (truncated safetensors, corrupt or code-carrying pickle), or any other failure to
+build the model from its files, into one line naming it. The cheap structural check of a whole folder
+(`refuse_damaged`) runs once, where a user's reference becomes a folder (llm2emb.backbone.resolve_base, a model
+folder's load, a sentence-transformers folder's), not again for each file loaded from it.
 Pickles load with torch's `weights_only` (transformers' default), so a checkpoint carrying code is never run.
 """
 
@@ -51,10 +54,9 @@ def refuse_damaged(folder: str | Path, what: str = "re-download it, or convert i
 
 def load_checked(model_class: Any, path: str | Path, gguf_file: str | None = None, **kwargs) -> Any:
     """`model_class.from_pretrained(path, **kwargs)` that refuses a checkpoint lacking weights the architecture needs
-    (naming the file, how many of how many and the first few) and warns in one line about unused extra weights."""
+    (naming the file, how many of how many and the first few) and warns in one line about unused extra weights;
+    any failure to load is a `UserError` naming the file."""
     source = weights_file(path, gguf_file)
-    if not gguf_file:
-        refuse_damaged(path)
     try:
         model, info = model_class.from_pretrained(str(path), output_loading_info=True,
                                                   **({"gguf_file": gguf_file} if gguf_file else {}), **kwargs)
@@ -62,13 +64,17 @@ def load_checked(model_class: Any, path: str | Path, gguf_file: str | None = Non
         raise UserError(f"{source}: this pickle checkpoint holds more than weights (code or objects that torch's "
                         "weights-only loading refuses); llm2emb does not run it: convert it to safetensors where you "
                         "trust it") from None
-    except Exception as exc:
-        if type(exc).__name__ == "SafetensorError" or "zip archive" in str(exc) or "unpickl" in str(exc).lower():
-            raise UserError(f"{source}: the weights file is damaged ({str(exc).splitlines()[0][:120]}); "
-                            "re-download it, or convert it again") from None
+    except UserError:
         raise
+    except Exception as exc:  # a user's files: a config whose values build no model, weights of other shapes, ...
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        if type(exc).__name__ == "SafetensorError" or "zip archive" in str(exc) or "unpickl" in str(exc).lower():
+            raise UserError(f"{source}: the weights file is damaged ({first}); re-download it, or convert it "
+                            "again") from None
+        raise UserError(f"{source}: cannot load the model weights ({type(exc).__name__}: {first})") from None
     names = list(model.state_dict())
-    missing = [name for name in names if name in set(info.get("missing_keys", ()))]
+    absent = set(info.get("missing_keys", ()))
+    missing = [name for name in names if name in absent]
     if missing:
         raise UserError(f"{source}: {len(missing)} of {len(names)} weights the {type(model).__name__} architecture "
                         f"needs are missing ({', '.join(missing[:SHOWN])}{', ...' if len(missing) > SHOWN else ''}); "

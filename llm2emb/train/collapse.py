@@ -68,7 +68,7 @@ class CollapseGuard:
             return spread.cosine >= self.cosine_alone
         return spread.cosine >= self.cosine and spread.loss >= self.loss_ratio * spread.chance
 
-    def observe(self, step: int, spread: BatchSpread, hint: str = "") -> None:
+    def observe(self, step: int, spread: BatchSpread) -> None:
         """Record step `step` (1-based, the optimizer step about to be taken); raise once the streak is full."""
         self.last = spread
         if step <= self.after_step:
@@ -83,9 +83,9 @@ class CollapseGuard:
         self.streak_start = self.streak_start or step
         self.longest_streak = max(self.longest_streak, self.streak)
         if self.streak >= self.patience:
-            raise CollapseError(self.message(step, spread, hint), step, spread)
+            raise CollapseError(self.message(step, spread), step, spread)
 
-    def message(self, step: int, spread: BatchSpread, hint: str) -> str:
+    def message(self, step: int, spread: BatchSpread) -> str:
         if spread.chance is None:
             signal = f"loss {spread.loss:.2f}, mean cosine {spread.cosine:.3f} between different texts"
         else:
@@ -93,7 +93,7 @@ class CollapseGuard:
             signal = (f"loss {spread.loss:.2f} against {spread.chance:.2f} = ln {candidates} candidates at chance, "
                       f"mean cosine {spread.cosine:.3f} between different texts")
         return (f"step {step}: the embeddings collapsed ({signal}, steps {self.streak_start}-{step}); "
-                f"stopped before the optimizer step{'; ' + hint if hint else ''}")
+                "stopped before the optimizer step")
 
     def check_learned(self, step: int) -> None:
         """At the end of a stage: raise when its last `patience` steps after warmup averaged a loss at or above

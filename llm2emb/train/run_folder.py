@@ -83,14 +83,16 @@ def _diff(a: Any, b: Any, prefix: tuple = ()) -> list[tuple]:
     return [] if a == b else [prefix]
 
 
-def last_checkpoint(stage_dir: Path, quiet: bool = False) -> str | None:
-    """The newest intact checkpoint. Checkpoints are renamed into place once complete, so a crash mid-save leaves
-    none half-written; a file damaged later (a full disk, a copy cut short) makes its checkpoint skipped, with a
-    one-line notice naming the file, in favour of the one before."""
+def last_checkpoint(stage_dir: Path, quiet: bool = False, before: int | None = None) -> str | None:
+    """The newest intact checkpoint (of a step below `before`, when given). Checkpoints are renamed into place once
+    complete, so a crash mid-save leaves none half-written; a file damaged later (a full disk, a copy cut short)
+    makes its checkpoint skipped, with a one-line notice naming the file, in favour of the one before."""
+    stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         return None
     numbered = sorted(
-        (path for path in stage_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.rpartition("-")[2].isdigit()),
+        (path for path in stage_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.rpartition("-")[2].isdigit()
+         and (before is None or int(path.name.rpartition("-")[2]) < before)),
         key=lambda p: int(p.name.rpartition("-")[2]), reverse=True,
     )
     for position, path in enumerate(numbered):

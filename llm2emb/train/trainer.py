@@ -25,6 +25,7 @@ from llm2emb.train.graded import GradedPairLoss
 from llm2emb.train.late_loss import pack
 from llm2emb.train.layer_rates import split_by_depth
 from llm2emb.train.losses import InfoNCELoss
+from llm2emb.train.run_folder import last_checkpoint
 
 
 class ContrastiveTrainer(EmbedderTrainer):
@@ -155,22 +156,11 @@ class ContrastiveTrainer(EmbedderTrainer):
         try:
             self.collapse_guard.observe(self.state.global_step + 1, spread)
         except CollapseError as exc:
+            kept = last_checkpoint(Path(self.args.output_dir), quiet=True, before=self.collapse_guard.streak_start)
+            where = f"{kept} predates it and is intact" if kept else "no checkpoint predates the collapse"
             warmup = self.args.get_warmup_steps(self.args.max_steps)
-            hint = (f"{self.checkpoint_before(self.collapse_guard.streak_start)}; lower learning_rate "
-                    f"({self.args.learning_rate:g}) or lengthen warmup_steps ({warmup})")
+            hint = f"{where}; lower learning_rate ({self.args.learning_rate:g}) or lengthen warmup_steps ({warmup})"
             raise CollapseError(f"{exc}; {hint}", exc.step, exc.spread) from None
-
-    def checkpoint_before(self, step: int) -> str:
-        """The newest checkpoint saved before `step`, which the collapse did not reach."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        folder = Path(self.args.output_dir)
-        saved = [int(p.name.rpartition("-")[2]) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                 if p.name.rpartition("-")[2].isdigit()] if folder.is_dir() else []
-        before = [n for n in saved if n < step]
-        if not before:
-            return "no checkpoint predates the collapse"
-        return f"{folder / f'{PREFIX_CHECKPOINT_DIR}-{max(before)}'} predates it and is intact"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Plain (no GradCache) loss, used by evaluation; training goes through `training_step`."""

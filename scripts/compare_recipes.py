@@ -183,11 +183,14 @@ def st_overrides(spec: str) -> dict:
 
 
 def number_or_yaml(text: str):
-    """`1e-4` as the float it means (YAML 1.1 reads it as a string), anything else as YAML."""
-    try:
-        return float(text) if any(c in text for c in ".eE") and not text.isalpha() else yaml.safe_load(text)
-    except ValueError:
-        return yaml.safe_load(text)
+    """`text` as YAML, and a string that is a number (`1e-4`, which YAML 1.1 leaves a string) as that number."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def train_st(args, spec: str, seed: int, rows_file: Path, folder: Path) -> Path:

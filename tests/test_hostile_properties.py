@@ -92,6 +92,24 @@ def model(tiny_models, tmp_path_factory) -> tuple[Path, np.ndarray]:
     return out, np.load(root / "ref.npy")
 
 
+@contextlib.contextmanager
+def damaged_copy(source: Path, hurt, name: str):
+    """(a fresh folder, a copy of `source` in it with `hurt` applied); reference outputs are not copied."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = shutil.copytree(source, Path(tmp) / name, ignore=shutil.ignore_patterns("ref.json"))
+        hurt[2](copy)
+        yield Path(tmp), copy
+
+
+def encodes_like(folder: Path, tmp: Path, reference: np.ndarray, what: str) -> None:
+    """`encode` of TEXTS with `folder` refuses in one line or gives `reference`'s vectors."""
+    texts = tmp / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    code, err = run_cli(["encode", folder, "--input", texts, "--output", tmp / "e.npy", "--quiet"])
+    if not refused_in_one_line(code, err):
+        np.testing.assert_allclose(np.load(tmp / "e.npy"), reference, atol=1e-6, err_msg=what)
+
+
 MODEL_FILES = ["config.json", "llm2emb.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
@@ -99,16 +117,8 @@ MODEL_FILES = ["config.json", "llm2emb.json", "model.safetensors", "tokenizer.js
 @given(hurt=damage(MODEL_FILES))
 def test_encode_and_info_on_a_damaged_model_folder(model, hurt):
     folder, reference = model
-    name, kind, apply = hurt
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = shutil.copytree(folder, Path(tmp) / "emb")
-        apply(copy)
-        texts = Path(tmp) / "texts.txt"
-        texts.write_text("\n".join(TEXTS) + "\n")
-        code, err = run_cli(["encode", copy, "--input", texts, "--output", Path(tmp) / "e.npy", "--quiet"])
-        if not refused_in_one_line(code, err):
-            np.testing.assert_allclose(np.load(Path(tmp) / "e.npy"), reference, atol=1e-6,
-                                       err_msg=f"{name} damaged ({kind}) and accepted with other vectors")
+    with damaged_copy(folder, hurt, "emb") as (tmp, copy):
+        encodes_like(copy, tmp, reference, f"{hurt[0]} damaged ({hurt[1]}) and accepted with other vectors")
         refused_in_one_line(*run_cli(["info", copy]))
 
 
@@ -118,21 +128,12 @@ BASE_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_c
 @PROPERTY
 @given(hurt=damage(BASE_FILES))
 def test_convert_a_damaged_base(tiny_models, model, hurt):
-    _, reference = model
-    name, kind, apply = hurt
-    with tempfile.TemporaryDirectory() as tmp:
-        base = shutil.copytree(tiny_models["llama"], Path(tmp) / "base")
-        apply(base)
-        code, err = run_cli(["convert", "--base", base, "--out", Path(tmp) / "emb", "--pooling", "mean"])
+    with damaged_copy(tiny_models["llama"], hurt, "base") as (tmp, base):
+        code, err = run_cli(["convert", "--base", base, "--out", tmp / "emb", "--pooling", "mean"])
         if refused_in_one_line(code, err):
-            assert not (Path(tmp) / "emb").exists()
+            assert not (tmp / "emb").exists()
             return
-        texts = Path(tmp) / "texts.txt"
-        texts.write_text("\n".join(TEXTS) + "\n")
-        code, err = run_cli(["encode", Path(tmp) / "emb", "--input", texts, "--output", Path(tmp) / "e.npy", "--quiet"])
-        if not refused_in_one_line(code, err):
-            np.testing.assert_allclose(np.load(Path(tmp) / "e.npy"), reference, atol=1e-6,
-                                       err_msg=f"base {name} damaged ({kind}) and converted into another model")
+        encodes_like(tmp / "emb", tmp, model[1], f"base {hurt[0]} damaged ({hurt[1]}) and converted into another model")
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +167,11 @@ EVAL_FILES = ["sts.tsv", "beir/corpus.jsonl", "beir/queries.jsonl", "beir/qrels/
 @given(hurt=damage(EVAL_FILES))
 def test_eval_on_damaged_sts_and_beir_files(model, eval_data, hurt):
     root, reference = eval_data
-    name, kind, apply = hurt
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = shutil.copytree(root, Path(tmp) / "data", ignore=shutil.ignore_patterns("ref.json"))
-        apply(copy)
+    with damaged_copy(root, hurt, "data") as (tmp, copy):
         code, err = run_cli(["eval", model[0], "--sts", copy / "sts.tsv", "--beir", copy / "beir", "--no-cache",
-                             "--json", Path(tmp) / "out.json"])
+                             "--json", tmp / "out.json"])
         if not refused_in_one_line(code, err):
-            assert scores(Path(tmp) / "out.json") == reference, f"{name} damaged ({kind}) and scored otherwise"
+            assert scores(tmp / "out.json") == reference, f"{hurt[0]} damaged ({hurt[1]}) and scored otherwise"
 
 
 @PROPERTY

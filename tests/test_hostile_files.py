@@ -198,3 +198,36 @@ def test_a_weightless_sentence_transformers_teacher_or_model_is_refused(tiny_st_
     sts.write_text("score\tsentence1\tsentence2\n1\ta b\tc d\n4\tc d\ta b\n")
     one_line_error(capsys, ["eval", folder, "--sts", sts],
                    f"{weights}: 20 of 20 weights the LlamaModel architecture needs are missing")
+
+
+def test_data_files_cut_short_or_not_utf8_and_inconsistent_beir_folders_are_named(converted, tmp_path, capsys):
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("score\tsentence1\tsentence2\n1\ta b\tc d\n4\tc d\ta b")  # the last row lost its line end
+    one_line_error(capsys, ["eval", converted, "--sts", sts],
+                   f"{sts}: the last line has no line end, as in a file cut short; if the file is whole, end it")
+    sts.write_bytes("score\tsentence1\tsentence2\n1\tcaf\xe9\tc d\n4\tc d\ta b\n".encode("latin-1"))
+    one_line_error(capsys, ["eval", converted, "--sts", sts], f"{sts}: not UTF-8 text (byte 0xe9")
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "text": "a b"}) + "\n")
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "c d"}) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    one_line_error(capsys, ["eval", converted, "--beir", beir],
+                   f"{beir / 'corpus.jsonl'}: 1 document id(s) judged relevant in qrels/test.tsv are absent, e.g. 'd2'")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t0\n")
+    one_line_error(capsys, ["eval", converted, "--beir", beir],
+                   f"{beir / 'qrels' / 'test.tsv'}: no query has a relevant document (score > 0)")
+
+
+def test_an_unreadable_calibration_file_and_a_wrong_typed_llm2emb_json_are_named(converted, tmp_path, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("a b\n")
+    calibration = tmp_path / "ranges.npy"
+    calibration.write_bytes(b"\x93NUMPY not really")
+    one_line_error(capsys, ["encode", converted, "--input", texts, "--output", tmp_path / "e.npy", "--precision",
+                            "int8", "--calibration", calibration],
+                   f"--calibration {calibration}: not a readable .npy matrix")
+    folder = copy(converted, tmp_path / "typed")
+    config = json.loads((folder / "llm2emb.json").read_text())
+    (folder / "llm2emb.json").write_text(json.dumps({**config, "normalize": 1}))
+    one_line_error(capsys, ["info", folder], f"{folder / 'llm2emb.json'}: normalize: Input should be a valid boolean")

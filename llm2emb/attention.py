@@ -9,6 +9,14 @@ backbone switched to it behaves exactly as before for padded batches. The choice
 keyword arguments, not in a temporarily swapped config, so gradient-checkpoint recomputation replays
 the same kernel.
 
+The causal sink (`set_causal_sink`, on by default for bidirectional models): every text's first token attends only
+to itself, as it did in the causal base, while every other token attends to the whole text. A causal LM parks its
+unneeded attention on the first token (the attention sink); letting that token see later ones rewrites the state every
+head leans on, which is why a plainly bidirectional SmolLM2-135M scored 15.4 on STS-B dev untrained and 53.8 causal,
+and 70.1 with the sink kept causal (benchmarks/RESULTS.md, "The causal sink"). A token that attends to itself alone
+outputs its own value vector, so the sink is applied after any kernel: the first row of each text is overwritten with
+its value (per query head). It needs this module's attention function, which every path here goes through.
+
 Kernels: `flash_attn` (flash-attn's `flash_attn_varlen_func`), `varlen_attn` (torch >= 2.9's
 `torch.nn.attention.varlen_attn`), both CUDA with float16/bfloat16; `sdpa` runs anywhere (the CPU
 path and the reference): only the attention is re-padded per text, every linear layer sees real tokens.
@@ -123,16 +131,40 @@ def with_future_bias(attention_mask, query, key, bias: float) -> torch.Tensor:
     return attention_mask + additive
 
 
+def first_positions(attention_mask, batch: int, device: torch.device) -> torch.Tensor:
+    """Each padded row's first real position (B,), from sdpa's padding mask (None: no padding, so 0); a bidirectional
+    padding mask gives every query row of a text the same keys, so the last query row's keys say where it starts."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    keys = attention_mask[:, 0, -1, :]
+    valid = keys if keys.dtype == torch.bool else keys > torch.finfo(keys.dtype).min / 2
+    return valid.int().argmax(dim=-1).expand(batch)
+
+
+def with_own_values(out: torch.Tensor, value: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`out` with the rows at `index` replaced by their own value vectors, repeated to the query heads: what a token
+    that attends to itself alone computes. out (..., heads, dim), value indexed the same way with (..., kv_heads, dim)."""
+    own = value[index]
+    own = own.repeat_interleave(out.shape[-2] // own.shape[-2], dim=-2)
+    return out.index_put(index, own.to(out.dtype))
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """AttentionInterface entry: a varlen kernel for packed calls, sdpa for padded ones (with the curriculum's
-    `llm2emb_future_bias` on later tokens when a training step passes one)."""
+    `llm2emb_future_bias` on later tokens when a training step passes one); the causal sink after either."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
+    sink = getattr(module, SINK_ATTRIBUTE, False)
     if cu_seqlens is None:
         bias = kwargs.pop("llm2emb_future_bias", None)
+        first = first_positions(attention_mask, query.shape[0], query.device) if sink else None
         if bias is not None:
             attention_mask = with_future_bias(attention_mask, query, key, bias)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, **kwargs)
+        if sink:  # out (B, T, heads, dim); value (B, kv_heads, T, dim)
+            rows = torch.arange(query.shape[0], device=query.device)
+            out = with_own_values(out, value.transpose(1, 2), (rows, first))
+        return out, weights
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row, got a batch of {query.shape[0]}")
     kernel = _KERNEL_FUNCTIONS[kwargs.get("llm2emb_kernel", "sdpa")]
@@ -141,6 +173,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     # transformers hands (1, heads, N, dim); varlen kernels take (N, heads, dim).
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     out = kernel(q, k, v, cu_seqlens, int(kwargs["max_length_q"]), scaling, dropout, causal)
+    if sink:
+        starts = cu_seqlens[:-1].long()
+        out = with_own_values(out, v, (starts[starts < out.shape[0]],))
     return out.unsqueeze(0), None
 
 
@@ -194,6 +229,32 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
         if kernel_problem(kernel, device, dtype) is None:
             return kernel
     return "sdpa" if requested == "packed" or device.type == "cpu" else "padded"
+
+
+SINK_ATTRIBUTE = "llm2emb_causal_sink"
+"""Set on a backbone's attention modules by `set_causal_sink`; read by `varlen_attention_forward`."""
+
+
+def set_causal_sink(model, on: bool) -> None:
+    """Keep every text's first token causal in `model`'s attention (see the module docstring), or stop keeping it.
+
+    It lives on the attention modules, not in the call, so every caller of the backbone (encode, training, MNTP, the
+    load-time attention check) attends the same way; refused for a backbone loaded with another attention
+    implementation, whose kernel would ignore it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = [m for m in base.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    if on:
+        implementation = base.config._attn_implementation
+        if implementation not in ("sdpa", IMPLEMENTATION):
+            raise UserError(f"the causal sink needs llm2emb's sdpa-based attention, but the backbone was loaded with "
+                            f"attn_implementation={implementation!r}; load it without attn_implementation, or convert "
+                            "with --no-causal-sink")
+        if not layers:
+            raise UserError(f"model_type {base.config.model_type!r}: no attention layer found to keep the sink causal in; "
+                            "convert with --no-causal-sink")
+        use_varlen_attention(model)
+    for layer in layers:
+        setattr(layer, SINK_ATTRIBUTE, on)
 
 
 def use_varlen_attention(model) -> None:

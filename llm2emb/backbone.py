@@ -188,12 +188,14 @@ def load_tokenizer(source: BaseRef, padding_side: str = "right") -> PreTrainedTo
 
 
 @torch.no_grad()
-def verify_attention(model: torch.nn.Module, attention: str, vocab_size: int | None = None) -> None:
+def verify_attention(model: torch.nn.Module, attention: str, vocab_size: int | None = None,
+                     causal_sink: bool = False) -> None:
     """Refuse a backbone whose attention is not what was asked, or whose padding leaks into real tokens.
 
     Two cheap forwards of 8 tokens: changing the last token must change the first position's hidden
-    state when bidirectional (and must not when causal); changing what sits under padding must change
-    nothing. Runs on every load, on the model's own device and dtype.
+    state when bidirectional (the second's with the causal sink, which must leave the first unchanged) and must
+    not when causal; changing what sits under padding must change nothing. Runs on every load, on the model's own
+    device and dtype.
     """
     device = next(model.parameters()).device
     vocab = vocab_size or model.config.vocab_size
@@ -206,8 +208,11 @@ def verify_attention(model: torch.nn.Module, attention: str, vocab_size: int | N
     mask = torch.ones_like(ids)
     first = model(input_ids=torch.cat([ids, changed]), attention_mask=torch.cat([mask, mask])).last_hidden_state
     first = first.float()
-    scale = first[0, 0].abs().max().clamp_min(1e-6)
-    moved = ((first[0, 0] - first[1, 0]).abs().max() / scale).item()
+    def moved_at(position: int) -> float:
+        scale = first[0, position].abs().max().clamp_min(1e-6)
+        return ((first[0, position] - first[1, position]).abs().max() / scale).item()
+
+    moved = moved_at(1 if causal_sink else 0)
     name = model.config.model_type
     own = ((first[0, -1] - first[1, -1]).abs().max() / first[0, -1].abs().max().clamp_min(1e-6)).item()
     if own < 1e-5:  # not even the changed token's own position moved: the output ignores the input
@@ -220,6 +225,9 @@ def verify_attention(model: torch.nn.Module, attention: str, vocab_size: int | N
             f"model_type {name!r} stayed causal with is_causal=False (its attention ignores the flag); "
             f"use attention: causal, or a verified type {VERIFIED_MODEL_TYPES}"
         )
+    if causal_sink and moved_at(0) > 1e-3:
+        raise VerificationError(f"model_type {name!r}: the first token sees later ones although the causal sink is on "
+                                "(an attention path that bypasses llm2emb.attention)")
     if attention == "causal" and moved > 1e-3:
         raise VerificationError(f"model_type {name!r} leaks future tokens although attention is causal")
 

@@ -43,6 +43,9 @@ def add_convert(sub) -> None:
     p.add_argument("--pooling", default="mean", type=_pooling_arg,
                    help="mean | last_token | weighted_mean | latent_attention | multi_layer, or a JSON object")
     p.add_argument("--attention", default="bidirectional", choices=["bidirectional", "causal"])
+    p.add_argument("--causal-sink", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each text's first token causal (the attention sink) in bidirectional attention "
+                        "(default: on for bidirectional); --no-causal-sink attends as plain transformers does")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--query-instruction", help="default instruction for queries")
@@ -57,13 +60,15 @@ def run_convert(args) -> None:
     from llm2emb.convert import convert
 
     embedder = convert(
-        args.base, args.out, pooling=args.pooling, attention=args.attention, dtype=args.dtype,
-        max_length=args.max_length, query_instruction=args.query_instruction, overwrite=args.overwrite,
-        rope_scaling=args.rope_scaling,
+        args.base, args.out, pooling=args.pooling, attention=args.attention, causal_sink=args.causal_sink,
+        dtype=args.dtype, max_length=args.max_length, query_instruction=args.query_instruction,
+        overwrite=args.overwrite, rope_scaling=args.rope_scaling,
     )
     window = embedder.rope_window
     extended = f", RoPE {embedder.config.rope_scaling['method']} beyond {window} tokens" if window else ""
-    print(f"wrote {args.out}: {embedder.config.attention} {embedder.pooler.name} pooling, dim {embedder.dim}{extended}")
+    sink = " (first token causal: the sink)" if embedder.config.causal_sink else ""
+    print(f"wrote {args.out}: {embedder.config.attention}{sink} {embedder.pooler.name} pooling, dim {embedder.dim}"
+          f"{extended}")
 
 
 # ---------------------------------------------------------------- encode

@@ -93,6 +93,10 @@ def export_sentence_transformers(model: str | Path, out: str | Path, overwrite: 
     refuse_non_empty(out, overwrite)
     embedder = merged(Embedder.from_pretrained(model, torch_dtype="auto", device=device))
     config, pooling = embedder.config, embedder.config.pooling["type"]
+    if config.causal_sink:
+        raise UserError(f"{model}: keeps each text's first token causal (causal_sink), which plain transformers, and "
+                        "so sentence-transformers, vLLM and TEI, cannot do; export --format llm2emb, or train from "
+                        "a base converted with --no-causal-sink")
     portable = pooling in PORTABLE_POOLING
     if portable and pooling == "mean" and _special_prefix(embedder.tokenizer):
         raise UserError(f"{model}: the tokenizer adds a BOS token that llm2emb leaves out of mean pooling but "

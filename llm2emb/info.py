@@ -26,6 +26,7 @@ def describe(folder: str | Path) -> dict:
         "backbone": config.backbone,
         "model_type": details.get("model_type", "-"),
         "attention": config.attention,
+        "causal_sink": "yes" if config.causal_sink else "no",
         "pooling": json.dumps(config.pooling),
         "max_length": config.max_length,
         "query_template": json.dumps(config.query_template),

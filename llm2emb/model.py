@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from llm2emb.attention import resolve_backend, use_varlen_attention
+from llm2emb.attention import resolve_backend, set_causal_sink, use_varlen_attention
 from llm2emb.backbone import BaseRef, load_backbone, load_tokenizer, resolve_base, verify_attention
 from llm2emb.config import CONFIG_NAME, POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
@@ -65,6 +65,7 @@ class Embedder(nn.Module):
         attention_backend: str = "auto",
         quantization: str | None = None,
         rope_scaling: str | dict[str, Any] | None = None,
+        causal_sink: bool | None = None,
         **pooling_kwargs: Any,
     ) -> Embedder:
         """Load an llm2emb folder, or make an Embedder from a base (hub id, HF folder, .gguf, asset alias).
@@ -74,16 +75,19 @@ class Embedder(nn.Module):
         `quantization` (4bit | 8bit, CUDA and bitsandbytes) loads the base quantized, for QLoRA training.
         `rope_scaling` ("yarn:4", or {"method": pi | ntk | yarn, "factor": 4}) stretches RoPE for texts beyond the
         trained window (llm2emb.rope); a folder saved with it keeps it.
+        `causal_sink` (llm2emb.attention): None keeps a folder's choice and turns it on for a bidirectional base.
         """
         rope_scaling = parse_rope_scaling(rope_scaling)
         if pooling_kwargs:
             pooling = {"type": pooling or "mean", **pooling_kwargs} if not isinstance(pooling, dict) else pooling
         if is_model_folder(path_or_id):
             embedder = cls._load_folder(Path(path_or_id), pooling, attention, torch_dtype, device, attn_implementation,
-                                        quantization)
+                                        quantization, causal_sink)
         else:
             base = resolve_base(path_or_id)
-            config = EmbedderConfig(base=str(path_or_id), attention=attention or "bidirectional")
+            attention = attention or "bidirectional"
+            sink = attention == "bidirectional" if causal_sink is None else causal_sink
+            config = EmbedderConfig(base=str(path_or_id), attention=attention, causal_sink=sink)
             if pooling is not None:
                 config.pooling = as_pooling_spec(pooling)
             backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device, quantization)
@@ -117,11 +121,15 @@ class Embedder(nn.Module):
         return rope_window(_base_model(self.backbone).config)
 
     @classmethod
-    def _load_folder(cls, folder, pooling, attention, torch_dtype, device, attn_implementation, quantization) -> Embedder:
+    def _load_folder(cls, folder, pooling, attention, torch_dtype, device, attn_implementation, quantization,
+                     causal_sink) -> Embedder:
         refuse_damaged(folder, "re-convert or re-train it (a training run's last intact checkpoint is a model folder too)")
         config = EmbedderConfig.load(folder)
         if attention is not None and attention != config.attention:
             raise UserError(f"{folder}: built with attention {config.attention!r}; cannot load it as {attention!r}")
+        if causal_sink is not None and causal_sink != config.causal_sink:
+            raise UserError(f"{folder}: built with causal_sink {str(config.causal_sink).lower()}; cannot load it with "
+                            f"causal_sink {str(causal_sink).lower()} (convert the base again to change it)")
         if pooling is not None:
             wanted = as_pooling_spec(pooling)
             if wanted.get("type") != config.pooling.get("type"):
@@ -151,7 +159,11 @@ class Embedder(nn.Module):
     def assemble(cls, backbone, tokenizer, config: EmbedderConfig) -> Embedder:
         """An Embedder from loaded parts: the attention mode is verified and the pooler built (freshly initialised;
         `load_weights` puts trained weights in). The one place an Embedder is put together."""
-        verify_attention(backbone, config.attention)
+        if config.causal_sink and config.attention != "bidirectional":
+            raise UserError(f"causal_sink keeps the first token causal inside bidirectional attention; with attention "
+                            f"{config.attention!r} there is nothing to keep")
+        set_causal_sink(backbone, config.causal_sink)
+        verify_attention(backbone, config.attention, causal_sink=config.causal_sink)
         shape = _base_model(backbone).config
         pooler = build_pooler(config.pooling, shape.hidden_size, shape.num_hidden_layers)
         config.pooling = pooler_spec(pooler)

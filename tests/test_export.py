@@ -35,7 +35,8 @@ def _randomize_pooler(embedder, seed):
 
 
 def make_model(base, folder, pooling, lora):
-    embedder = Embedder.from_pretrained(base, pooling=pooling, torch_dtype="float32")
+    # Plainly bidirectional: sentence-transformers has no causal sink (test_causal_sink.py checks the refusal).
+    embedder = Embedder.from_pretrained(base, pooling=pooling, torch_dtype="float32", causal_sink=False)
     embedder.config.default_query_instruction = INSTRUCTION
     # Instruct models ship a chat template, which sentence-transformers would wrap every text in.
     embedder.tokenizer.chat_template = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
@@ -117,7 +118,8 @@ def test_merged_export_equals_adapter_model(tiny_qwen2, tmp_path, capsys):
     np.testing.assert_allclose(standalone.encode_queries(QUERIES), adapter.encode_queries(QUERIES), atol=1e-4)
     np.testing.assert_allclose(standalone.encode_documents(DOCUMENTS), adapter.encode_documents(DOCUMENTS), atol=1e-4)
     # The adapter really changes the vectors, so equality above is not trivially met by ignoring it.
-    base = Embedder.from_pretrained(tiny_qwen2, pooling=POOLINGS["latent_attention"], torch_dtype="float32")
+    base = Embedder.from_pretrained(tiny_qwen2, pooling=POOLINGS["latent_attention"], torch_dtype="float32",
+                                    causal_sink=False)
     assert np.abs(base.encode(DOCUMENTS) - adapter.encode(DOCUMENTS)).max() > 1e-3
 
 

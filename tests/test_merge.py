@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel
 
+from llm2emb.attention import set_causal_sink
 from llm2emb.cli import main
 from llm2emb.errors import UserError
 from llm2emb.merge import merge, parse_weights
@@ -54,6 +55,7 @@ def test_merged_adapter_is_the_weighted_sum_of_deltas_exactly(tiny_qwen2, folder
     merged = Embedder.from_pretrained(out)
     manual = AutoModel.from_pretrained(tiny_qwen2)
     manual.config.is_causal = False
+    set_causal_sink(manual, True)
     with torch.no_grad():
         for name in got:
             module = manual.get_submodule(name.split("base_model.model.", 1)[1])

@@ -7,6 +7,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel
 
 from llm2emb import Embedder, UserError
+from llm2emb.attention import set_causal_sink
 from llm2emb.backbone import VERIFIED_MODEL_TYPES
 from tests.conftest import EVERY_POOLING
 
@@ -158,10 +159,14 @@ def test_peft_adapter_round_trip_and_plain_peft_loading(tiny_qwen2, tmp_path):
 
     plain = PeftModel.from_pretrained(AutoModel.from_pretrained(converted), tmp_path / "adapter").eval()
     batch = reloaded.tokenize(TEXTS)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
-        ours = reloaded.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        theirs = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        ours = reloaded.backbone(**inputs).last_hidden_state
+        everywhere = plain(**inputs).last_hidden_state
+        set_causal_sink(plain, True)  # plain transformers attends from the first token too; this is llm2emb's sink
+        theirs = plain(**inputs).last_hidden_state
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    assert (ours - everywhere).abs().max() > 1e-3
 
 
 def test_load_weights_puts_a_saved_full_model_into_a_live_one(tiny_qwen2, tmp_path):

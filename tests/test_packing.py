@@ -73,16 +73,24 @@ def test_segment_ids_and_block_diagonal_mask():
             assert bool(mask[0, 0, i, j]) == (text[i] == text[j])
 
 
+@pytest.mark.parametrize("causal_sink", [False, True])
 @torch.no_grad()
-def test_varlen_attention_equals_block_diagonal_mask(tiny_qwen2):
-    """The packed kernel computes what one packed row under a block-diagonal mask computes (eager attention)."""
-    embedder = load(tiny_qwen2, backend="packed")
+def test_varlen_attention_equals_block_diagonal_mask(tiny_qwen2, causal_sink):
+    """The packed kernel computes what one packed row under a block-diagonal mask computes (eager attention); with
+    the causal sink, the mask lets each text's first token see itself alone."""
+    embedder = Embedder.from_pretrained(tiny_qwen2, torch_dtype=torch.float32, attention_backend="packed",
+                                        causal_sink=causal_sink)
     batch = embedder.tokenize(TEXTS)
     packed = pack(batch["input_ids"], batch["attention_mask"])
     varlen = embedder.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
                                llm2emb_kernel="sdpa", **packed.attention_kwargs()).last_hidden_state
-    reference = Embedder.from_pretrained(tiny_qwen2, torch_dtype=torch.float32, attn_implementation="eager").backbone
+    reference = Embedder.from_pretrained(tiny_qwen2, torch_dtype=torch.float32, attn_implementation="eager",
+                                         causal_sink=False).backbone
     allowed = block_diagonal_mask(packed.cu_seqlens)
+    if causal_sink:
+        starts = packed.cu_seqlens[:-1].long()
+        allowed[..., starts, :] = False
+        allowed[..., starts, starts] = True
     additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)  # eager adds masks
     blocked = reference(input_ids=packed.input_ids, position_ids=packed.position_ids,
                         attention_mask=additive).last_hidden_state

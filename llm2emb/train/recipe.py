@@ -64,6 +64,9 @@ class ModelSpec(_Strict):
     base: str
     """Hub id, HF folder, .gguf file, llm2emb folder, or an alias from llm2emb.assets (e.g. smollm2-135m)."""
     attention: Literal["bidirectional", "causal"] = "bidirectional"
+    causal_sink: bool | None = None
+    """Keep each text's first token causal in bidirectional attention (llm2emb.attention); None: an llm2emb folder's
+    own choice, and on for a bidirectional base."""
     pooling: str | dict[str, Any] | None = None
     """A pooler name or {type: ..., args}; None: the folder's pooling for an llm2emb folder, else mean."""
     max_length: Annotated[int, Field(gt=0)] = 512
@@ -488,6 +491,9 @@ class Recipe(_Strict):
             if stage.bidirectional_warmup and self.model.attention != "bidirectional":
                 raise KeyPathError(("stages", index, "bidirectional_warmup"),
                                 "the causal-to-bidirectional curriculum needs model.attention: bidirectional")
+        if self.model.causal_sink and self.model.attention != "bidirectional":
+            raise KeyPathError(("model", "causal_sink"), "the causal sink is part of bidirectional attention; "
+                               "model.attention is causal")
         if self.quantization != "none" and self.lora is None:
             raise KeyPathError("quantization", f"{self.quantization} needs lora: a quantized base trains only an adapter")
         return self

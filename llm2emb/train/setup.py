@@ -50,7 +50,8 @@ def load_embedder(recipe: Recipe):
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     quantization = None if recipe.quantization == "none" else recipe.quantization
     embedder = Embedder.from_pretrained(spec.base, pooling=spec.pooling, attention=spec.attention,
-                                        torch_dtype=getattr(torch, dtype), quantization=quantization)
+                                        torch_dtype=getattr(torch, dtype), quantization=quantization,
+                                        causal_sink=spec.causal_sink)
     embedder.config.max_length = spec.max_length
     lora = resolve_lora(recipe, embedder)
     if lora is not None:

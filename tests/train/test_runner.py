@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel, TrainerCallback
 
+from llm2emb.attention import set_causal_sink
 from llm2emb.convert import convert
 from llm2emb.errors import UserError
 from llm2emb.model import Embedder
@@ -127,11 +128,13 @@ def test_stages_chain_and_model_loads_with_embedder_and_plain_peft(finished, con
     assert embedder.pooler.trainable and embedder.config.max_length == 32
     batch = embedder.tokenize(["A cat is on the mat.", "enzyme on the street?"])
     plain = PeftModel.from_pretrained(AutoModel.from_pretrained(converted), model_dir).eval()
+    set_causal_sink(plain, True)  # the converted base's causal sink (llm2emb.attention)
     with torch.no_grad():
         ours = embedder.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         theirs = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state, rtol=0, atol=1e-5)
     base = AutoModel.from_pretrained(converted).eval()
+    set_causal_sink(base, True)
     with torch.no_grad():
         untrained = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     assert (untrained - ours.last_hidden_state).abs().max() > 1e-3  # the adapter is really applied

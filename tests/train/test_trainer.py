@@ -123,7 +123,8 @@ def test_gradcache_step_equals_plain_step(tiny_qwen2, data_file, tmp_path):
         assert any(part in name for name in nonzero), part
     for name, want in grads[None].items():
         error = (grads[3][name] - want).norm() / want.norm().clamp_min(1e-30)
-        assert error < 1e-5, (name, error.item())
+        # float32: tau's gradient is one sum over the whole batch, and the chunks add it up in another order
+        assert error < 3e-5, (name, error.item())
 
 
 class CorruptTemperatureAfter(TrainerCallback):

@@ -38,8 +38,8 @@ class EmbedderConfig:
     attention: str = "bidirectional"
     causal_sink: bool = False
     """Bidirectional models only: every text's first token attends to itself alone, as in the causal base
-    (llm2emb.attention, "The causal sink"). New conversions turn it on; folders written before 2026-12-07 lack the key
-    and attend plainly bidirectionally."""
+    (llm2emb.attention, "The causal sink"). New conversions turn it on; folders written before it (2026-12-06) lack
+    the key and attend plainly bidirectionally."""
     pooling: dict[str, Any] = field(default_factory=lambda: {"type": "mean"})
     normalize: bool = True
     max_length: int = 512

@@ -92,12 +92,9 @@ def main(argv=None) -> None:
         reports = [measure(args.model, args.sizes)]
         if args.json:
             Path(args.json).write_text(json.dumps(reports[0], indent=2) + "\n")
-    text = table(reports)
-    print(text)
-    if args.results_block:
-        from scripts.results_block import replace_block
+    from scripts.results_block import publish
 
-        replace_block(args.results_block, text)
+    publish(table(reports), args.results_block)
 
 
 if __name__ == "__main__":

@@ -18,3 +18,10 @@ def replace_block(name: str, body: str, results: Path = RESULTS) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + start + "\n" + body + "\n" + end + "\n"
     results.write_text(text)
+
+
+def publish(text: str, block: str | None) -> None:
+    """Print a benchmark's rendered table and, when `block` names one, put it into RESULTS.md too."""
+    print(text)
+    if block:
+        replace_block(block, text)

@@ -17,6 +17,12 @@ A stage can also learn nothing without collapsing: at 20 steps of 16 at learning
 loss fell from 6.58 only to 4.06, above chance (ln 32 = 3.47), at a cosine of 0.62, and scored 14 on STS-B dev, as
 untrained. So at the end of a stage, a mean loss over its last `patience` steps at or above the chance loss stops
 it too, before its model is saved; a stage with fewer than `patience` steps after warmup is too short to judge.
+
+And a stage can make the model worse without either: with the causal sink (llm2emb.attention) a tiny model at
+learning rate 10 went from loss 0.52 to about 2.3 (chance ln 16 = 2.77) at a cosine of 0.85-0.97, never long enough at
+both edges to count as collapsed. So a stage whose last `patience` steps averaged at least `regression` x the loss of
+its first step (the model as it came in, before any update), and at least half the chance loss (a flat run at a low
+loss passes, however noisy its batches), stops the same way.
 """
 
 from __future__ import annotations
@@ -50,11 +56,13 @@ class CollapseGuard:
     """Watches each step's `BatchSpread` and raises `CollapseError` after `patience` collapsed steps in a row."""
 
     def __init__(self, patience: int = 10, cosine: float = 0.95, loss_ratio: float = 0.9,
-                 cosine_alone: float = 0.99, after_step: int = 0):
+                 cosine_alone: float = 0.99, after_step: int = 0, regression: float = 1.5):
         if patience < 1:
             raise ValueError(f"patience must be at least 1, got {patience}")
         self.patience, self.cosine, self.loss_ratio = patience, cosine, loss_ratio
-        self.cosine_alone, self.after_step = cosine_alone, after_step
+        self.cosine_alone, self.after_step, self.regression = cosine_alone, after_step, regression
+        self.opening: float | None = None
+        """The first observed step's loss: the model as the stage (or its resumed part) got it."""
         self.streak = self.longest_streak = 0
         self.streak_start: int | None = None
         self.highest_cosine: float | None = None
@@ -71,6 +79,8 @@ class CollapseGuard:
     def observe(self, step: int, spread: BatchSpread) -> None:
         """Record step `step` (1-based, the optimizer step about to be taken); raise once the streak is full."""
         self.last = spread
+        if self.opening is None:
+            self.opening = spread.loss
         if step <= self.after_step:
             return
         self.recent.append(spread)
@@ -97,19 +107,25 @@ class CollapseGuard:
 
     def check_learned(self, step: int) -> None:
         """At the end of a stage: raise when its last `patience` steps after warmup averaged a loss at or above
-        chance (it learned nothing); a stage with fewer such steps, or a loss without a chance level, passes."""
+        chance (it learned nothing), or well above its opening loss (it made the model worse); a stage with fewer
+        such steps, or a loss without a chance level, passes."""
         if len(self.recent) < self.patience or any(s.chance is None for s in self.recent):
             return
         loss = sum(s.loss for s in self.recent) / len(self.recent)
         chance = sum(s.chance for s in self.recent) / len(self.recent)
-        if loss < chance:
-            return
         cosine = sum(s.cosine for s in self.recent) / len(self.recent)
-        raise CollapseError(
-            f"step {step}: the stage ended without learning (mean loss {loss:.2f} over its last {len(self.recent)} "
-            f"steps, at or above {chance:.2f} = ln {round(math.exp(chance))} candidates at chance; mean cosine "
-            f"{cosine:.3f} between different texts); its model was not saved",
-            step, BatchSpread(loss, chance, cosine))
+        ending = f"mean loss {loss:.2f} over its last {len(self.recent)} steps"
+        spread = f"mean cosine {cosine:.3f} between different texts"
+        if loss >= chance:
+            raise CollapseError(
+                f"step {step}: the stage ended without learning ({ending}, at or above {chance:.2f} = "
+                f"ln {round(math.exp(chance))} candidates at chance; {spread}); its model was not saved",
+                step, BatchSpread(loss, chance, cosine))
+        if loss >= self.regression * self.opening and loss >= chance / 2:
+            raise CollapseError(
+                f"step {step}: the stage ended worse than it began ({ending} against {self.opening:.2f} at its "
+                f"first, chance {chance:.2f}; {spread}); its model was not saved",
+                step, BatchSpread(loss, chance, cosine))
 
     def report(self) -> dict:
         """What summary.json keeps of the stage: how close it came (the longest streak against the patience)."""

@@ -108,7 +108,7 @@ def build_trainer(stage: StageSpec, index: int, embedder, args, data: StageData,
         gradcache_chunk=stage.gradcache_chunk, bidirectional_warmup=stage.bidirectional_warmup,
         collapse_guard=guard is not None and CollapseGuard(
             patience=guard.patience, cosine=guard.cosine, loss_ratio=guard.loss_ratio,
-            cosine_alone=guard.cosine_alone, after_step=stage.warmup_step_count),
+            cosine_alone=guard.cosine_alone, regression=guard.regression, after_step=stage.warmup_step_count),
         layer_lr_decay=stage.layer_lr_decay, **options,
     )
     if stage.objective == "simcse":

@@ -248,12 +248,15 @@ class CollapseGuardSpec(_Strict):
     """When a stage stops because its embeddings collapsed (llm2emb.train.collapse): after `patience` optimizer
     steps in a row, warmup excluded, whose batch has a mean cosine between different texts of at least `cosine` and a
     loss of at least `loss_ratio` x the chance loss ln(candidates); losses without a chance level (graded pairs,
-    distillation) use `cosine_alone`. The stop names the stage, step, loss and spread and writes no model."""
+    distillation) use `cosine_alone`. At a stage's end it also stops one whose last `patience` steps averaged a loss
+    at or above chance, or at least `regression` x its first step's loss (and half of chance). The stop names the
+    stage, step, loss and spread and writes no model."""
 
     patience: Annotated[int, Field(gt=0)] = 10
     cosine: Annotated[float, Field(gt=0, le=1)] = 0.95
     loss_ratio: Annotated[float, Field(gt=0)] = 0.9
     cosine_alone: Annotated[float, Field(gt=0, le=1)] = 0.99
+    regression: Annotated[float, Field(gt=1)] = 1.5
 
 
 class StageSpec(_Strict):

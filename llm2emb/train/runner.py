@@ -19,14 +19,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shlex
 import time
 import warnings
 from pathlib import Path
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 
+from llm2emb.config import EmbedderConfig
 from llm2emb.errors import UserError
 from llm2emb.files import folder_lock, write_text_atomic
+from llm2emb.model_card import TrainingRecord, write_card
 from llm2emb.train.callbacks import (
     EvalCallback,
     Evaluator,
@@ -41,7 +44,7 @@ from llm2emb.train.distributed import is_main_process, launched_processes, wait_
 from llm2emb.train.errors import TrainingStopped
 from llm2emb.train.fit import check_fit
 from llm2emb.train.objectives import build_objective_data, build_trainer
-from llm2emb.train.recipe import Recipe, StageSpec
+from llm2emb.train.recipe import RESOLVED_NAME, Recipe, StageSpec
 from llm2emb.train.recipe_file import load_recipe
 from llm2emb.train.remine import with_mined_negatives
 from llm2emb.train.reporting import METRICS_NAME, SUMMARY_NAME, TrainSummary, peak_memory_mb, plot_loss
@@ -155,8 +158,27 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
         if evaluator and recipe.eval.at_end:
             summary.evaluations.append(evaluator.run(embedder, log, stage="end", step=summary.steps))
         write_text_atomic(root / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2) + "\n")
+        model = root / "model"  # the config as saved (backbone: adapter or weights), not the live one
+        write_card(model, EmbedderConfig.load(model), training_record(recipe, root, stage_data, summary))
         plot_loss(root / METRICS_NAME, root / "loss.png")
     return summary
+
+
+def training_record(recipe: Recipe, root: Path, stage_data: list, summary: TrainSummary) -> TrainingRecord:
+    """What the model card says of this run, from what the run itself recorded."""
+    commands = [f"--sts {spec.path}" for spec in recipe.eval.sts]
+    for spec in recipe.eval.beir:
+        command = f"--beir {spec.path} --split {spec.split}"
+        if spec.corpus_sample:
+            command += f" --corpus-sample {spec.corpus_sample}"
+        if spec.instruction:
+            command += f" --query-instruction {shlex.quote(spec.instruction)}"
+        commands.append(command)
+    datasets = [(stage.name, part.spec.path, len(part.rows))
+                for stage, data in zip(recipe.stages, stage_data) for part in data.parts]
+    return TrainingRecord(recipe_path=str(root / RESOLVED_NAME),
+                          resolved_recipe=(root / RESOLVED_NAME).read_text(), datasets=datasets, steps=summary.steps,
+                          seconds=summary.seconds, evaluations=summary.evaluations, evaluation_commands=commands)
 
 
 # ---- setup -------------------------------------------------------------------------------------------------------

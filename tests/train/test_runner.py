@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel, TrainerCallback
@@ -114,6 +115,25 @@ def test_run_writes_model_metrics_summary_and_plot(finished):
     assert (root / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for stage in ("0-retrieval", "1-blend"):
         assert (root / "stages" / stage / "final" / "llm2emb.json").is_file()
+
+
+def test_the_model_card_is_generated_from_what_the_run_recorded(finished):
+    recipe, summary = finished
+    root = recipe.parent / "run"
+    card = (root / "model" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["pipeline_tag"] == "sentence-similarity" and "causal-sink" in meta["tags"]
+    assert "base_model" not in meta  # a local tiny base: no hub id to name
+    end = json.loads((root / "summary.json").read_text())["evaluations"][-1]
+    results = meta["model-index"][0]["results"]
+    reported = {(r["dataset"]["name"], r["metrics"][0]["type"]): r["metrics"][0]["value"] for r in results}
+    assert reported == {tuple(k[len("eval/"):].rsplit("/", 1)): v for k, v in end.items() if k.startswith("eval/")}
+    assert len(reported) == 2
+    rows = len((recipe.parent / "triplets.jsonl").read_text().splitlines())
+    assert f"| retrieval | `{recipe.parent / 'triplets.jsonl'}` | {rows:,} |" in card
+    assert (root / RESOLVED_NAME).read_text().rstrip("\n") in card
+    assert f"llm2emb eval MODEL --sts {recipe.parent / 'sts.tsv'}" in card
+    assert "set_causal_sink(model, True)" in card and "PeftModel.from_pretrained" in card
 
 
 def test_stages_chain_and_model_loads_with_embedder_and_plain_peft(finished, converted):

@@ -66,3 +66,8 @@ def fetch_asset(name: str) -> Path:
 def _ensure(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     return directory
+
+
+def resolve_asset(reference: str) -> str:
+    """An asset alias becomes its file or folder on disk (downloaded once); any other reference is returned as it is."""
+    return str(fetch_asset(reference)) if reference in ASSETS else reference

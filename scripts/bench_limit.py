@@ -38,6 +38,7 @@ METRICS = ("recall@2", "recall@10", "recall@100")
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from llm2emb.assets import resolve_asset
     from llm2emb.evaluate.bm25 import bm25_ranking
     from llm2emb.evaluate.cache import EmbeddingCache, model_fingerprint
     from llm2emb.evaluate.encoders import as_encoder, normalized
@@ -46,7 +47,6 @@ def main(argv=None) -> None:
     from llm2emb.evaluate.retrieval import encode_corpus
     from llm2emb.evaluate.runner import load_model
     from llm2emb.evaluate.search import top_k
-    from llm2emb.train.teacher import resolve_teacher_path
 
     data = limit_task(args.size)
     cache = EmbeddingCache(args.cache_dir)
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
                  "seconds": round(time.perf_counter() - started, 1)})
     for name in args.models:
         started = time.perf_counter()
-        encoder = as_encoder(load_model(resolve_teacher_path(name)), args.batch_size)
+        encoder = as_encoder(load_model(resolve_asset(name)), args.batch_size)
         documents, cached = encode_corpus(encoder, data, cache, model_fingerprint(encoder))
         queries = np.asarray(encoder.encode_queries(data.queries), np.float32)
         seconds = "cached" if cached else round(time.perf_counter() - started, 1)

@@ -32,16 +32,16 @@ def main(argv=None) -> None:
 
     from sentence_transformers.quantization import quantize_embeddings
 
+    from llm2emb.assets import resolve_asset
     from llm2emb.evaluate import load_beir
     from llm2emb.evaluate.encoders import as_encoder, normalized
     from llm2emb.evaluate.metrics import evaluated_queries, retrieval_scores
     from llm2emb.evaluate.runner import load_model
     from llm2emb.evaluate.search import search_codes
     from llm2emb.precision import bytes_per_vector, calibration_ranges, quantize
-    from llm2emb.train.teacher import resolve_teacher_path
 
     data = load_beir(args.beir, args.split)
-    encoder = as_encoder(load_model(resolve_teacher_path(args.model), max_length=args.max_length), 32)
+    encoder = as_encoder(load_model(resolve_asset(args.model), max_length=args.max_length), 32)
     counted = set(evaluated_queries(data.qrels))
     query_ids = [q for q in data.query_ids if q in counted]
     texts = [t for q, t in zip(data.query_ids, data.queries) if q in counted]

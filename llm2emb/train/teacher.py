@@ -65,19 +65,13 @@ class Teacher:
         return vectors
 
 
-def resolve_teacher_path(model: str) -> str:
-    """An asset alias becomes its folder on disk (downloaded once); anything else is returned unchanged."""
-    from llm2emb.assets import ASSETS, fetch_asset
-
-    return str(fetch_asset(model)) if model in ASSETS else model
-
-
 def load_teacher(model: str, name: str, torch_dtype: Any = None, max_length: int | None = None,
                  batch_size: int = 64, instructions: bool = False) -> Teacher:
     """The teacher named `model` (sentence-transformers folder, llm2emb folder or base, asset alias), frozen."""
+    from llm2emb.assets import resolve_asset
     from llm2emb.evaluate.runner import load_model
 
-    path = resolve_teacher_path(model)
+    path = resolve_asset(model)
     try:
         loaded = load_model(path, max_length=max_length, torch_dtype=torch_dtype)
     except (OSError, ValueError, UserError) as exc:  # UserError: already says what is wrong with the folder

@@ -287,11 +287,14 @@ def run_train(args) -> None:
 
 # ---------------------------------------------------------------- export
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a model as a sentence-transformers folder, or merge its LoRA adapter")
+    p = sub.add_parser("export", help="write a model as a sentence-transformers folder or an ONNX graph, or merge its "
+                                      "LoRA adapter")
     p.add_argument("model", help="llm2emb model folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", choices=["sentence-transformers"],
-                   help="sentence-transformers: Transformer + Pooling + Normalize (adapter merged)")
+    p.add_argument("--format", choices=["sentence-transformers", "onnx"],
+                   help="sentence-transformers: Transformer + Pooling + Normalize (adapter merged); onnx: backbone, "
+                        "pooler and normalisation in one graph for ONNX Runtime (adapter merged, checked to 1e-4)")
+    p.add_argument("--int8", action="store_true", help="with --format onnx: also model_int8.onnx (dynamic int8)")
     p.add_argument("--merged", action="store_true", help="a standalone llm2emb folder with the LoRA adapter merged")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     add_device_argument(p)
@@ -302,7 +305,15 @@ def run_export(args) -> None:
     from llm2emb.export import export
 
     if (args.format is None) == (not args.merged):
-        raise UserError("choose one of --format sentence-transformers or --merged")
+        raise UserError("choose one of --format sentence-transformers, --format onnx or --merged")
+    if args.int8 and args.format != "onnx":
+        raise UserError("--int8 is for --format onnx")
+    if args.format == "onnx":
+        from llm2emb.export_onnx import export_onnx
+
+        out = export_onnx(args.model, args.out, overwrite=args.overwrite, int8=args.int8)
+        print(f"wrote {out} (ONNX{', with int8' if args.int8 else ''})")
+        return
     out = export(args.model, args.out, format=args.format or "llm2emb", overwrite=args.overwrite,
                  device=pick_device(args.device))
     print(f"wrote {out} ({args.format or 'merged llm2emb folder'})")

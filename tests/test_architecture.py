@@ -15,10 +15,10 @@ FLOORS = {
     "llm2emb.cli": 4,
     "llm2emb.model": 2,
 }
-"""Floor of each module: 4 the command line, 3 the commands (convert, corpus, export, merge, info, mine, evaluate,
+"""Floor of each module: 4 the command line, 3 the commands (convert, corpus, export, export_onnx, merge, info, mine, evaluate,
 integrations, train), 2 the Embedder, 1 its parts and the shared helpers. Modules not listed take their floor from
 COMMANDS / the default 1."""
-COMMANDS = ("llm2emb.convert", "llm2emb.corpus", "llm2emb.export", "llm2emb.merge", "llm2emb.info", "llm2emb.mine",
+COMMANDS = ("llm2emb.convert", "llm2emb.corpus", "llm2emb.export", "llm2emb.export_onnx", "llm2emb.merge", "llm2emb.info", "llm2emb.mine",
             "llm2emb.evaluate",
             "llm2emb.integrations", "llm2emb.train", "llm2emb.synth")
 

@@ -131,7 +131,7 @@ def test_export_cli_sentence_transformers_and_errors(tiny_qwen2, tmp_path, capsy
     assert main(["export", str(folder), "--format", "sentence-transformers", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert main(["export", str(folder), "--out", str(tmp_path / "x")]) == 2
-    assert "--format sentence-transformers or --merged" in capsys.readouterr().err
+    assert "--format sentence-transformers, --format onnx or --merged" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), "--merged", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("llm2emb export: error: ")

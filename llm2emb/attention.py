@@ -12,8 +12,8 @@ the same kernel.
 The causal sink (`set_causal_sink`, on by default for bidirectional models): every text's first token attends only
 to itself, as it did in the causal base, while every other token attends to the whole text. A causal LM parks its
 unneeded attention on the first token (the attention sink); letting that token see later ones rewrites the state every
-head leans on, which is why a plainly bidirectional SmolLM2-135M scored 15.4 on STS-B dev untrained and 53.8 causal,
-and 70.1 with the sink kept causal (benchmarks/RESULTS.md, "The causal sink"). A token that attends to itself alone
+head leans on, which is why an untrained SmolLM2-135M scored 29.6 on STS-B dev plainly bidirectional, 53.8 causal and
+64.9 with the sink kept causal (benchmarks/RESULTS.md, "The causal sink"). A token that attends to itself alone
 outputs its own value vector, so the sink is applied after any kernel: the first row of each text is overwritten with
 its value (per query head). It needs this module's attention function, which every path here goes through.
 

@@ -113,7 +113,8 @@ class OnnxEncoder:
     """An exported folder run with ONNX Runtime, tokenized as its Embedder tokenizes (templates, default
     instructions, the text cut and never the prompt): `encode`, `encode_queries`, `encode_documents`."""
 
-    def __init__(self, folder: str | Path, graph: str = GRAPH_NAME, threads: int | None = None):
+    def __init__(self, folder: str | Path, graph: str = GRAPH_NAME, threads: int | None = None,
+                 max_length: int | None = None):
         import onnxruntime
         from transformers import AutoTokenizer
 
@@ -135,7 +136,7 @@ class OnnxEncoder:
             tokenizer.pad_token = tokenizer.eos_token
         self.model = model
         self.prompt_tokenizer = PromptTokenizer(tokenizer, Prompts(model["query_template"], model["document_template"]),
-                                                self.settings["append_eos"], model["max_length"])
+                                                self.settings["append_eos"], max_length or model["max_length"])
 
     def encode(self, texts: Sequence[str], instruction: str | None = None, kind: str = "query",
                batch_size: int = 32) -> np.ndarray:

@@ -98,7 +98,8 @@ def measure(args) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     first = rows[0]
-    lines = [f"Untrained `{first['base']}`, float32, {first['threads']} threads, torch {first['torch']}, transformers "
+    threads = f"{first['threads']} thread" + ("s" if first["threads"] > 1 else "")
+    lines = [f"Untrained `{first['base']}`, float32, {threads}, torch {first['torch']}, transformers "
              f"{first['transformers']}, {first['date']}; the loss over the first {first['triplets']} SNLI triplets in "
              "batches of 16 (max_length 64), STS-B dev at 256 tokens.", "",
              "| attention | STS-B dev | contrastive loss (chance) | mean cosine between queries |", "|---|---|---|---|"]

@@ -1,0 +1,129 @@
+"""CPU encode speed of an ONNX export beside llm2emb's torch path and sentence-transformers, in one run, with the
+vectors checked first: ONNX Runtime fp32 and int8 (`llm2emb export --format onnx --int8`), llm2emb (its default
+attention backend), and sentence-transformers on the same weights (given the causal sink when the folder has it, as
+scripts/bench_encode.py does). Rounds alternate the order of the systems.
+
+    python -m scripts.bench_onnx --model runs/q/smol-sink --export runs/q/smol-sink-onnx --texts 256 \
+        --json benchmarks/onnx_cpu.json
+    python -m scripts.bench_onnx --report benchmarks/onnx_cpu.json --results-block onnx-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="llm2emb model folder")
+    p.add_argument("--export", help="its ONNX export (made here with --int8 when the folder does not exist yet)")
+    p.add_argument("--texts", type=int, default=256, help="first N SciFact abstracts to encode")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="threads for every system")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--report", help="only render this report")
+    p.add_argument("--results-block", metavar="NAME")
+    return p.parse_args(argv)
+
+
+def measure(args) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+
+    from llm2emb import Embedder
+    from llm2emb.export_onnx import INT8_NAME, OnnxEncoder, export_onnx
+    from llm2emb.readers import document_text
+    from scripts.bench_encode import build_sentence_transformer
+
+    torch.set_num_threads(args.threads)
+    export = Path(args.export)
+    if not export.exists():
+        export_onnx(args.model, export, int8=True)
+    lines = (DATA / "scifact" / "corpus.jsonl").read_text().splitlines()[: args.texts]
+    texts = [document_text(json.loads(line)) for line in lines]
+    embedder = Embedder.from_pretrained(args.model, torch_dtype=torch.float32)
+    embedder.config.max_length = args.max_length
+    onnx = {name: OnnxEncoder(export, graph=graph, threads=args.threads, max_length=args.max_length)
+            for name, graph in (("onnxruntime fp32", "model.onnx"), ("onnxruntime int8", INT8_NAME))}
+    systems = {
+        f"llm2emb torch ({embedder.attention_kernel})":
+            lambda batch: embedder.encode_documents(batch, batch_size=args.batch_size, show_progress_bar=False),
+        **{name: (lambda batch, e=encoder: e.encode_documents(batch, batch_size=args.batch_size))
+           for name, encoder in onnx.items()},
+    }
+    if embedder.pooler.name in ("mean", "last_token"):
+        st = build_sentence_transformer(args.model, embedder, "cpu", torch.float32, "sdpa")
+        st.max_seq_length = args.max_length
+        systems["sentence-transformers"] = lambda batch: st.encode(batch, batch_size=args.batch_size,
+                                                                  convert_to_numpy=True, show_progress_bar=False)
+    reference = systems[next(iter(systems))](texts)
+    differences = {name: float(np.abs(run(texts) - reference).max()) for name, run in systems.items()}
+    cosines = {name: float((run(texts) * reference).sum(axis=1).min()) for name, run in systems.items()}
+    if differences["onnxruntime fp32"] > 1e-4:
+        raise SystemExit(f"onnxruntime fp32 disagrees with llm2emb: max |diff| {differences['onnxruntime fp32']:.2e}")
+    timings = {name: [] for name in systems}
+    names = list(systems)
+    for round_index in range(args.rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            started = time.perf_counter()
+            systems[name](texts)
+            timings[name].append(time.perf_counter() - started)
+    tokens = sum(len(row.ids) for row in embedder.prompt_tokenizer.rows(texts, None, args.max_length, "document"))
+    torch_time = statistics.median(timings[names[0]])
+    import onnxruntime
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model, "export": str(export),
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s) per system",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+        "texts": len(texts), "tokens": tokens, "max_length": args.max_length, "batch_size": args.batch_size,
+        "results": [{"system": name, "median_s": round(statistics.median(timings[name]), 3),
+                     "rounds_s": [round(t, 3) for t in timings[name]],
+                     "tokens_per_s": round(tokens / statistics.median(timings[name]), 1),
+                     "speedup_vs_llm2emb_torch": round(torch_time / statistics.median(timings[name]), 3),
+                     "max_abs_diff_vs_llm2emb": differences[name], "min_cosine_vs_llm2emb": round(cosines[name], 6)}
+                    for name in names],
+    }
+
+
+def table(report: dict) -> str:
+    lines = [f"`{report['model']}` -> `{report['export']}`; {report['texts']} SciFact abstracts ({report['tokens']:,} "
+             f"tokens, max_length {report['max_length']}, batches of {report['batch_size']}); {report['machine']}; "
+             + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + f"; {report['date']}.", "",
+             "| system | median s | tokens/s | vs llm2emb torch | max abs diff vs llm2emb | min cosine vs llm2emb |",
+             "|---|---|---|---|---|---|"]
+    for row in report["results"]:
+        lines.append(f"| {row['system']} | {row['median_s']:.2f} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['speedup_vs_llm2emb_torch']:.2f}x | {row['max_abs_diff_vs_llm2emb']:.1e} | "
+                     f"{row['min_cosine_vs_llm2emb']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+    else:
+        if not (args.model and args.export):
+            raise SystemExit("--model and --export are required unless --report is given")
+        report = measure(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    from scripts.results_block import publish
+
+    publish(table(report), args.results_block)
+
+
+if __name__ == "__main__":
+    main()

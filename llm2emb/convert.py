@@ -48,5 +48,5 @@ def convert(
     if query_template is not None:
         embedder.config.query_template = query_template
     embedder.save_pretrained(out, overwrite=overwrite)
-    write_card(out, embedder.config)
+    write_card(out, embedder.folder_config())
     return embedder

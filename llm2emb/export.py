@@ -44,7 +44,7 @@ def export_merged(model: str | Path, out: str | Path, overwrite: bool = False, d
     """A standalone llm2emb folder with the adapter merged: loads without the base model or peft."""
     embedder = Embedder.from_pretrained(model, torch_dtype="auto", device=device)
     folder = merged(embedder).save_pretrained(out, overwrite=overwrite)
-    write_card(folder, embedder.config, source=str(model))
+    write_card(folder, embedder.folder_config(), source=str(model))
     return folder
 
 

@@ -26,7 +26,7 @@ from llm2emb.files import atomic_folder, refuse_non_empty
 from llm2emb.model import Embedder
 from llm2emb.model_card import write_card
 from llm2emb.prompts import Prompts
-from llm2emb.tokenization import PromptTokenizer
+from llm2emb.tokenization import PromptTokenizer, pad_rows
 
 GRAPH_NAME = "model.onnx"
 INT8_NAME = "model_int8.onnx"
@@ -94,7 +94,7 @@ def export_onnx(model: str | Path, out: str | Path, overwrite: bool = False, int
             settings["graphs"].append(INT8_NAME)
         (staging / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
         check_export(staging, embedder, texts)
-        write_card(staging, embedder.config, source=str(model))
+        write_card(staging, embedder.folder_config(), source=str(model))
     return out
 
 
@@ -141,24 +141,13 @@ class OnnxEncoder:
     def encode(self, texts: Sequence[str], instruction: str | None = None, kind: str = "query",
                batch_size: int = 32) -> np.ndarray:
         """(n, dim) float32 vectors in the order of `texts`, as `Embedder.encode` gives them."""
-        rows = list(self.prompt_tokenizer.rows(texts, instruction, None, kind))
-        for index, row in enumerate(rows):
-            if not any(row.pool):
-                raise UserError(f"text {index}: no token of it is left to pool")
+        rows = [(row.ids, row.pool) for row in self.prompt_tokenizer.rows(texts, instruction, None, kind)]
         pad = self.prompt_tokenizer.tokenizer.pad_token_id
         left = self.model["padding_side"] == "left"
         out = np.zeros((len(rows), self.settings["dim"]), dtype=np.float32)
         for start in range(0, len(rows), batch_size):
             group = rows[start:start + batch_size]
-            width = max(len(row.ids) for row in group)
-            arrays = {name: np.zeros((len(group), width), dtype=np.int64) for name in INPUTS}
-            arrays["input_ids"].fill(pad)
-            for i, row in enumerate(group):
-                span = slice(width - len(row.ids), width) if left else slice(0, len(row.ids))
-                arrays["input_ids"][i, span] = row.ids
-                arrays["attention_mask"][i, span] = 1
-                arrays["pool_mask"][i, span] = row.pool
-            out[start:start + len(group)] = self.session.run([OUTPUT], arrays)[0]
+            out[start:start + len(group)] = self.session.run([OUTPUT], pad_rows(group, pad, left))[0]
         return out
 
     def encode_queries(self, texts: Sequence[str], instruction: str | None = None, **kwargs) -> np.ndarray:

@@ -27,7 +27,7 @@ from llm2emb.pooling import Pooler, as_pooling_spec, build_pooler, pooler_spec
 from llm2emb.precision import check_precision, needs_ranges, quantize
 from llm2emb.prompts import Prompts
 from llm2emb.rope import extend_rope, parse_rope_scaling, rebuild_rotary, rope_window
-from llm2emb.tokenization import PromptTokenizer, UnembeddableText
+from llm2emb.tokenization import PromptTokenizer, UnembeddableText, pad_rows
 from llm2emb.weights import refuse_damaged
 
 PROGRESS_BAR_MIN_TEXTS = 1000
@@ -363,18 +363,8 @@ class Embedder(nn.Module):
             yield row.ids, row.pool
 
     def _pad(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in rows)
-        pad_id = self.tokenizer.pad_token_id
-        left = self.config.padding_side == "left"
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        pool_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, pool) in enumerate(rows):
-            span = slice(width - len(ids), width) if left else slice(0, len(ids))
-            input_ids[i, span] = torch.as_tensor(ids)
-            attention_mask[i, span] = 1
-            pool_mask[i, span] = torch.as_tensor(pool)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask}
+        batch = pad_rows(rows, self.tokenizer.pad_token_id, left=self.config.padding_side == "left")
+        return {name: torch.from_numpy(array) for name, array in batch.items()}
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, torch.Tensor], layers: int | None = None,
@@ -664,11 +654,17 @@ class Embedder(nn.Module):
             self._write(staging, state_dict)
         return Path(directory)
 
-    def _write(self, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+    def folder_config(self) -> EmbedderConfig:
+        """The llm2emb.json `save_pretrained` writes (before its digests): the live config with what the parts say of
+        themselves (pooler arguments, token head, adapter or full weights), which may have changed since loading."""
         config = EmbedderConfig(**{**self.config.__dict__})
         config.pooling = pooler_spec(self.pooler)
         config.token_dim = self.token_head.dim if self.token_head is not None else None
         config.backbone = "adapter" if is_peft(self.backbone) else "weights"
+        return config
+
+    def _write(self, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        config = self.folder_config()
         backbone_state = None if state_dict is None else submodule_state(state_dict, "backbone")
         # PEFT keeps only the adapter's entries of a given state dict; transformers saves all of them
         self.backbone.save_pretrained(str(folder), state_dict=backbone_state)

@@ -81,12 +81,14 @@ def _front_matter(path: Path) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
+def scores(record: dict) -> list[tuple[str, str, float]]:
+    """(task, metric, score) of one evaluation record; a task name may hold a slash (`stsb/test`), a metric not."""
+    return [(*key[len("eval/"):].rsplit("/", 1), value) for key, value in record.items() if key.startswith("eval/")]
+
+
 def final_scores(training: TrainingRecord | None) -> list[tuple[str, str, float]]:
     """(task, metric, score) of the run's last evaluation."""
-    if training is None or not training.evaluations:
-        return []
-    last = training.evaluations[-1]
-    return [(*key[len("eval/"):].rsplit("/", 1), value) for key, value in last.items() if key.startswith("eval/")]
+    return scores(training.evaluations[-1]) if training is not None and training.evaluations else []
 
 
 def front_matter(name: str, config: EmbedderConfig, base: BaseFacts, training: TrainingRecord | None) -> str:
@@ -156,10 +158,8 @@ def training_section(training: TrainingRecord) -> list[str]:
         lines += ["## Evaluation", "", "Scored by the run itself (`eval:` of the recipe), x100:", "",
                   "| when | task | metric | score |", "|---|---|---|---|"]
         for record in training.evaluations:
-            for key, value in record.items():
-                if key.startswith("eval/"):
-                    task, metric = key[len("eval/"):].rsplit("/", 1)
-                    lines.append(f"| {record['stage']} (step {record['step']}) | {task} | {metric} | {value:.2f} |")
+            lines += [f"| {record['stage']} (step {record['step']}) | {task} | {metric} | {value:.2f} |"
+                      for task, metric, value in scores(record)]
         if training.evaluation_commands:
             lines += ["", "Each score again, on this folder (MODEL):", "", "```bash",
                       *(f"llm2emb eval MODEL {command}" for command in training.evaluation_commands), "```"]

@@ -26,6 +26,8 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from llm2emb.errors import UserError
 from llm2emb.prompts import Prompt, Prompts
 
@@ -212,3 +214,17 @@ def locate_texts(describe: Callable[[int], str]) -> Iterator[None]:
         yield
     except UnembeddableText as exc:
         raise UserError(f"{describe(exc.index)}: {exc.detail}") from None
+
+
+def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, left: bool) -> dict[str, np.ndarray]:
+    """(ids, pool) rows as one batch: int64 `input_ids`, `attention_mask` and `pool_mask` (rows, longest), padded on
+    the left or the right; the one padding rule of the torch path (Embedder) and the ONNX one (OnnxEncoder)."""
+    width = max(len(ids) for ids, _ in rows)
+    batch = {name: np.zeros((len(rows), width), dtype=np.int64) for name in ("input_ids", "attention_mask", "pool_mask")}
+    batch["input_ids"].fill(pad_id)
+    for i, (ids, pool) in enumerate(rows):
+        span = slice(width - len(ids), width) if left else slice(0, len(ids))
+        batch["input_ids"][i, span] = ids
+        batch["attention_mask"][i, span] = 1
+        batch["pool_mask"][i, span] = pool
+    return batch

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 
-from llm2emb.config import EmbedderConfig
 from llm2emb.errors import UserError
 from llm2emb.files import folder_lock, write_text_atomic
 from llm2emb.model_card import TrainingRecord, write_card
@@ -158,8 +157,7 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
         if evaluator and recipe.eval.at_end:
             summary.evaluations.append(evaluator.run(embedder, log, stage="end", step=summary.steps))
         write_text_atomic(root / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2) + "\n")
-        model = root / "model"  # the config as saved (backbone: adapter or weights), not the live one
-        write_card(model, EmbedderConfig.load(model), training_record(recipe, root, stage_data, summary))
+        write_card(root / "model", embedder.folder_config(), training_record(recipe, root, stage_data, summary))
         plot_loss(root / METRICS_NAME, root / "loss.png")
     return summary
 

@@ -100,6 +100,15 @@ def test_refusals_are_one_line(tiny_qwen2, tmp_path):
     assert not (tmp_path / "st").exists()
 
 
+def test_a_model_without_attention_layers_is_refused(tiny_qwen2):
+    embedder = Embedder.from_pretrained(tiny_qwen2, torch_dtype=torch.float32)
+    for module in embedder.backbone.modules():
+        if isinstance(getattr(module, "is_causal", None), bool):
+            del module.is_causal  # an architecture whose attention modules llm2emb cannot find
+    with pytest.raises(UserError, match="model_type 'qwen2': no attention layer found to keep the sink causal in"):
+        set_causal_sink(embedder.backbone, True)
+
+
 def test_the_load_check_catches_a_sink_that_is_not_in_effect(tiny_qwen2):
     embedder = Embedder.from_pretrained(tiny_qwen2, torch_dtype=torch.float32)
     verify_attention(embedder.backbone, "bidirectional", causal_sink=True)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from llm2emb import Embedder
+from llm2emb import Embedder, UserError
 from llm2emb.cli import main
 from llm2emb.export_onnx import INT8_NAME, SETTINGS_NAME, OnnxEncoder, export_onnx
+from llm2emb.tokenization import UnembeddableText
 from tests.conftest import EVERY_POOLING
 
 INSTRUCTION = "Given a question, retrieve passages that answer it"
@@ -67,6 +68,21 @@ def test_a_lora_model_exports_merged_and_left_padding_and_plain_bidirectional_ho
     embedder.save_pretrained(tmp_path / "left")
     left = export_onnx(tmp_path / "left", tmp_path / "onnx-left")
     assert_same_vectors(OnnxEncoder(left), Embedder.from_pretrained(tmp_path / "left"))
+
+
+def test_refusals_name_what_is_wrong(tiny_qwen2, tmp_path):
+    folder = make_model(tiny_qwen2, tmp_path / "model", "mean")
+    with pytest.raises(UserError, match=f"{tmp_path / 'model'}: no llm2emb_onnx.json; not an llm2emb ONNX export"):
+        OnnxEncoder(folder)
+    out = export_onnx(folder, tmp_path / "onnx")
+    with pytest.raises(UserError, match=r"has no model_int8.onnx \(it holds model.onnx\)"):
+        OnnxEncoder(out, graph=INT8_NAME)
+    with pytest.raises(UnembeddableText, match="text 1"):
+        OnnxEncoder(out).encode(["a text", ""])
+    Embedder.from_pretrained(tiny_qwen2, torch_dtype="float32", rope_scaling="yarn:4").save_pretrained(tmp_path / "rope")
+    with pytest.raises(UserError, match="RoPE scaling is not exported to ONNX yet; export --merged instead"):
+        export_onnx(tmp_path / "rope", tmp_path / "onnx-rope")
+    assert not (tmp_path / "onnx-rope").exists()
 
 
 def test_the_int8_copy_and_the_cli(tiny_qwen2, tmp_path, capsys):

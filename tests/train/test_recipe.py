@@ -99,6 +99,8 @@ def test_model_checks_before_loading(recipe_dir):
     assert "recipe.yaml:2: model.base: ./missing.gguf: not found" in errors_of(write(recipe_dir, text))
     path = write(recipe_dir, GOOD.replace("OUT", "out"))
     assert "quantization: 4bit needs lora" in errors_of(path, ["quantization=4bit", "lora=null"])
+    message = errors_of(path, ["model.attention=causal", "model.causal_sink=true"])
+    assert "model.causal_sink: the causal sink is part of bidirectional attention; model.attention is causal" in message
 
 
 def test_set_overrides(recipe_dir):

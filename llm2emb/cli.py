@@ -265,7 +265,8 @@ def add_train(sub) -> None:
     p = sub.add_parser("train", help="train an embedder from a YAML recipe (LoRA, contrastive, multi-stage)")
     p.add_argument("recipe", help="recipe YAML file (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a recipe key, e.g. --set stages[0].max_steps=10 (value read as YAML); repeatable")
+                   help="override a recipe key, e.g. --set stages[0].max_steps=10 (value read as YAML), or --set "
+                        "@FILE: a YAML mapping of such key paths to values (recipes/overrides/); repeatable, in order")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--check", action="store_true", help="validate the recipe and load its data, then stop")
     p.set_defaults(run=run_train)

@@ -133,7 +133,7 @@ def document_text(row: dict, text_field: str = "text") -> str:
 
 
 def qrel_pairs(
-    queries: Mapping[str, str], documents: Mapping[str, str], qrels: Mapping[str, Mapping[str, float]], qrels_file: Path
+    queries: Mapping[str, str], documents: Mapping[str, str], qrels: Mapping[str, Mapping[str, float]], qrels_file: Path | str
 ) -> Iterator[tuple[str, str, str | BadRow]]:
     """(location, query text, document text) for every judgement with relevance > 0, in `queries` order; the
     document of a judgement whose id is not in `documents` is a BadRow."""

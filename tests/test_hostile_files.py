@@ -213,7 +213,8 @@ def test_data_files_cut_short_or_not_utf8_and_inconsistent_beir_folders_are_name
     (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "c d"}) + "\n")
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
     one_line_error(capsys, ["eval", converted, "--beir", beir],
-                   f"{beir / 'corpus.jsonl'}: 1 document id(s) judged relevant in qrels/test.tsv are absent, e.g. 'd2'")
+                   f"{beir / 'corpus.jsonl'}: 1 document id(s) judged relevant in {beir / 'qrels' / 'test.tsv'} are "
+                   "absent, e.g. 'd2'")
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t0\n")
     one_line_error(capsys, ["eval", converted, "--beir", beir],
                    f"{beir / 'qrels' / 'test.tsv'}: no query has a relevant document (score > 0)")

@@ -110,15 +110,15 @@ class Evaluator:
     def from_recipe(cls, recipe: Recipe) -> Evaluator | None:
         if not recipe.eval.sts and not recipe.eval.beir:
             return None
-        from llm2emb.evaluate import load_beir, load_sts
-        from llm2emb.evaluate.data import subsample_corpus
+        from llm2emb.evaluate.data import load_beir, load_mteb, load_sts, load_sts_table, subsample_corpus
 
         beir = []
         for spec in recipe.eval.beir:
-            data = load_beir(spec.path, spec.split)
+            data = load_beir(spec.path, spec.split) if spec.format == "beir" else load_mteb(spec.path, spec.split)
             beir.append((subsample_corpus(data, spec.corpus_sample) if spec.corpus_sample else data, spec.instruction))
         return cls(
-            sts=[load_sts(spec.path) for spec in recipe.eval.sts],
+            sts=[load_sts(spec.path) if spec.format == "tsv" else load_sts_table(spec.path, spec.subset, spec.split)
+                 for spec in recipe.eval.sts],
             beir=beir,
             batch_size=recipe.eval.batch_size,
         )

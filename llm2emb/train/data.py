@@ -118,27 +118,32 @@ def records(spec: DatasetSpec) -> Iterator[tuple[str, dict]]:
     if spec.format in ("csv", "tsv", "scored_pairs"):
         delimiter = "," if spec.format == "csv" else "\t"
         return delimited_records(path, delimiter)
-    if spec.format == "beir":
-        return _beir_records(path, spec.split)
+    if spec.format in ("beir", "mteb"):
+        return _retrieval_records(spec)
     if spec.format == "parquet":
         table = datasets.Dataset.from_parquet(str(path))
         return ((f"{path}: row {i + 1}", record) for i, record in enumerate(table))
     if spec.format == "hf":
-        try:
-            table = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
-        except Exception as exc:  # datasets raises many types; the user needs the message, once
-            raise UserError(f"{spec.path}: datasets.load_dataset failed: {exc}") from None
+        from llm2emb.hf_tables import load_table
+
+        table = load_table(spec.path, spec.subset, spec.split)
         return ((f"{spec.path}[{spec.split}]: row {i + 1}", record) for i, record in enumerate(table))
     raise UserError(f"{spec.path}: unsupported format {spec.format}")
 
 
-def _beir_records(path: Path, split: str) -> Iterator[tuple[str, dict | BadRow]]:
-    """(query, positive) for every qrel with score > 0; documents are `title text` as in BEIR and MTEB."""
-    from llm2emb.evaluate.data import load_beir
+def _retrieval_records(spec: DatasetSpec) -> Iterator[tuple[str, dict | BadRow]]:
+    """(query, positive) for every qrel with score > 0 of a BEIR folder or an MTEB-layout task; documents are
+    `title text` as in BEIR and MTEB."""
+    from llm2emb.evaluate.data import load_beir, load_mteb
 
-    beir = load_beir(path, split, evaluated=False)
-    pairs = qrel_pairs(dict(zip(beir.query_ids, beir.queries)), dict(zip(beir.doc_ids, beir.documents)), beir.qrels,
-                       path / "qrels" / f"{split}.tsv")
+    if spec.format == "beir":
+        task = load_beir(spec.path, spec.split, evaluated=False)
+        qrels_where = str(Path(spec.path) / "qrels" / f"{spec.split}.tsv")
+    else:
+        task = load_mteb(spec.path, spec.split, evaluated=False)
+        qrels_where = f"{spec.path} (default, {spec.split})"
+    pairs = qrel_pairs(dict(zip(task.query_ids, task.queries)), dict(zip(task.doc_ids, task.documents)), task.qrels,
+                       qrels_where)
     for where, query, document in pairs:
         yield where, document if isinstance(document, BadRow) else {"query": query, "positive": document}
 

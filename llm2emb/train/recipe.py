@@ -110,9 +110,10 @@ class LoraSpec(_Strict):
 
 class DatasetSpec(_Strict):
     path: str
-    """A JSONL/CSV/TSV/parquet file, a BEIR folder, (format: hf) anything `datasets.load_dataset` reads, or
-    (objective: mntp or simcse) a .txt file of one text per line."""
-    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "beir", "scored_pairs", "hf", "text"] = "auto"
+    """A JSONL/CSV/TSV/parquet file, a BEIR folder, (format: hf) a hub id or anything `datasets.load_dataset`
+    reads (a `save_to_disk` folder too), (format: mteb) a retrieval task in MTEB's hub layout (`mteb/scifact`: its
+    qrels split's query-document pairs), or (objective: mntp or simcse) a .txt file of one text per line."""
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "beir", "scored_pairs", "hf", "mteb", "text"] = "auto"
     split: str = "train"
     """BEIR qrels split, or the split asked of `datasets.load_dataset`."""
     subset: str | None = None
@@ -132,7 +133,7 @@ class DatasetSpec(_Strict):
     @model_validator(mode="after")
     def _resolve_format(self, info: ValidationInfo) -> DatasetSpec:
         path = _local_path(self.path, info)
-        if self.format == "hf":  # a local folder or script for load_dataset, else a hub id
+        if self.format in ("hf", "mteb"):  # a local folder or script for load_dataset, else a hub id
             self.path = str(path.resolve()) if path.exists() else self.path
             return self
         if not path.exists():
@@ -399,19 +400,31 @@ class StageSpec(_Strict):
 
 class StsEvalSpec(_Strict):
     path: str
-    """TSV with the header `score  sentence1  sentence2`."""
+    """A TSV with the header `score  sentence1  sentence2`, or (format: hf) a hub id or folder `datasets` reads
+    with columns sentence1, sentence2, score (`sentence-transformers/stsb`)."""
+    format: Literal["tsv", "hf"] = "tsv"
+    split: str = "test"
+    """format: hf: the split asked of `datasets.load_dataset`."""
+    subset: str | None = None
+    """format: hf: the configuration name."""
 
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, value: str, info: ValidationInfo) -> str:
-        path = _local_path(value, info)
+    @model_validator(mode="after")
+    def _exists(self, info: ValidationInfo) -> StsEvalSpec:
+        path = _local_path(self.path, info)
+        if self.format == "hf":  # a local folder, else a hub id, checked when it loads
+            self.path = str(path.resolve()) if path.exists() else self.path
+            return self
         if not path.is_file():
-            raise ValueError(f"{value}: file not found")
-        return str(path.resolve())
+            raise KeyPathError("path", f"{self.path}: file not found (for a dataset from the hub set format: hf)")
+        self.path = str(path.resolve())
+        return self
 
 
 class BeirEvalSpec(_Strict):
     path: str
+    """A BEIR folder, or (format: mteb) a retrieval task in MTEB's hub layout: a hub id like `mteb/scifact` or its
+    local copy."""
+    format: Literal["beir", "mteb"] = "beir"
     split: str = "test"
     instruction: str | None = None
     corpus_sample: Annotated[int, Field(gt=0)] | None = None
@@ -420,8 +433,12 @@ class BeirEvalSpec(_Strict):
     @model_validator(mode="after")
     def _exists(self, info: ValidationInfo) -> BeirEvalSpec:
         path = _local_path(self.path, info)
+        if self.format == "mteb":
+            self.path = str(path.resolve()) if path.exists() else self.path
+            return self
         if not path.is_dir():
-            raise KeyPathError("path", f"{self.path}: BEIR folder not found")
+            raise KeyPathError("path", f"{self.path}: BEIR folder not found (for a task from the hub set format: "
+                                       "mteb)")
         if not (path / "qrels" / f"{self.split}.tsv").is_file():
             raise KeyPathError("split", f"{self.split}: {path / 'qrels' / (self.split + '.tsv')} not found")
         self.path = str(path.resolve())

@@ -40,7 +40,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(f"{path}: a recipe is a mapping with model, output_dir and stages")
     overridden = set()
     for item in overrides:
-        overridden.add(apply_override(data, item))
+        overridden.update(apply_override(data, item))
     return validate_recipe(data, base_dir=path.parent, source=path, lines=lines, overridden=overridden)
 
 
@@ -175,12 +175,13 @@ def format_key_path(loc: tuple) -> str:
     return text
 
 
-def parse_key_path(text: str) -> tuple:
-    """'stages[1].max_steps' or 'stages.1.max_steps' -> ('stages', 1, 'max_steps')."""
+def parse_key_path(text: str, label: str | None = None) -> tuple:
+    """'stages[1].max_steps' or 'stages.1.max_steps' -> ('stages', 1, 'max_steps'); `label` starts its errors."""
+    label = label or f"--set {text}"
     parts: list = []
     for piece in re.split(r"\.|(?=\[)", text):
         if not piece:
-            raise UserError(f"--set {text}: empty key in the key path")
+            raise UserError(f"{label}: empty key in the key path")
         index = re.fullmatch(r"\[(\d+)\]", piece)
         if index:
             parts.append(int(index.group(1)))
@@ -189,40 +190,73 @@ def parse_key_path(text: str) -> tuple:
         elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", piece):
             parts.append(piece)
         else:
-            raise UserError(f"--set {text}: {piece!r} is not a key or a list index")
+            raise UserError(f"{label}: {piece!r} is not a key or a list index")
     return tuple(parts)
 
 
-def apply_override(data: dict, item: str) -> tuple:
-    """Apply `key.path=value` (value read as YAML) to the raw mapping; returns the key path set."""
+def apply_override(data: dict, item: str) -> list[tuple]:
+    """Apply `key.path=value` (value read as YAML), or `@FILE`, a YAML mapping of such key paths to values (the
+    overrides a setting shares, such as the data paths of one machine), to the raw mapping; returns the key paths
+    set. Relative paths in either are taken from the recipe's folder, as the recipe's own are."""
+    if item.startswith("@"):
+        return override_file(data, Path(item[1:]).expanduser())
     key_text, sep, value_text = item.partition("=")
     if not sep or not key_text.strip():
-        raise UserError(f"--set {item}: expected key.path=value")
+        raise UserError(f"--set {item}: expected key.path=value or @FILE")
     key = parse_key_path(key_text.strip())
     try:
         value = yaml.safe_load(value_text)
     except yaml.YAMLError as exc:
         raise UserError(f"--set {item}: value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    set_key(data, key, value, f"--set {item}")
+    return [key]
+
+
+def override_file(data: dict, path: Path) -> list[tuple]:
+    """Every `key.path: value` of an overrides file, in its order; errors name the file and line."""
+    if not path.is_file():
+        raise UserError(f"--set @{path}: overrides file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        overrides = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(overrides, dict):
+        raise UserError(f"{path}: an overrides file is a mapping of key paths to values (stages[0].max_steps: 10)")
+    lines = {key_node.value: key_node.start_mark.line + 1 for key_node, _ in node.value}
+    keys = []
+    for key_text, value in overrides.items():
+        label = f"{path}:{lines.get(key_text, 1)}: {key_text}"
+        key = parse_key_path(str(key_text), label)
+        set_key(data, key, value, label)
+        keys.append(key)
+    return keys
+
+
+def set_key(data: dict, key: tuple, value: Any, label: str) -> None:
+    """Put `value` at key path `key` of the raw mapping, creating mappings on the way; `label` starts its errors."""
     node: Any = data
     for position, part in enumerate(key[:-1]):
         where = format_key_path(key[: position + 1])
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
                 size = len(node) if isinstance(node, list) else 0
-                raise UserError(f"--set {item}: {where}: index {part} out of range ({size} items)")
+                raise UserError(f"{label}: {where}: index {part} out of range ({size} items)")
             node = node[part]
         else:
             if not isinstance(node, dict):
-                raise UserError(f"--set {item}: {format_key_path(key[:position]) or '<top>'} is not a mapping")
+                raise UserError(f"{label}: {format_key_path(key[:position]) or '<top>'} is not a mapping")
             node = node.setdefault(part, {})
     last = key[-1]
     if isinstance(last, int):
         if not isinstance(node, list) or last >= len(node):
-            raise UserError(f"--set {item}: {format_key_path(key)}: index out of range")
+            raise UserError(f"{label}: {format_key_path(key)}: index out of range")
     elif not isinstance(node, dict):
-        raise UserError(f"--set {item}: {format_key_path(key[:-1]) or '<top>'} is not a mapping")
+        raise UserError(f"{label}: {format_key_path(key[:-1]) or '<top>'} is not a mapping")
     node[last] = value
-    return key
 
 
 def key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:

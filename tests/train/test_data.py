@@ -89,6 +89,26 @@ def test_load_dataset_folder(tmp_path):
     assert rows["query"] == ["q0", "q1", "q2"]
 
 
+def test_a_save_to_disk_folder_and_a_hub_layout_task_give_rows(tmp_path):
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"anchor": ["q0", "q1"], "pos": ["p0", "p1"]}),
+                          "dev": datasets.Dataset.from_dict({"anchor": ["d0"], "pos": ["e0"]})}).save_to_disk(str(saved))
+    rows = load_rows(spec(saved, format="hf", columns={"query": "anchor", "positive": "pos"})).rows
+    assert (rows["query"], rows["positive"]) == (["q0", "q1"], ["p0", "p1"])
+    task = tmp_path / "task"  # MTEB's layout, each configuration saved by its name
+    datasets.Dataset.from_list([{"_id": "d1", "title": "T", "text": "one"}, {"_id": "d2", "title": "", "text": "two"}]
+                               ).save_to_disk(str(task / "corpus"))
+    datasets.Dataset.from_list([{"_id": "1", "text": "first"}, {"_id": "2", "text": "second"}]
+                               ).save_to_disk(str(task / "queries"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([
+        {"query-id": "1", "corpus-id": "d1", "score": 1}, {"query-id": "2", "corpus-id": "d9", "score": 1}])}
+    ).save_to_disk(str(task / "default"))
+    with pytest.raises(UserError, match=r"task \(default, train\): query 2, document d9: document id not in the corpus"):
+        load_rows(spec(task, format="mteb"))
+    loaded = load_rows(spec(task, format="mteb"), on_bad_rows="skip")
+    assert (loaded.rows["query"], loaded.rows["positive"], loaded.skipped) == (["first"], ["T one"], 1)
+
+
 def test_beir_folder_gives_pairs_with_titles(tmp_path):
     folder = tmp_path / "beir"
     (folder / "qrels").mkdir(parents=True)

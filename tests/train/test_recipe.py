@@ -120,6 +120,36 @@ def test_set_overrides(recipe_dir):
     assert parse_key_path("stages[1].datasets.0.path") == ("stages", 1, "datasets", 0, "path")
 
 
+def test_an_overrides_file_sets_its_key_paths_in_order(recipe_dir):
+    path = write(recipe_dir, GOOD.replace("OUT", "out"))
+    overrides = recipe_dir / "offline.yaml"
+    overrides.write_text("# the data of one machine\nstages[0].datasets:\n  - path: data/pairs.jsonl\n"
+                         "    weight: 3.0\nstages[0].datasets[0].weight: 2.0\neval.sts: [{path: data/pairs.jsonl}]\n")
+    recipe = load_recipe(path, [f"@{overrides}", "stages[1].max_steps=9"])
+    assert recipe.stages[0].datasets[0].weight == 2.0 and recipe.stages[0].datasets[0].instruction is None
+    assert recipe.eval.sts[0].path == str((recipe_dir / "data" / "pairs.jsonl").resolve())  # from the recipe's folder
+    assert recipe.stages[1].max_steps == 9
+    overrides.write_text("stages[0].max_steps: 5\nstages[4].max_steps: 3\n")
+    assert f"{overrides}:2: stages[4].max_steps: stages[4]: index 4 out of range (2 items)" in errors_of(
+        path, [f"@{overrides}"])
+    overrides.write_text("stages[0].max_steps: many\n")  # the value's error names the key path, as --set's does
+    assert "(--set): stages[0].max_steps: Input should be a valid integer" in errors_of(path, [f"@{overrides}"])
+    overrides.write_text("- stages[0].max_steps: 5\n")
+    assert f"{overrides}: an overrides file is a mapping of key paths to values" in errors_of(path, [f"@{overrides}"])
+    assert f"--set @{recipe_dir / 'nope.yaml'}: overrides file not found" in errors_of(path, [f"@{recipe_dir}/nope.yaml"])
+
+
+def test_evaluation_data_from_the_hub_is_named_not_checked_for_files(recipe_dir):
+    path = write(recipe_dir, GOOD.replace("OUT", "out"))
+    recipe = load_recipe(path, ["eval.sts=[{path: sentence-transformers/stsb, format: hf, split: test}]",
+                                "eval.beir=[{path: mteb/scifact, format: mteb, corpus_sample: 400}]"])
+    assert (recipe.eval.sts[0].path, recipe.eval.beir[0].path) == ("sentence-transformers/stsb", "mteb/scifact")
+    assert "eval.sts[0].path: sentence-transformers/stsb: file not found (for a dataset from the hub set format: hf)" \
+        in errors_of(path, ["eval.sts=[{path: sentence-transformers/stsb}]"])
+    assert "eval.beir[0].path: mteb/scifact: BEIR folder not found (for a task from the hub set format: mteb)" \
+        in errors_of(path, ["eval.beir=[{path: mteb/scifact}]"])
+
+
 def test_yaml_syntax_error_has_line(recipe_dir):
     path = recipe_dir / "broken.yaml"
     path.write_text("model:\n  base: x\nstages: [\n  - a: b\n")

@@ -67,6 +67,16 @@ def test_check_prints_the_data_summary_without_training(tiny_qwen2, tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+def test_the_quickstart_checks_offline_with_its_documented_override(shared_data, capsys):
+    """README's first command, as this project's machines run it (no hub): the override swaps in ../shared/data."""
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    assert main(["train", str(recipes / "quickstart.yaml"), "--check",
+                 "--set", f"@{recipes / 'overrides' / 'quickstart-offline.yaml'}"]) == 0
+    out = capsys.readouterr().out
+    assert "stages[0] retrieval: 12 steps of 32, 28 batches per epoch\n  datasets[0] scifact: 919 rows" in out
+    assert "stages[1] similarity: 48 steps of 32, 183 batches per epoch\n  datasets[0] triplets.jsonl: 5883 rows" in out
+
+
 def test_missing_dataset_is_one_line_naming_the_key(tiny_qwen2, tmp_path, capsys):
     recipe = write_recipe(tmp_path, tiny_qwen2, data="missing.jsonl")
     assert main(["train", str(recipe)]) == 2

@@ -36,9 +36,12 @@ from pathlib import Path
 
 import psutil
 import torch
-from peft import LoraConfig, get_peft_model, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model, inject_adapter_in_model, prepare_model_for_kbit_training
 
 from llm2emb import Embedder
+from llm2emb.attention import set_causal_sink
+from llm2emb.backbone import quantization_config, verify_attention
+from llm2emb.errors import UserError
 from llm2emb.evaluate.data import load_beir
 from llm2emb.train.data import text_id
 from llm2emb.train.gradcache import gradcache_backward
@@ -61,12 +64,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mini-batch", type=int, default=8, help="GradCache chunk / CMNRL mini_batch_size")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lora", type=int, default=16, help="LoRA rank on every linear layer of both; 0 = full fine-tune")
+    p.add_argument("--quantization", default="none", choices=["none", "4bit"],
+                   help="4bit: QLoRA, both bases loaded NF4 through bitsandbytes (CUDA) and prepared for k-bit "
+                        "training as llm2emb's trainer does; needs --lora")
     p.add_argument("--backend", default="auto", help="llm2emb attention backend")
     p.add_argument("--st-attn", default="sdpa", help="sentence-transformers attn_implementation")
     p.add_argument("--steps", type=int, default=3, help="timed steps per system (after one warm-up step)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--json", help="write the results here too")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.quantization != "none" and not args.lora:
+        p.error("--quantization 4bit trains a LoRA adapter on the quantized base: give --lora RANK")
+    return args
 
 
 def beir_triplets(directory: Path, count: int, batch_size: int) -> list[dict]:
@@ -144,10 +153,17 @@ def lora_config(rank: int) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
 
 
+def quantized(args) -> bool:
+    return args.quantization != "none"
+
+
 def build_llm2emb(args, device, dtype):
-    embedder = Embedder.from_pretrained(args.model, torch_dtype=dtype, device=device, attention_backend=args.backend)
+    embedder = Embedder.from_pretrained(args.model, torch_dtype=dtype, device=device, attention_backend=args.backend,
+                                        quantization=args.quantization if quantized(args) else None)
     embedder.config.max_length = args.max_length
     embedder.backbone.config.use_cache = False
+    if quantized(args):
+        embedder.backbone = prepare_model_for_kbit_training(embedder.backbone, use_gradient_checkpointing=False)
     if args.lora:
         torch.manual_seed(0)
         embedder.backbone = get_peft_model(embedder.backbone, lora_config(args.lora))
@@ -175,19 +191,29 @@ def build_llm2emb(args, device, dtype):
     return embedder, step, tokens
 
 
-def build_sentence_transformers(args, device, dtype):
+def build_sentence_transformers(args, device, dtype, causal_sink: bool):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
+    model_kwargs = {"dtype": dtype, "attn_implementation": args.st_attn}
+    if quantized(args):  # the same NF4 config llm2emb loads with, placed by bitsandbytes as llm2emb's is
+        model_kwargs["quantization_config"] = quantization_config(args.quantization, dtype)
+        model_kwargs["device_map"] = {"": str(device)}
     transformer = Transformer(
-        args.model, model_kwargs={"dtype": dtype, "attn_implementation": args.st_attn}, max_seq_length=args.max_length,
+        args.model, model_kwargs=model_kwargs, max_seq_length=args.max_length,
         modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
         module_output_name="token_embeddings",
     )
     if transformer.auto_model.config.is_causal is not False:
         raise SystemExit("sentence-transformers loaded the backbone causal; both must compute the same thing")
     transformer.auto_model.config.use_cache = False
+    # A causal-sink folder (random_model converts with llm2emb's defaults): plain transformers would attend from
+    # the first token too, and the first-step losses could not agree.
+    set_causal_sink(transformer.auto_model, causal_sink)
+    verify_attention(transformer.auto_model, "bidirectional", causal_sink=causal_sink)
+    if quantized(args):
+        transformer.auto_model = prepare_model_for_kbit_training(transformer.auto_model, use_gradient_checkpointing=False)
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
                                 device=str(device))
     if args.lora:
@@ -223,7 +249,7 @@ def main() -> None:
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
     embedder, llm2emb_step, count_tokens = build_llm2emb(args, device, dtype)
-    st_model, st_step = build_sentence_transformers(args, device, dtype)
+    st_model, st_step = build_sentence_transformers(args, device, dtype, embedder.config.causal_sink)
     systems = {"llm2emb": llm2emb_step, "sentence-transformers": st_step}
 
     timings = {name: [] for name in systems}
@@ -263,6 +289,7 @@ def main() -> None:
                    + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "versions": _versions(),
         "model": args.model, "device": str(device), "dtype": args.dtype, "lora_rank": args.lora,
+        "quantization": args.quantization,
         "trainable_parameters": trainable_params, "attention_backend": f"{args.backend}:{embedder.attention_kernel}",
         "batch_size": args.batch_size, "mini_batch": args.mini_batch, "max_length": args.max_length,
         "timed_steps": args.steps, "tokens_per_step": tokens[1:],
@@ -284,4 +311,7 @@ def _versions() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # no GPU for --quantization, a folder that does not load: one line
+        raise SystemExit(f"bench_train: {error}") from None

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (issue 14): the CUDA tests, encoding speed against sentence-transformers at three model
-# shapes (random weights: speed depends on the shape), and a training step against CachedMNRL; every figure kept.
+# One command for a lent GPU (issues 14, 31): encoding speed against sentence-transformers at three model shapes,
+# largest first (random weights: speed depends on the shape), `llm2emb encode` itself timed on the same documents,
+# training steps against CachedMNRL (LoRA; QLoRA 4-bit at 7B), then the CUDA tests; every figure kept.
 #
 #   scripts/gpu_check.sh OUT [DATA]
 #
 # OUT receives four files (the device tool brings back at most eight): gpu_check.json (every benchmark's report),
-# gpu_check.md (one table), test_cuda.txt (the test runs: all but FSDP first, FSDP last) and gpu_check.log.
+# gpu_check.md (one table), test_cuda.txt (the test runs after the benchmarks: all but FSDP, then FSDP) and
+# gpu_check.log.
 # DATA holds scifact/ (corpus.jsonl; queries.jsonl and qrels/train.tsv, from which bench_train makes triplets of a
 # claim, its abstract and another abstract: abstracts fill the GPU, where SNLI's short sentences left each training
 # step bound by kernel launches on 2026-12-04) and tokenizer/ (SmolLM2's tokenizer.json and tokenizer_config.json);
 # default .gpu-data, made by `scripts/gpu_check.sh --prepare` from ../shared/data and a converted SmolLM2 folder (it is
 # git-ignored, about 12 MB, and must be named in the device tool's `carry`).
-# Environment: GPU_CHECK_SHAPES (default "smollm2-135m qwen2.5-1.5b qwen2.5-7b"), GPU_CHECK_DEVICE (default cuda;
+# Environment: GPU_CHECK_SHAPES (default "qwen2.5-7b qwen2.5-1.5b smollm2-135m", run in that order: 7B first),
+# GPU_CHECK_TESTS (1: the CUDA tests after the shapes; 0 skips them), GPU_CHECK_DEVICE (default cuda;
 # cpu with GPU_CHECK_SHAPES=tiny-llama checks the plumbing on a laptop), GPU_CHECK_LIMIT (documents encoded, 2000),
 # GPU_CHECK_BUDGET (seconds, default 480): the script stops starting steps, and cuts a running one short, so that it
 # ends inside that time with OUT complete. A command killed by the device tool's own limit brought nothing back
@@ -55,7 +58,7 @@ fi
 
 out=${1:?usage: scripts/gpu_check.sh OUT [DATA]}
 data=${2:-.gpu-data}
-shapes=${GPU_CHECK_SHAPES:-smollm2-135m qwen2.5-1.5b qwen2.5-7b}
+shapes=${GPU_CHECK_SHAPES-qwen2.5-7b qwen2.5-1.5b smollm2-135m}
 device=${GPU_CHECK_DEVICE:-cuda}
 limit=${GPU_CHECK_LIMIT:-2000}
 dtype=bfloat16 train_batch=512 train_chunk=128 train_length=256
@@ -115,20 +118,54 @@ for name in names:
         found.append(f"{name} absent")
 print("python", sys.version.split()[0], "|", ", ".join(found))
 PY
-# The FSDP test (a torchrun subprocess, up to 120 s per case) runs last, on what the benchmarks leave of the budget:
-# a hanging rendezvous then costs no speed figure.
-step "CUDA tests but FSDP"
-bounded 120 python -m pytest -v tests/test_cuda.py -k "not fsdp" > "$out/test_cuda.txt" 2>&1
-echo "exit $?" >> "$out/test_cuda.txt"
-tail -n 3 "$out/test_cuda.txt" | tee -a "$log"
 flash=$(python -c "import importlib.util as u; print(int(u.find_spec('flash_attn') is not None))")
+bnb=$(python -c "import importlib.util as u; print(int(u.find_spec('bitsandbytes') is not None))")
 backends="padded,packed"; st_attns="sdpa"
 if [ "$flash" = 1 ]; then backends="padded,packed,flash_attn"; st_attns="sdpa flash_attention_2"; fi
 [ "$device" = cpu ] && backends="padded,packed"
+head -n "$limit" "$data/scifact/corpus.jsonl" > "$work/documents.jsonl"
 
+train() {  # train SHAPE NAME [extra bench_train arguments]: one training-step benchmark against CachedMNRL
+    local shape=$1 name=$2
+    shift 2
+    step "train $name"
+    bounded 150 python -m scripts.bench_train --model "$work/$shape" --data "$data/scifact" \
+        --device "$device" --dtype "$dtype" --batch-size "$train_batch" --mini-batch "$train_chunk" \
+        --max-length "$train_length" --lora 16 "$@" \
+        --json "$work/train-$name.json" >> "$log" 2>&1 || echo "failed" >> "$log"
+    summarize
+}
+
+# `llm2emb encode` itself, as a user runs it (no --device: the GPU by default), on the documents bench_encode
+# timed, at the folder's max_length (512, as bench_encode's --max-length); the seconds include loading the model.
+cli_encode() {
+    local shape=$1
+    step "llm2emb encode $shape (the command line, device auto)"
+    local started ended
+    started=$(date +%s.%N)
+    if bounded 150 python -m llm2emb.cli encode "$work/$shape" --input "$work/documents.jsonl" --documents --quiet \
+        --dtype "$dtype" --batch-size 64 --output "$work/cli-$shape.npy" >> "$log" 2>&1; then
+        ended=$(date +%s.%N)
+        python - "$work/cli-$shape.json" "$started" "$ended" "$(wc -l < "$work/documents.jsonl")" <<'PY' >> "$log" 2>&1
+import json, sys
+path, started, ended, documents = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+seconds = round(ended - started, 2)
+json.dump({"results": [{"system": "llm2emb encode (CLI, load included)", "median_s": seconds,
+                        "documents": documents, "documents_per_s": round(documents / seconds, 1)}]},
+          open(path, "w"), indent=2)
+PY
+    else
+        echo "failed" >> "$log"
+    fi
+    rm -f "$work/cli-$shape.npy"
+    summarize
+}
+
+# The largest shape first (issue 31): the 7B encode, the CLI, then training steps that fill the GPU (LoRA, and
+# QLoRA 4-bit at 7B), so that a budget cut short loses the small shapes, not the figures the goals are about.
 for shape in $shapes; do
     step "model $shape"
-    bounded 120 python -m scripts.random_model --shape "$shape" --tokenizer "$data/tokenizer" --out "$work/$shape" \
+    bounded 150 python -m scripts.random_model --shape "$shape" --tokenizer "$data/tokenizer" --out "$work/$shape" \
         --dtype "$dtype" >> "$log" 2>&1 || { echo "model $shape failed" >> "$log"; continue; }
     for st_attn in $st_attns; do
         step "encode $shape (sentence-transformers $st_attn)"
@@ -137,21 +174,27 @@ for shape in $shapes; do
             --batch-size 64 --json "$work/encode-$shape-$st_attn.json" >> "$log" 2>&1 || echo "failed" >> "$log"
         summarize
     done
-    if [ "$shape" != qwen2.5-7b ]; then
-        step "train $shape"
-        bounded 150 python -m scripts.bench_train --model "$work/$shape" --data "$data/scifact" \
-            --device "$device" --dtype "$dtype" --batch-size "$train_batch" --mini-batch "$train_chunk" \
-            --max-length "$train_length" --lora 16 \
-            --json "$work/train-$shape.json" >> "$log" 2>&1 || echo "failed" >> "$log"
-        summarize
+    cli_encode "$shape"
+    train "$shape" "$shape-lora"
+    if [ "$shape" = qwen2.5-7b ] && [ "$bnb" = 1 ] && [ "$device" != cpu ]; then
+        train "$shape" "$shape-qlora4" --quantization 4bit
     fi
     rm -rf "${work:?}/$shape"  # the next shape's weights need the disk
 done
+
+# The CUDA tests, then the FSDP test (a torchrun subprocess, up to 120 s per case) on what the benchmarks leave of
+# the budget: a hanging rendezvous then costs no speed figure.
+if [ "${GPU_CHECK_TESTS:-1}" = 1 ]; then
+step "CUDA tests but FSDP"
+bounded 120 python -m pytest -v tests/test_cuda.py -k "not fsdp" > "$out/test_cuda.txt" 2>&1
+echo "exit $?" >> "$out/test_cuda.txt"
+tail -n 3 "$out/test_cuda.txt" | tee -a "$log"
 
 step "FSDP test"
 bounded 260 python -m pytest -v tests/test_cuda.py -k fsdp >> "$out/test_cuda.txt" 2>&1
 echo "exit $?" >> "$out/test_cuda.txt"
 tail -n 3 "$out/test_cuda.txt" | tee -a "$log"
+fi
 
 step "summary"; summarize; tee -a "$log" < "$out/gpu_check.md"
 rm -rf "$work"

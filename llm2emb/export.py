@@ -25,10 +25,9 @@ from llm2emb.errors import UserError
 from llm2emb.files import atomic_folder, refuse_non_empty
 from llm2emb.model import Embedder, is_peft
 from llm2emb.model_card import write_card
+from llm2emb.serving import PORTABLE_POOLING, write_engine_layout
 
 FORMATS = ("sentence-transformers", "llm2emb")
-PORTABLE_POOLING = {"mean": "mean", "last_token": "lasttoken"}
-"""llm2emb pooling -> sentence-transformers Pooling mode with the same vectors."""
 CUSTOM_MODULE = Path(__file__).parent / "integrations" / "st_pooling.py"
 
 
@@ -127,6 +126,7 @@ def export_sentence_transformers(model: str | Path, out: str | Path, overwrite: 
         st = SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine", device="cpu")
         with atomic_folder(out) as staging:
             st.save(str(staging))
+            write_engine_layout(staging, config.max_length)
             if not portable:
                 shutil.copy(CUSTOM_MODULE, staging / CUSTOM_MODULE.name)
     return out

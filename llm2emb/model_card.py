@@ -14,6 +14,7 @@ import yaml
 from llm2emb.assets import ASSETS
 from llm2emb.config import CONFIG_NAME, EmbedderConfig
 from llm2emb.files import write_text_atomic
+from llm2emb.serving import PORTABLE_POOLING
 
 CARD_NAME = "README.md"
 MAX_BASE_HOPS = 8
@@ -185,6 +186,14 @@ def usage_section(name: str, config: EmbedderConfig) -> list[str]:
                   "from sentence_transformers import SentenceTransformer", "",
                   f'model = SentenceTransformer("{name}-st")  # trust_remote_code=True for trainable poolers',
                   'embeddings = model.encode(["A guitar is a string instrument."])', "```", ""]
+    if not config.causal_sink and config.pooling["type"] in PORTABLE_POOLING:
+        lines += ["With vLLM (the exported folder; queries take their prompt, `prompts.query` of "
+                  "config_sentence_transformers.json, in front; TEI and the keys each engine reads: llm2emb's "
+                  "docs/SERVING.md):", "", "```bash", f"vllm serve {name}-st --runner pooling", "```", ""]
+    lines += ["With ONNX Runtime (every pooler, the causal sink included):", "", "```bash",
+              f"llm2emb export {name} --format onnx --out {name}-onnx", "```", "", "```python",
+              "from llm2emb.export_onnx import OnnxEncoder", "", f'encoder = OnnxEncoder("{name}-onnx")',
+              'vectors = encoder.encode_documents(["A guitar is a string instrument."])', "```", ""]
     adapter = config.backbone == "adapter"
     lines += ["With plain transformers" + (" and PEFT" if adapter else "") + " (hidden states; pool them as the "
               "conversion table says):", "", "```python", "from transformers import AutoModel"]

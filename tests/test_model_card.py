@@ -33,6 +33,10 @@ def test_a_local_base_gives_the_licence_its_own_card_states(tmp_path):
     assert front_matter(card)["license"] == "mit" and "base_model" not in front_matter(card)
     assert "The base's licence: mit." in card
     assert "--format sentence-transformers" in card  # plainly bidirectional: it exports for sentence-transformers
+    assert "vllm serve m-st --runner pooling" in card and 'OnnxEncoder("m-onnx")' in card
+    latent = render(tmp_path / "m", EmbedderConfig(base=str(base), causal_sink=False,
+                                                   pooling={"type": "latent_attention"}))
+    assert "vllm serve" not in latent and "OnnxEncoder" in latent  # no engine serves a trainable pooler
     unlicensed = render(tmp_path / "m", EmbedderConfig(base=str(tmp_path / "elsewhere")))
     assert "license" not in front_matter(unlicensed) and "check the base's terms" in unlicensed
 
@@ -42,6 +46,7 @@ def test_convert_and_the_merged_export_write_a_card(tiny_qwen2, tmp_path):
     card = (tmp_path / "emb" / CARD_NAME).read_text()
     assert "| causal sink | yes" in card and "| pooling | `" + json.dumps({"type": "mean"}) + "` |" in card
     assert "sentence-transformers, vLLM and TEI cannot load this folder" in card
+    assert "vllm serve" not in card and 'OnnxEncoder("emb-onnx")' in card
     Embedder.from_pretrained(tmp_path / "emb")  # the card is no file the folder check refuses
     assert main(["export", str(tmp_path / "emb"), "--merged", "--out", str(tmp_path / "merged")]) == 0
     merged = (tmp_path / "merged" / CARD_NAME).read_text()

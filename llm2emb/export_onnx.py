@@ -109,13 +109,41 @@ def check_export(folder: Path, embedder: Embedder, texts: Sequence[str]) -> None
                             f"{len(group)} texts); report it with the model's llm2emb.json")
 
 
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def onnxruntime_runner(graph: Path, threads: int | None):
+    """feeds -> sentence_embedding with an ONNX Runtime CPU session."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run([OUTPUT], feeds)[0]
+
+
+def openvino_runner(graph: Path, threads: int | None):
+    """feeds -> sentence_embedding with the graph compiled by OpenVINO for the CPU."""
+    try:
+        import openvino
+    except ImportError:
+        raise UserError("runtime openvino: install it (pip install 'llm2emb[openvino]')") from None
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    compiled = openvino.Core().compile_model(str(graph), "CPU", config)
+    output = compiled.output(OUTPUT)
+    return lambda feeds: compiled(feeds)[output]
+
+
 class OnnxEncoder:
-    """An exported folder run with ONNX Runtime, tokenized as its Embedder tokenizes (templates, default
-    instructions, the text cut and never the prompt): `encode`, `encode_queries`, `encode_documents`."""
+    """An exported folder run with ONNX Runtime or OpenVINO, tokenized as its Embedder tokenizes (templates, default
+    instructions, the text cut and never the prompt): `encode`, `encode_queries`, `encode_documents`.
+
+    `runtime="openvino"` compiles the same ONNX file with OpenVINO for the CPU (`Core.compile_model`, as its users
+    load an ONNX model), at fp32 inference precision: OpenVINO would otherwise run bfloat16 on CPUs that have it."""
 
     def __init__(self, folder: str | Path, graph: str = GRAPH_NAME, threads: int | None = None,
-                 max_length: int | None = None):
-        import onnxruntime
+                 max_length: int | None = None, runtime: str = "onnxruntime"):
         from transformers import AutoTokenizer
 
         folder = Path(folder)
@@ -125,10 +153,9 @@ class OnnxEncoder:
         self.settings = json.loads(settings_path.read_text())
         if graph not in self.settings["graphs"]:
             raise UserError(f"{folder}: has no {graph} (it holds {', '.join(self.settings['graphs'])})")
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(folder / graph), options, providers=["CPUExecutionProvider"])
+        if runtime not in RUNTIMES:
+            raise UserError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        self.run = (onnxruntime_runner if runtime == "onnxruntime" else openvino_runner)(folder / graph, threads)
         model = self.settings["model"]
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         tokenizer.padding_side = model["padding_side"]
@@ -147,7 +174,7 @@ class OnnxEncoder:
         out = np.zeros((len(rows), self.settings["dim"]), dtype=np.float32)
         for start in range(0, len(rows), batch_size):
             group = rows[start:start + batch_size]
-            out[start:start + len(group)] = self.session.run([OUTPUT], pad_rows(group, pad, left))[0]
+            out[start:start + len(group)] = self.run(pad_rows(group, pad, left))
         return out
 
     def encode_queries(self, texts: Sequence[str], instruction: str | None = None, **kwargs) -> np.ndarray:

@@ -1,10 +1,10 @@
 """CPU encode speed of an ONNX export beside llm2emb's torch path and sentence-transformers, in one run, with the
-vectors checked first: ONNX Runtime fp32 and int8 (`llm2emb export --format onnx --int8`), llm2emb (its default
-attention backend), and sentence-transformers on the same weights (given the causal sink when the folder has it, as
+vectors checked first: ONNX Runtime fp32 and int8 (`llm2emb export --format onnx --int8`), the same two files
+compiled by OpenVINO (when installed), llm2emb (its default attention backend), and sentence-transformers on the same weights (given the causal sink when the folder has it, as
 scripts/bench_encode.py does). Rounds alternate the order of the systems.
 
     python -m scripts.bench_onnx --model runs/q/smol-sink --export runs/q/smol-sink-onnx --texts 256 \
-        --json benchmarks/onnx_cpu.json
+        --json benchmarks/onnx_cpu.json [--quality --corpus-sample 1000]
     python -m scripts.bench_onnx --report benchmarks/onnx_cpu.json --results-block onnx-cpu
 """
 
@@ -29,10 +29,21 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="threads for every system")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quality", action="store_true",
+                   help="also score ONNX Runtime fp32 and int8 (and OpenVINO int8) on STS-B test and SciFact test: "
+                        "what int8 costs (fp32 equals llm2emb's vectors, so its scores are llm2emb's)")
+    p.add_argument("--corpus-sample", type=int, default=1000, help="--quality: SciFact documents kept")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--report", help="only render this report")
     p.add_argument("--results-block", metavar="NAME")
     return p.parse_args(argv)
+
+
+def runtimes() -> list[str]:
+    """ONNX Runtime, and OpenVINO when it is installed (`pip install 'llm2emb[openvino]'`)."""
+    import importlib.util
+
+    return ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
 
 
 def measure(args) -> dict:
@@ -53,8 +64,9 @@ def measure(args) -> dict:
     texts = [document_text(json.loads(line)) for line in lines]
     embedder = Embedder.from_pretrained(args.model, torch_dtype=torch.float32)
     embedder.config.max_length = args.max_length
-    onnx = {name: OnnxEncoder(export, graph=graph, threads=args.threads, max_length=args.max_length)
-            for name, graph in (("onnxruntime fp32", "model.onnx"), ("onnxruntime int8", INT8_NAME))}
+    onnx = {f"{runtime} {precision}": OnnxEncoder(export, graph=graph, threads=args.threads,
+                                                  max_length=args.max_length, runtime=runtime)
+            for runtime in runtimes() for precision, graph in (("fp32", "model.onnx"), ("int8", INT8_NAME))}
     systems = {
         f"llm2emb torch ({embedder.attention_kernel})":
             lambda batch: embedder.encode_documents(batch, batch_size=args.batch_size, show_progress_bar=False),
@@ -70,8 +82,9 @@ def measure(args) -> dict:
     reference = next(iter(vectors.values()))
     differences = {name: float(np.abs(v - reference).max()) for name, v in vectors.items()}
     cosines = {name: float((v * reference).sum(axis=1).min()) for name, v in vectors.items()}
-    if differences["onnxruntime fp32"] > 1e-4:
-        raise SystemExit(f"onnxruntime fp32 disagrees with llm2emb: max |diff| {differences['onnxruntime fp32']:.2e}")
+    for name in (f"{runtime} fp32" for runtime in runtimes()):
+        if differences[name] > 1e-4:
+            raise SystemExit(f"{name} disagrees with llm2emb: max |diff| {differences[name]:.2e}")
     timings = {name: [] for name in systems}
     names = list(systems)
     for round_index in range(args.rounds):
@@ -83,11 +96,18 @@ def measure(args) -> dict:
     torch_time = statistics.median(timings[names[0]])
     import onnxruntime
 
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "onnxruntime": onnxruntime.__version__}
+    if "openvino" in runtimes():
+        import openvino
+
+        versions["openvino"] = openvino.__version__
+    scored = {name: onnx[name] for name in ("onnxruntime fp32", "onnxruntime int8", "openvino int8") if name in onnx}
     return {
+        **({"quality": quality(args, scored)} if args.quality else {}),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model, "export": str(export),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s) per system",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "onnxruntime": onnxruntime.__version__},
+        "versions": versions,
         "texts": len(texts), "tokens": tokens, "max_length": args.max_length, "batch_size": args.batch_size,
         "results": [{"system": name, "median_s": round(statistics.median(timings[name]), 3),
                      "rounds_s": [round(t, 3) for t in timings[name]],
@@ -96,6 +116,25 @@ def measure(args) -> dict:
                      "max_abs_diff_vs_llm2emb": differences[name], "min_cosine_vs_llm2emb": round(cosines[name], 6)}
                     for name in names],
     }
+
+
+def quality(args, encoders: dict) -> list[dict]:
+    """STS-B test Spearman and SciFact nDCG@10 (x100) of each encoder, with the seconds each took."""
+    from llm2emb.evaluate import load_beir, load_sts
+    from llm2emb.evaluate.data import subsample_corpus
+    from llm2emb.evaluate.retrieval import evaluate_retrieval
+    from llm2emb.evaluate.sts import evaluate_sts
+
+    sts = load_sts(DATA / "stsb" / "test.tsv")
+    scifact = subsample_corpus(load_beir(DATA / "scifact", "test"), args.corpus_sample)
+    rows = []
+    for name, encoder in encoders.items():
+        started = time.perf_counter()
+        rows.append({"system": name, "stsb": round(evaluate_sts(encoder, sts, batch_size=args.batch_size).main, 2),
+                     "scifact": round(evaluate_retrieval(encoder, scifact, batch_size=args.batch_size).main, 2),
+                     "documents": len(scifact.documents), "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def table(report: dict) -> str:
@@ -108,6 +147,14 @@ def table(report: dict) -> str:
         lines.append(f"| {row['system']} | {row['median_s']:.2f} | {row['tokens_per_s']:,.0f} | "
                      f"{row['speedup_vs_llm2emb_torch']:.2f}x | {row['max_abs_diff_vs_llm2emb']:.1e} | "
                      f"{row['min_cosine_vs_llm2emb']:.4f} |")
+    if "quality" in report:
+        fp32 = report["quality"][0]
+        lines += ["", f"Quality (STS-B test Spearman, SciFact test nDCG@10 on {fp32['documents']:,} documents, x100; "
+                  f"ONNX Runtime fp32 gives llm2emb's vectors, so its scores are llm2emb's):", "",
+                  "| system | STS-B | SciFact | vs fp32 (STS-B / SciFact) |", "|---|---|---|---|"]
+        for row in report["quality"]:
+            lines.append(f"| {row['system']} | {row['stsb']:.2f} | {row['scifact']:.2f} | "
+                         f"{row['stsb'] - fp32['stsb']:+.2f} / {row['scifact'] - fp32['scifact']:+.2f} |")
     return "\n".join(lines)
 
 

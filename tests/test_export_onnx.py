@@ -70,6 +70,21 @@ def test_a_lora_model_exports_merged_and_left_padding_and_plain_bidirectional_ho
     assert_same_vectors(OnnxEncoder(left), Embedder.from_pretrained(tmp_path / "left"))
 
 
+@pytest.mark.parametrize("pooling", ["mean", {"type": "latent_attention", "num_latents": 8, "num_heads": 4}],
+                         ids=["mean", "latent_attention"])
+def test_openvino_compiles_the_same_file_to_the_same_vectors(tiny_qwen2, tmp_path, pooling):
+    """The client a CPU user reaches for beside ONNX Runtime: `Core.compile_model` on model.onnx (the sink inside)."""
+    pytest.importorskip("openvino")
+    folder = make_model(tiny_qwen2, tmp_path / "model", pooling)
+    out = export_onnx(folder, tmp_path / "onnx", int8=True)
+    assert_same_vectors(OnnxEncoder(out, runtime="openvino", threads=1), Embedder.from_pretrained(folder))
+    int8 = OnnxEncoder(out, graph=INT8_NAME, runtime="openvino").encode(DOCUMENTS)
+    reference = OnnxEncoder(out, graph=INT8_NAME).encode(DOCUMENTS)
+    assert (int8 * reference).sum(axis=1).min() > 0.99  # OpenVINO runs ONNX Runtime's quantized graph alike
+    with pytest.raises(UserError, match="runtime must be one of onnxruntime, openvino, got 'tensorrt'"):
+        OnnxEncoder(out, runtime="tensorrt")
+
+
 def test_refusals_name_what_is_wrong(tiny_qwen2, tmp_path):
     folder = make_model(tiny_qwen2, tmp_path / "model", "mean")
     with pytest.raises(UserError, match=f"{tmp_path / 'model'}: no llm2emb_onnx.json; not an llm2emb ONNX export"):

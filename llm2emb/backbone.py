@@ -248,3 +248,22 @@ def verify_attention(model: torch.nn.Module, attention: str, vocab_size: int | N
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def is_peft(module: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(module, PeftModel)
+
+
+def base_model(backbone: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PeftModel (or the backbone itself)."""
+    return backbone.get_base_model() if is_peft(backbone) else backbone
+
+
+def decoder_of(backbone: torch.nn.Module) -> torch.nn.Module:
+    """The module holding the transformer layer list (`AutoModel` is the decoder itself for these families)."""
+    model = base_model(backbone)
+    if not isinstance(getattr(model, "layers", None), torch.nn.ModuleList):
+        raise UserError(f"model_type {model.config.model_type!r} has no `layers` list; layers= is unsupported")
+    return model

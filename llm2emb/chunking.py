@@ -168,3 +168,26 @@ def chunk_windows(
             pools.append(pool)
         windows.append(ChunkWindow(row, members, pools))
     return windows
+
+
+def situated_rows(prompt_tokenizer: PromptTokenizer, texts: Sequence[str],
+                  instructions: str | Sequence[str | None] | None, max_length: int, kind: str,
+                  spans: Sequence[Span | None]) -> list[tuple[list[int], list[int]]]:
+    """(ids, pool mask) per text for `Embedder.tokenize(spans=...)`: a text with a span is a situated chunk (its
+    window of `max_length` tokens around the span, only the span's tokens pooled); one without is a plain row."""
+    if len(spans) != len(texts):
+        raise ValueError(f"{len(spans)} spans for {len(texts)} texts")
+    per_text = list(instructions) if isinstance(instructions, (list, tuple)) else [instructions] * len(texts)
+    plain = [index for index, span in enumerate(spans) if span is None]
+    rows: list = [None] * len(texts)
+    try:
+        for index, row in zip(plain, prompt_tokenizer.rows([texts[i] for i in plain], [per_text[i] for i in plain],
+                                                           max_length, kind)):
+            rows[index] = (row.ids, row.pool)
+    except UnembeddableText as exc:  # name the caller's row, not its place among the plain ones
+        raise UnembeddableText(plain[exc.index], exc.detail) from None
+    for index, span in enumerate(spans):
+        if span is not None:  # a situated row: its window is tokenized once, by the chunker
+            [window] = chunk_windows(prompt_tokenizer, texts[index], [span], per_text[index], kind, max_length, index)
+            rows[index] = (window.ids, window.pools[0])
+    return rows

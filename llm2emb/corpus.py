@@ -262,7 +262,7 @@ def _encode_locked(embedder, corpus: Corpus, output: Path, instruction, document
     first_vector = np.cumsum([0] + corpus.vector_counts)
     stats = EncodeStats(corpus.vectors, width, 0.0, resumed_rows=resumed_rows, precision=precision,
                         device=str(embedder.device))
-    from llm2emb.model import PROGRESS_BAR_MIN_TEXTS
+    from llm2emb.encoding import PROGRESS_BAR_MIN_TEXTS
 
     shown = progress and rank == 0 and corpus.rows >= PROGRESS_BAR_MIN_TEXTS
     bar = tqdm(total=sum(corpus.vector_counts[c] for c in mine), disable=not shown, desc=f"encode on {embedder.device}",

@@ -21,9 +21,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llm2emb.backbone import is_peft
 from llm2emb.errors import UserError
 from llm2emb.files import atomic_folder, refuse_non_empty
-from llm2emb.model import Embedder, is_peft
+from llm2emb.model import Embedder
 from llm2emb.model_card import write_card
 from llm2emb.serving import PORTABLE_POOLING, write_engine_layout
 

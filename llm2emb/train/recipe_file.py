@@ -26,22 +26,28 @@ from llm2emb.train.recipe import NOT_INHERITED, RESOLVED_NAME, KeyPathError, Rec
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem raises one UserError listing them all."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-        lines = key_lines(yaml.compose(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data, node = read_yaml(path, f"{path}: recipe file not found")
+    lines = key_lines(node)
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a mapping with model, output_dir and stages")
     overridden = set()
     for item in overrides:
         overridden.update(apply_override(data, item))
     return validate_recipe(data, base_dir=path.parent, source=path, lines=lines, overridden=overridden)
+
+
+def read_yaml(path: Path, missing: str) -> tuple[Any, yaml.Node | None]:
+    """A YAML file's value and its node tree (for key lines); `missing` when there is no file, `file:line` when it
+    does not parse."""
+    if not path.is_file():
+        raise UserError(missing)
+    text = path.read_text(encoding="utf-8")
+    try:
+        return yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
 
 
 def validate_recipe(
@@ -214,16 +220,7 @@ def apply_override(data: dict, item: str) -> list[tuple]:
 
 def override_file(data: dict, path: Path) -> list[tuple]:
     """Every `key.path: value` of an overrides file, in its order; errors name the file and line."""
-    if not path.is_file():
-        raise UserError(f"--set @{path}: overrides file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        overrides = yaml.safe_load(text)
-        node = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    overrides, node = read_yaml(path, f"--set @{path}: overrides file not found")
     if not isinstance(overrides, dict):
         raise UserError(f"{path}: an overrides file is a mapping of key paths to values (stages[0].max_steps: 10)")
     lines = {key_node.value: key_node.start_mark.line + 1 for key_node, _ in node.value}

@@ -153,7 +153,7 @@ def test_a_recipe_evaluates_on_tables_and_hub_layout_tasks(tmp_path):
         "eval": {"sts": [{"path": "stsb", "format": "hf"}],
                  "beir": [{"path": "task", "format": "mteb", "split": "test", "corpus_sample": 2}]},
     }, base_dir=tmp_path)
-    evaluator = Evaluator.from_recipe(recipe)
+    evaluator = Evaluator.from_spec(recipe.eval)
     assert evaluator.sts[0].scores == [0.9, 0.1]
     task, instruction = evaluator.beir[0]
     assert (task.query_ids, len(task.doc_ids), instruction) == (["2"], 2, None)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import ProgressCallback, TrainerCallback
 
-from llm2emb.train.recipe import Recipe
+from llm2emb.train.recipe import EvalSpec
 
 
 class StageProgress(ProgressCallback):
@@ -107,20 +107,21 @@ class Evaluator:
     batch_size: int
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe) -> Evaluator | None:
-        if not recipe.eval.sts and not recipe.eval.beir:
+    def from_spec(cls, spec: EvalSpec) -> Evaluator | None:
+        """The recipe's `eval:` data, loaded; None when it names none."""
+        if not spec.sts and not spec.beir:
             return None
         from llm2emb.evaluate.data import load_beir, load_mteb, load_sts, load_sts_table, subsample_corpus
 
         beir = []
-        for spec in recipe.eval.beir:
-            data = load_beir(spec.path, spec.split) if spec.format == "beir" else load_mteb(spec.path, spec.split)
-            beir.append((subsample_corpus(data, spec.corpus_sample) if spec.corpus_sample else data, spec.instruction))
+        for task in spec.beir:
+            data = load_beir(task.path, task.split) if task.format == "beir" else load_mteb(task.path, task.split)
+            beir.append((subsample_corpus(data, task.corpus_sample) if task.corpus_sample else data, task.instruction))
         return cls(
-            sts=[load_sts(spec.path) if spec.format == "tsv" else load_sts_table(spec.path, spec.subset, spec.split)
-                 for spec in recipe.eval.sts],
+            sts=[load_sts(task.path) if task.format == "tsv" else load_sts_table(task.path, task.subset, task.split)
+                 for task in spec.sts],
             beir=beir,
-            batch_size=recipe.eval.batch_size,
+            batch_size=spec.batch_size,
         )
 
     def run(self, embedder, log: MetricsLog, stage: str, step: int) -> dict:

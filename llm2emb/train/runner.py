@@ -77,7 +77,7 @@ def check_recipe(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     lines = [f"{recipe_path}: valid; output_dir {recipe.output_dir}"]
     stage_data = [build_objective_data(stage, index, recipe.on_bad_rows, recipe.seed)
                   for index, stage in enumerate(recipe.stages)]
-    Evaluator.from_recipe(recipe)
+    Evaluator.from_spec(recipe.eval)
     tokenizer = load_prompt_tokenizer(recipe.model.base, recipe.model.pooling, recipe.model.max_length)
     for index, (stage, data) in enumerate(zip(recipe.stages, stage_data)):
         lines.append(f"stages[{index}] {stage.name}: {stage.max_steps} steps of {stage.batch_size}, "
@@ -93,7 +93,7 @@ def check_recipe(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
 
 def run_recipe(recipe: Recipe, resume: bool = False, callbacks: list[TrainerCallback] | tuple = ()) -> TrainSummary:
     """Train every stage of a validated recipe; with `resume`, continue a run from its last checkpoint."""
-    check_hardware(recipe)
+    check_hardware(recipe.quantization, recipe.bf16, recipe.sharding)
     root = Path(recipe.output_dir)
     lock = folder_lock(root, "output_dir") if is_main_process() else contextlib.nullcontext()
     with lock:
@@ -109,7 +109,7 @@ def _run_locked(recipe: Recipe, root: Path, resume: bool, callbacks) -> TrainSum
         build_objective_data(stage, index, recipe.on_bad_rows, recipe.seed, world_size)
         for index, stage in enumerate(recipe.stages)
     ]
-    evaluator = Evaluator.from_recipe(recipe)  # loads evaluation data: its errors also come before the model
+    evaluator = Evaluator.from_spec(recipe.eval)  # loads evaluation data: its errors also come before the model
     set_seed(recipe.seed)  # LoRA and trainable poolers initialise from the seed
     embedder = load_embedder(recipe)
     for index, (stage, data) in enumerate(zip(recipe.stages, stage_data)):

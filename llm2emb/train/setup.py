@@ -18,14 +18,15 @@ from llm2emb.train.recipe_file import format_key_path
 logger = logging.getLogger(__name__)
 
 
-def check_hardware(recipe: Recipe) -> None:
-    """Fail in one line, before any loading, when the recipe needs hardware this machine lacks."""
-    if recipe.quantization != "none" and not torch.cuda.is_available():
-        raise UserError(f"quantization: {recipe.quantization} (QLoRA through bitsandbytes) needs a CUDA GPU; "
+def check_hardware(quantization: str, bf16: bool, sharding: str) -> None:
+    """Fail in one line, before any loading, when the recipe's `quantization`, `bf16` or `sharding` needs hardware
+    this machine lacks."""
+    if quantization != "none" and not torch.cuda.is_available():
+        raise UserError(f"quantization: {quantization} (QLoRA through bitsandbytes) needs a CUDA GPU; "
                         "none is visible (set quantization: none to train on the CPU)")
-    if recipe.bf16 and not torch.cuda.is_available() and not _cpu_supports_bf16():
+    if bf16 and not torch.cuda.is_available() and not _cpu_supports_bf16():
         raise UserError("bf16: this CPU has no bfloat16 support; set bf16: false")
-    if recipe.sharding == "fsdp" and not torch.cuda.is_available():
+    if sharding == "fsdp" and not torch.cuda.is_available():
         # accelerate enables FSDP only for GPU (and other accelerator) processes; on CPU processes it would
         # silently fall back to DDP, which is not what the recipe asked for
         raise UserError("sharding: fsdp needs CUDA GPUs (accelerate shards only across accelerator processes); "

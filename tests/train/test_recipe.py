@@ -205,5 +205,5 @@ def test_fsdp_sharding_reaches_the_trainer_and_is_refused_without_gpus(recipe_di
     assert not setup.training_arguments(plain, plain.stages[0], tmp_path, world_size=1).fsdp
     monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="sharding: fsdp needs CUDA GPUs"):
-        setup.check_hardware(recipe)
-    setup.check_hardware(plain)
+        setup.check_hardware(recipe.quantization, recipe.bf16, recipe.sharding)
+    setup.check_hardware(plain.quantization, plain.bf16, plain.sharding)

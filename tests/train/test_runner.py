@@ -14,6 +14,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel, TrainerCallback
 
+from llm2emb import model_folder
 from llm2emb.attention import set_causal_sink
 from llm2emb.convert import convert
 from llm2emb.errors import UserError
@@ -273,14 +274,14 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(converted, 
     from llm2emb.cli import EXIT_USAGE, main
 
     recipe = write_workspace(tmp_path, converted)
-    write = Embedder._write
+    write = model_folder.write_folder
 
-    def fill_disk(self, folder, state_dict):
+    def fill_disk(embedder, folder, state_dict):
         if "checkpoint-2" in str(folder):
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        write(self, folder, state_dict)
+        write(embedder, folder, state_dict)
 
-    monkeypatch.setattr(Embedder, "_write", fill_disk)
+    monkeypatch.setattr(model_folder, "write_folder", fill_disk)
     assert main(["train", str(recipe)]) == EXIT_USAGE
     lines = capsys.readouterr().err.strip().splitlines()
     stage_dir = tmp_path / "run" / "stages" / "0-retrieval"
@@ -289,7 +290,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(converted, 
                          "space and continue with --resume")
     assert not any("Traceback" in line for line in lines)
     assert sorted(p.name for p in stage_dir.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
-    monkeypatch.setattr(Embedder, "_write", write)
+    monkeypatch.setattr(model_folder, "write_folder", write)
     summary = train(recipe, resume=True)
     assert [(s["name"], s["steps"]) for s in summary.stages] == [("retrieval", 2), ("blend", 3)]
 
@@ -301,12 +302,12 @@ def test_full_disk_while_saving_a_model_folder_is_an_os_error_naming_it(converte
 
     from safetensors import SafetensorError
 
-    def fill_disk(self, folder, state_dict):
+    def fill_disk(embedder, folder, state_dict):
         (folder / "model.safetensors").write_bytes(b"half")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     embedder = Embedder.from_pretrained(converted)
-    monkeypatch.setattr(Embedder, "_write", fill_disk)
+    monkeypatch.setattr(model_folder, "write_folder", fill_disk)
     with pytest.raises(OSError) as caught:
         embedder.save_pretrained(tmp_path / "final")
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "final")
@@ -324,7 +325,7 @@ def test_check_loads_data_but_no_model(converted, tmp_path):
 
 def test_evaluation_corpus_sample_keeps_relevant_documents(converted, tmp_path):
     recipe = load_recipe(write_workspace(tmp_path, converted))
-    (data, instruction), = Evaluator.from_recipe(recipe).beir
+    (data, instruction), = Evaluator.from_spec(recipe.eval).beir
     assert len(data.documents) == 36 and instruction == "Find the sentence"
     assert {f"d{i}" for i in range(32)} <= set(data.doc_ids)  # the 32 relevant ones, plus 4 of 8 distractors
 

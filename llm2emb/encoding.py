@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,8 +21,8 @@ from llm2emb.packing import token_budget_batches
 from llm2emb.precision import check_precision, needs_ranges, quantize
 from llm2emb.tokenization import UnembeddableText
 
-if TYPE_CHECKING:
-    from llm2emb.model import Embedder
+Embedder = torch.nn.Module
+"""What these functions take: an `llm2emb.model.Embedder` (named here without importing it, which would be a cycle)."""
 
 PROGRESS_BAR_MIN_TEXTS = 1000
 """`encode` shows a progress bar from this many texts on, unless told otherwise."""

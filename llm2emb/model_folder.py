@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,8 +25,8 @@ from llm2emb.prompts import Prompts
 from llm2emb.tokenization import PromptTokenizer
 from llm2emb.weights import refuse_damaged
 
-if TYPE_CHECKING:
-    from llm2emb.model import Embedder
+Embedder = torch.nn.Module
+"""What these functions take: an `llm2emb.model.Embedder` (named here without importing it, which would be a cycle)."""
 
 
 def load_folder(assemble: Callable[..., Embedder], folder: Path, pooling, attention, torch_dtype, device,

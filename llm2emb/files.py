@@ -25,6 +25,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     staging = Path(name)
+    # mkstemp makes it 0600, which the rename would keep: a model folder another user (a serving container) must
+    # read gets the permissions any written file gets
+    staging.chmod(0o666 & ~current_umask())
     try:
         yield staging
         os.replace(staging, target)
@@ -43,6 +46,14 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; a saved folder gets the usual permissions
     try:
         yield staging
+        readable = 0o666 & ~current_umask()
+        for path in staging.rglob("*"):
+            # safetensors (and our own atomic writes) create 0600 files; a model folder is data that a serving
+            # container or another user reads, so every file gets the permissions a plain write would give it
+            if path.is_file() and not path.is_symlink():
+                path.chmod(readable)
+            elif path.is_dir():
+                path.chmod(0o777 & ~current_umask())
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(staging, target)

@@ -191,3 +191,27 @@ def test_quantization_is_refused_in_one_line_without_a_gpu(tiny_qwen2):
         Embedder.from_pretrained(tiny_qwen2, quantization="4bit")
     with pytest.raises(UserError, match="quantization must be one of"):
         Embedder.from_pretrained(tiny_qwen2, quantization="3bit")
+
+
+def test_a_saved_folder_is_readable_by_whoever_may_read_its_directory(tiny_qwen2, tmp_path):
+    """Atomic writes stage in mkstemp/mkdtemp files (0600/0700); a model folder served by another user (a
+    container, a shared disk) must get the permissions any written file gets, not those."""
+    import os
+    import stat
+
+    from llm2emb.files import current_umask, write_text_atomic
+    from llm2emb.model_card import write_card
+
+    old = os.umask(0o022)
+    try:
+        folder = Embedder.from_pretrained(tiny_qwen2, pooling="latent_attention").save_pretrained(tmp_path / "m")
+        write_card(folder, Embedder.from_pretrained(folder).folder_config())
+        write_text_atomic(tmp_path / "note.txt", "x")
+        expected = 0o666 & ~current_umask()
+        files = [path for path in folder.iterdir() if path.is_file()] + [tmp_path / "note.txt"]
+        modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in files}
+        assert {"llm2emb.json", "README.md", "pooling.safetensors", "model.safetensors"} <= set(modes)
+        assert all(mode == expected for mode in modes.values()), modes
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~current_umask()
+    finally:
+        os.umask(old)

@@ -33,6 +33,9 @@ def parse_args(argv=None):
                    help="also score ONNX Runtime fp32 and int8 (and OpenVINO int8) on STS-B test and SciFact test: "
                         "what int8 costs (fp32 equals llm2emb's vectors, so its scores are llm2emb's)")
     p.add_argument("--corpus-sample", type=int, default=1000, help="--quality: SciFact documents kept")
+    p.add_argument("--quality-only", action="store_true",
+                   help="only the --quality scores (no timing, no torch or sentence-transformers model loaded: the "
+                        "export's fp32 graph was checked against the Embedder to 1e-4 when it was written)")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--report", help="only render this report")
     p.add_argument("--results-block", metavar="NAME")
@@ -44,6 +47,32 @@ def runtimes() -> list[str]:
     import importlib.util
 
     return ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+
+
+def measure_quality(args) -> dict:
+    """The --quality-only report: each ONNX graph's scores, nothing timed. The report is rewritten after every
+    system, so a run cut by a time limit keeps the systems it finished."""
+    import onnxruntime
+
+    from llm2emb.export_onnx import INT8_NAME, OnnxEncoder
+
+    encoders = {f"{runtime} {precision}": OnnxEncoder(args.export, graph=graph, threads=args.threads,
+                                                      max_length=args.max_length, runtime=runtime)
+                for runtime, precision, graph in (("onnxruntime", "fp32", "model.onnx"),
+                                                  ("onnxruntime", "int8", INT8_NAME), ("openvino", "int8", INT8_NAME))
+                if runtime in runtimes()}
+    report = {"quality": [], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "model": args.model, "export": str(args.export), "max_length": args.max_length,
+              "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s) per system",
+              "versions": {"onnxruntime": onnxruntime.__version__}}
+
+    def keep(rows: list[dict]) -> None:
+        report["quality"] = rows
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+    quality(args, encoders, on_row=keep)
+    return report
 
 
 def measure(args) -> dict:
@@ -118,8 +147,9 @@ def measure(args) -> dict:
     }
 
 
-def quality(args, encoders: dict) -> list[dict]:
-    """STS-B test Spearman and SciFact nDCG@10 (x100) of each encoder, with the seconds each took."""
+def quality(args, encoders: dict, on_row=None) -> list[dict]:
+    """STS-B test Spearman and SciFact nDCG@10 (x100) of each encoder, with the seconds each took; `on_row` sees the
+    rows so far after each encoder."""
     from llm2emb.evaluate import load_beir, load_sts
     from llm2emb.evaluate.data import subsample_corpus
     from llm2emb.evaluate.retrieval import evaluate_retrieval
@@ -134,10 +164,17 @@ def quality(args, encoders: dict) -> list[dict]:
                      "scifact": round(evaluate_retrieval(encoder, scifact, batch_size=args.batch_size).main, 2),
                      "documents": len(scifact.documents), "seconds": round(time.perf_counter() - started, 1)})
         print(json.dumps(rows[-1]), flush=True)
+        if on_row:
+            on_row(rows)
     return rows
 
 
 def table(report: dict) -> str:
+    if "results" not in report:  # --quality-only
+        lines = [f"`{report['model']}` -> `{report['export']}`; max_length {report['max_length']}; "
+                 f"{report['machine']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+                 + f"; {report['date']}."]
+        return "\n".join(lines + quality_table(report))
     lines = [f"`{report['model']}` -> `{report['export']}`; {report['texts']} SciFact abstracts ({report['tokens']:,} "
              f"tokens, max_length {report['max_length']}, batches of {report['batch_size']}); {report['machine']}; "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + f"; {report['date']}.", "",
@@ -147,6 +184,11 @@ def table(report: dict) -> str:
         lines.append(f"| {row['system']} | {row['median_s']:.2f} | {row['tokens_per_s']:,.0f} | "
                      f"{row['speedup_vs_llm2emb_torch']:.2f}x | {row['max_abs_diff_vs_llm2emb']:.1e} | "
                      f"{row['min_cosine_vs_llm2emb']:.4f} |")
+    return "\n".join(lines + quality_table(report))
+
+
+def quality_table(report: dict) -> list[str]:
+    lines = []
     if "quality" in report:
         fp32 = report["quality"][0]
         lines += ["", f"Quality (STS-B test Spearman, SciFact test nDCG@10 on {fp32['documents']:,} documents, x100; "
@@ -155,7 +197,7 @@ def table(report: dict) -> str:
         for row in report["quality"]:
             lines.append(f"| {row['system']} | {row['stsb']:.2f} | {row['scifact']:.2f} | "
                          f"{row['stsb'] - fp32['stsb']:+.2f} / {row['scifact'] - fp32['scifact']:+.2f} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> None:
@@ -165,7 +207,9 @@ def main(argv=None) -> None:
     else:
         if not (args.model and args.export):
             raise SystemExit("--model and --export are required unless --report is given")
-        report = measure(args)
+        if args.quality_only:
+            args.quality = True
+        report = measure_quality(args) if args.quality_only else measure(args)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     from scripts.results_block import publish

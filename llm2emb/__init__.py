@@ -4,8 +4,8 @@
 torch or transformers.
 """
 
-from llm2emb.config import EmbedderConfig
 from llm2emb.errors import UserError, VerificationError
+from llm2emb.model.config import EmbedderConfig
 
 __all__ = ["Embedder", "EmbedderConfig", "UserError", "VerificationError"]
 __version__ = "0.1.0"
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "Embedder":
-        from llm2emb.model import Embedder
+        from llm2emb.model.embedder import Embedder
 
         return Embedder
     raise AttributeError(f"module 'llm2emb' has no attribute {name!r}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llm2emb.devices import add_device_argument, pick_device
 from llm2emb.errors import UserError
-from llm2emb.precision import PRECISIONS
+from llm2emb.retrieval.precision import PRECISIONS
 
 EXIT_USAGE = 2
 
@@ -57,7 +57,7 @@ def add_convert(sub) -> None:
 
 
 def run_convert(args) -> None:
-    from llm2emb.convert import convert
+    from llm2emb.commands.convert import convert
 
     embedder = convert(
         args.base, args.out, pooling=args.pooling, attention=args.attention, causal_sink=args.causal_sink,
@@ -109,8 +109,8 @@ def add_encode(sub) -> None:
 def run_encode(args) -> None:
     import shutil
 
-    from llm2emb.corpus import encode_corpus, scan, sidecar
-    from llm2emb.model import Embedder
+    from llm2emb.model.embedder import Embedder
+    from llm2emb.retrieval.corpus import encode_corpus, scan, sidecar
     from llm2emb.train.distributed import launched_processes
 
     output = Path(args.output)
@@ -118,7 +118,7 @@ def run_encode(args) -> None:
     if args.calibration:
         import numpy as np
 
-        from llm2emb.precision import calibration_ranges
+        from llm2emb.retrieval.precision import calibration_ranges
 
         if not Path(args.calibration).is_file():
             raise UserError(f"--calibration {args.calibration}: file not found")
@@ -165,7 +165,7 @@ def run_encode(args) -> None:
         if args.precision == "float32":
             import numpy as np
 
-            from llm2emb.spread import degenerate_warning
+            from llm2emb.model.spread import degenerate_warning
 
             warning = degenerate_warning(np.load(output, mmap_mode="r"), str(output))
             if warning:
@@ -181,7 +181,7 @@ def add_info(sub) -> None:
 
 
 def run_info(args) -> None:
-    from llm2emb.info import describe
+    from llm2emb.commands.info import describe
 
     info = describe(args.model)
     if args.json:
@@ -303,14 +303,14 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> None:
-    from llm2emb.export import export
+    from llm2emb.commands.export import export
 
     if (args.format is None) == (not args.merged):
         raise UserError("choose one of --format sentence-transformers, --format onnx or --merged")
     if args.int8 and args.format != "onnx":
         raise UserError("--int8 is for --format onnx")
     if args.format == "onnx":
-        from llm2emb.export_onnx import export_onnx
+        from llm2emb.commands.export_onnx import export_onnx
 
         out = export_onnx(args.model, args.out, overwrite=args.overwrite, int8=args.int8)
         print(f"wrote {out} (ONNX{', with int8' if args.int8 else ''})")
@@ -352,7 +352,7 @@ def add_mine(sub) -> None:
 
 
 def run_mine(args) -> None:
-    from llm2emb.mine import mine, parse_window
+    from llm2emb.commands.mine import mine, parse_window
     from llm2emb.train.data import read_pairs
 
     device = pick_device(args.device)  # before any data is read: a missing GPU fails at once
@@ -378,7 +378,7 @@ def add_merge(sub) -> None:
 
 
 def run_merge(args) -> None:
-    from llm2emb.merge import merge, parse_weights
+    from llm2emb.commands.merge import merge, parse_weights
 
     out = merge(args.models, args.out, parse_weights(args.weights, len(args.models)), overwrite=args.overwrite,
                 device=pick_device(args.device))
@@ -411,7 +411,7 @@ def add_synth(sub) -> None:
 
 
 def run_synth(args) -> None:
-    from llm2emb.synth import synth_from_files
+    from llm2emb.commands.synth import synth_from_files
 
     for name in ("top_k", "chunk_size", "batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:

@@ -178,7 +178,7 @@ def evaluate(embedder, sts, beir, layers: int | None = None) -> dict:
 
 
 def run_variant(name: str, args, runs: Path, eval_data) -> dict:
-    from llm2emb.model import Embedder
+    from llm2emb.model.embedder import Embedder
 
     started = time.perf_counter()
     settings = PROFILES[args.profile]
@@ -187,7 +187,7 @@ def run_variant(name: str, args, runs: Path, eval_data) -> dict:
         embedder = Embedder.from_pretrained(args.base, pooling="mean", torch_dtype=getattr(torch, settings["dtype"]))
         record["changes"] = {}
     elif name == "merge":
-        from llm2emb.merge import merge
+        from llm2emb.commands.merge import merge
 
         folders = [runs / "baseline" / "model", runs / "hardness" / "model"]
         merge(folders, runs / "merge" / "model", overwrite=True)

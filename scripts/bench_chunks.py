@@ -58,9 +58,9 @@ def best_chunk_ranking(queries: np.ndarray, chunks: np.ndarray, owner: np.ndarra
 
 
 def run_condition(args, condition: str, data, embedder) -> dict:
-    from llm2emb.chunking import sentence_spans
     from llm2emb.evaluate.metrics import evaluated_queries, retrieval_scores
     from llm2emb.evaluate.search import top_k
+    from llm2emb.retrieval.chunking import sentence_spans
 
     counted = set(evaluated_queries(data.qrels))
     query_ids = [q for q in data.query_ids if q in counted]

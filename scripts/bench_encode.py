@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from llm2emb import Embedder
-from llm2emb.attention import set_causal_sink
-from llm2emb.backbone import verify_attention
+from llm2emb.model.attention import set_causal_sink
+from llm2emb.model.backbone import verify_attention
 from llm2emb.readers import document_text
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"

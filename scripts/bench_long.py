@@ -2,7 +2,7 @@
 
 For each method (none, and pi / ntk / yarn at --factor) the model is loaded with that extension and scored on
 LongEmbed's synthetic tasks generated at --lengths tokens (`llm2emb eval --long`; needles hidden in SciFact
-abstracts). Within the trained window every method gives the untouched model's vectors (llm2emb.rope, tested), so
+abstracts). Within the trained window every method gives the untouched model's vectors (llm2emb.model.rope, tested), so
 pi / ntk / yarn run only at the lengths that may reach beyond it and the table shows `none`'s score, marked `=`, in
 their other cells: the CPU time goes where the methods differ. Each method writes `<out>/<method>.json` and is
 skipped when that exists, so methods can run as separate processes side by side; a table is made from what is there:

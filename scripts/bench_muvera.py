@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     from llm2emb.evaluate.data import subsample_corpus
     from llm2emb.evaluate.metrics import evaluated_queries, retrieval_scores
     from llm2emb.evaluate.search import top_k
-    from llm2emb.muvera import FdeConfig, Muvera, chamfer, search_fde
+    from llm2emb.retrieval.muvera import FdeConfig, Muvera, chamfer, search_fde
 
     data = load_beir(args.beir, "test")
     if args.corpus_sample:

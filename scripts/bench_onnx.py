@@ -54,7 +54,7 @@ def measure_quality(args) -> dict:
     system, so a run cut by a time limit keeps the systems it finished."""
     import onnxruntime
 
-    from llm2emb.export_onnx import INT8_NAME, OnnxEncoder
+    from llm2emb.commands.export_onnx import INT8_NAME, OnnxEncoder
 
     encoders = {f"{runtime} {precision}": OnnxEncoder(args.export, graph=graph, threads=args.threads,
                                                       max_length=args.max_length, runtime=runtime)
@@ -81,7 +81,7 @@ def measure(args) -> dict:
     import transformers
 
     from llm2emb import Embedder
-    from llm2emb.export_onnx import INT8_NAME, OnnxEncoder, export_onnx
+    from llm2emb.commands.export_onnx import INT8_NAME, OnnxEncoder, export_onnx
     from llm2emb.readers import document_text
     from scripts.bench_encode import build_sentence_transformer
 

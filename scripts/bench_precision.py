@@ -1,4 +1,4 @@
-"""Retrieval quality and storage of compressed vectors: llm2emb.precision against sentence-transformers'
+"""Retrieval quality and storage of compressed vectors: llm2emb.retrieval.precision against sentence-transformers'
 `quantize_embeddings` on the same float vectors, alone and with Matryoshka truncation.
 
 The corpus and queries are encoded once in float32; every precision then quantizes those vectors (int8/uint8
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     from llm2emb.evaluate.metrics import evaluated_queries, retrieval_scores
     from llm2emb.evaluate.runner import load_model
     from llm2emb.evaluate.search import search_codes
-    from llm2emb.precision import bytes_per_vector, calibration_ranges, quantize
+    from llm2emb.retrieval.precision import bytes_per_vector, calibration_ranges, quantize
 
     data = load_beir(args.beir, args.split)
     encoder = as_encoder(load_model(resolve_asset(args.model), max_length=args.max_length), 32)

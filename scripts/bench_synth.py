@@ -60,7 +60,7 @@ def parse_args(argv=None):
 
 
 def instruction() -> str:
-    from llm2emb.synth import TASKS
+    from llm2emb.commands.synth import TASKS
 
     return TASKS["claim"][1]
 
@@ -93,7 +93,7 @@ def write_inputs(args, out: Path) -> None:
 
 
 def synth_job(args, out: Path) -> None:
-    from llm2emb.synth import synth_from_files
+    from llm2emb.commands.synth import synth_from_files
 
     stats = synth_from_files(out / "train_corpus.jsonl", args.generator, out / "synthetic.jsonl", id_field="_id",
                              embedder_reference=args.filter_model or args.base, tasks=["claim"], top_k=args.top_k,

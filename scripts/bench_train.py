@@ -39,10 +39,10 @@ import torch
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model, prepare_model_for_kbit_training
 
 from llm2emb import Embedder
-from llm2emb.attention import set_causal_sink
-from llm2emb.backbone import quantization_config, verify_attention
 from llm2emb.errors import UserError
 from llm2emb.evaluate.data import load_beir
+from llm2emb.model.attention import set_causal_sink
+from llm2emb.model.backbone import quantization_config, verify_attention
 from llm2emb.train.data import text_id
 from llm2emb.train.gradcache import gradcache_backward
 from llm2emb.train.losses import InfoNCELoss

@@ -65,11 +65,11 @@ def main() -> None:
     import mteb
     from sentence_transformers import SentenceTransformer
 
+    from llm2emb.commands.export import export_sentence_transformers
     from llm2emb.evaluate import load_sts
     from llm2emb.evaluate.runner import environment, evaluate_model
-    from llm2emb.export import export_sentence_transformers
     from llm2emb.integrations.mteb import MtebEncoder
-    from llm2emb.model import Embedder
+    from llm2emb.model.embedder import Embedder
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, LlamaConfig, Qwen2Config
 
-from llm2emb.convert import convert
+from llm2emb.commands.convert import convert
 
 SHAPES = {
     # Not a real model: a SmolLM2-vocabulary model small enough that tokenization and I/O, not the model, dominate

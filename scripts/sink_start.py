@@ -1,6 +1,6 @@
 """Where training starts: an untrained base's STS-B dev score, contrastive loss and spread per attention mode.
 
-The causal sink (llm2emb.attention) was found here: a plainly bidirectional SmolLM2-135M starts far below its causal
+The causal sink (llm2emb.model.attention) was found here: a plainly bidirectional SmolLM2-135M starts far below its causal
 self and above chance loss, the sink-kept one above both. Each mode is the same converted weights; `future=w` rows are
 the plainly bidirectional model with attention to later tokens scaled by w (the `bidirectional_warmup` curriculum's
 first steps). Writes one JSON row per mode to --out and, with --results-block, the table into benchmarks/RESULTS.md.
@@ -50,7 +50,7 @@ def contrastive_start(embedder, triplets: list[dict]) -> tuple[float, float, flo
     its chance level, and the mean cosine between different query texts, over batches of 16."""
     import torch
 
-    from llm2emb.spread import mean_cosine
+    from llm2emb.model.spread import mean_cosine
     from llm2emb.train.losses import InfoNCELoss
 
     loss_fn = InfoNCELoss(temperature=0.05, gather_across_devices=False)

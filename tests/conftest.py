@@ -16,7 +16,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from llm2emb.backbone import VERIFIED_MODEL_TYPES
+from llm2emb.model.backbone import VERIFIED_MODEL_TYPES
 
 CORPUS = [
     "A man is playing a guitar on the street.",

@@ -4,8 +4,14 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from llm2emb.backbone import VERIFIED_MODEL_TYPES, BaseRef, load_backbone, resolve_base, verify_attention
 from llm2emb.errors import UserError, VerificationError
+from llm2emb.model.backbone import (
+    VERIFIED_MODEL_TYPES,
+    BaseRef,
+    load_backbone,
+    resolve_base,
+    verify_attention,
+)
 
 
 def first_position_moves(model) -> float:

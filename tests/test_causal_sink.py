@@ -1,4 +1,4 @@
-"""The causal sink: in a bidirectional model every text's first token attends to itself alone (llm2emb.attention)."""
+"""The causal sink: in a bidirectional model every text's first token attends to itself alone (llm2emb.model.attention)."""
 
 import json
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from llm2emb import Embedder, UserError
-from llm2emb.attention import set_causal_sink
-from llm2emb.backbone import VERIFIED_MODEL_TYPES, VerificationError, verify_attention
-from llm2emb.config import CONFIG_NAME, EmbedderConfig
-from llm2emb.export import export_sentence_transformers
+from llm2emb.commands.export import export_sentence_transformers
+from llm2emb.model.attention import set_causal_sink
+from llm2emb.model.backbone import VERIFIED_MODEL_TYPES, VerificationError, verify_attention
+from llm2emb.model.config import CONFIG_NAME, EmbedderConfig
 
 TEXTS = [
     "A man is playing a guitar on the street.",

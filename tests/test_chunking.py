@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from llm2emb import Embedder, UserError
-from llm2emb.chunking import chunk_windows, chunker_from_spec, place_windows, sentence_spans, word_spans
+from llm2emb.retrieval.chunking import (
+    chunk_windows,
+    chunker_from_spec,
+    place_windows,
+    sentence_spans,
+    word_spans,
+)
 
 DOCUMENT = ("Aspirin inhibits cyclooxygenase. It lowers fever in adults! Does it thin the blood? "
             "Yes, at low doses it does.\n\nA second paragraph follows here")

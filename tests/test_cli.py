@@ -189,4 +189,4 @@ def test_help_and_the_package_root_load_no_torch():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
-    assert Embedder.__module__ == "llm2emb.model"  # the lazy attribute still gives the class
+    assert Embedder.__module__ == "llm2emb.model.embedder"  # the lazy attribute still gives the class

@@ -15,8 +15,8 @@ import pytest
 
 from llm2emb import Embedder
 from llm2emb.cli import main
-from llm2emb.corpus import scan, sidecar
 from llm2emb.errors import UserError
+from llm2emb.retrieval.corpus import scan, sidecar
 
 SUBJECTS = ["man", "woman", "cat", "dog", "chef", "enzyme", "protein", "capital", "guitar", "onion"]
 

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from llm2emb import Embedder
-from llm2emb.backbone import VERIFIED_MODEL_TYPES
-from llm2emb.convert import convert
+from llm2emb.commands.convert import convert
+from llm2emb.model.backbone import VERIFIED_MODEL_TYPES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

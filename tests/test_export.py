@@ -9,7 +9,7 @@ from sentence_transformers import SentenceTransformer
 
 from llm2emb import Embedder
 from llm2emb.cli import main
-from llm2emb.export import export_sentence_transformers
+from llm2emb.commands.export import export_sentence_transformers
 
 INSTRUCTION = "Given a question, retrieve passages that answer it"
 QUERIES = ["what is the capital of France?", "cats", "how do enzymes catalyse chemical reactions in the kitchen?"]
@@ -140,7 +140,7 @@ def test_export_cli_sentence_transformers_and_errors(tiny_qwen2, tmp_path, capsy
 
 @pytest.mark.parametrize("pooling", ["mean", "last_token", "latent_attention"])
 def test_export_truncates_as_embedder_does(tiny_qwen2, tmp_path, pooling):
-    """Texts over max_length: both cut the text from its end and keep the prompt (llm2emb.tokenization's rule)."""
+    """Texts over max_length: both cut the text from its end and keep the prompt (llm2emb.model.tokenization's rule)."""
     folder = make_model(tiny_qwen2, tmp_path / "model", POOLINGS[pooling], lora=False)
     embedder = Embedder.from_pretrained(folder)
     embedder.config.max_length = 40  # a model's settings change through the API and a save (llm2emb.json's digest)

@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 
 from llm2emb import Embedder, UserError
 from llm2emb.cli import main
-from llm2emb.export_onnx import INT8_NAME, SETTINGS_NAME, OnnxEncoder, export_onnx
-from llm2emb.tokenization import UnembeddableText
+from llm2emb.commands.export_onnx import INT8_NAME, SETTINGS_NAME, OnnxEncoder, export_onnx
+from llm2emb.model.tokenization import UnembeddableText
 from tests.conftest import EVERY_POOLING
 
 INSTRUCTION = "Given a question, retrieve passages that answer it"

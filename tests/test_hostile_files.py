@@ -164,7 +164,7 @@ def test_train_refuses_a_weightless_base_before_writing_anything(llama, tmp_path
 def test_the_weights_check_reads_the_loading_report_of_any_model_class(llama):
     from transformers import AutoModelForCausalLM
 
-    from llm2emb.weights import load_checked
+    from llm2emb.model.weights import load_checked
 
     model = load_checked(AutoModelForCausalLM, llama)  # tied head: nothing missing
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -176,8 +176,8 @@ def test_the_weights_check_reads_the_loading_report_of_any_model_class(llama):
 def test_a_second_encode_into_the_same_output_is_refused_while_the_first_runs(converted, tmp_path, capsys):
     import numpy as np
 
-    from llm2emb.corpus import sidecar
     from llm2emb.files import exclusive_lock
+    from llm2emb.retrieval.corpus import sidecar
 
     texts = tmp_path / "t.txt"
     texts.write_text("a b\nc d\n")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from llm2emb.errors import UserError
-from llm2emb.late_interaction import TOKEN_HEAD_WEIGHTS_NAME, TokenHead, chamfer_scores
-from llm2emb.model import Embedder
-from llm2emb.muvera import chamfer
+from llm2emb.model.embedder import Embedder
+from llm2emb.model.late_interaction import TOKEN_HEAD_WEIGHTS_NAME, TokenHead, chamfer_scores
+from llm2emb.retrieval.muvera import chamfer
 
 TEXTS = ["A man is playing a guitar on the street.", "The cat sat on the mat.", "Proteins fold."]
 

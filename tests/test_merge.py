@@ -8,11 +8,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel
 
-from llm2emb.attention import set_causal_sink
 from llm2emb.cli import main
+from llm2emb.commands.merge import merge, parse_weights
 from llm2emb.errors import UserError
-from llm2emb.merge import merge, parse_weights
-from llm2emb.model import Embedder
+from llm2emb.model.attention import set_causal_sink
+from llm2emb.model.embedder import Embedder
 
 TEXTS = ["A man is playing a guitar.", "The cat sat on the mat.", "Paris is the capital of France."]
 POOLING = {"type": "latent_attention", "num_latents": 4, "num_heads": 2}

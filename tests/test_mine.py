@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from llm2emb.cli import main
+from llm2emb.commands.mine import mine, parse_window, select_negatives
 from llm2emb.errors import UserError
-from llm2emb.mine import mine, parse_window, select_negatives
-from llm2emb.model import Embedder
+from llm2emb.model.embedder import Embedder
 from llm2emb.train.data import load_rows
 from llm2emb.train.recipe import DatasetSpec
 

@@ -7,8 +7,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel
 
 from llm2emb import Embedder, UserError
-from llm2emb.attention import set_causal_sink
-from llm2emb.backbone import VERIFIED_MODEL_TYPES
+from llm2emb.model.attention import set_causal_sink
+from llm2emb.model.backbone import VERIFIED_MODEL_TYPES
 from tests.conftest import EVERY_POOLING
 
 TEXTS = [
@@ -200,7 +200,7 @@ def test_a_saved_folder_is_readable_by_whoever_may_read_its_directory(tiny_qwen2
     import stat
 
     from llm2emb.files import current_umask, write_text_atomic
-    from llm2emb.model_card import write_card
+    from llm2emb.model.card import write_card
 
     old = os.umask(0o022)
     try:

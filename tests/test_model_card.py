@@ -6,8 +6,8 @@ import yaml
 
 from llm2emb import Embedder
 from llm2emb.cli import main
-from llm2emb.config import EmbedderConfig
-from llm2emb.model_card import CARD_NAME, render
+from llm2emb.model.card import CARD_NAME, render
+from llm2emb.model.config import EmbedderConfig
 
 
 def front_matter(card: str) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llm2emb.errors import UserError
-from llm2emb.muvera import FdeConfig, Muvera, chamfer, search_fde
+from llm2emb.retrieval.muvera import FdeConfig, Muvera, chamfer, search_fde
 
 DIM = 32
 

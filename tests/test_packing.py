@@ -10,10 +10,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from llm2emb import Embedder, UserError
-from llm2emb.attention import resolve_backend
-from llm2emb.backbone import VERIFIED_MODEL_TYPES
 from llm2emb.cli import main
-from llm2emb.packing import block_diagonal_mask, pack, segment_ids, token_budget_batches, unpack
+from llm2emb.model.attention import resolve_backend
+from llm2emb.model.backbone import VERIFIED_MODEL_TYPES
+from llm2emb.model.packing import block_diagonal_mask, pack, segment_ids, token_budget_batches, unpack
 from llm2emb.train.gradcache import gradcache_backward
 from llm2emb.train.losses import InfoNCELoss
 from tests.conftest import EVERY_POOLING

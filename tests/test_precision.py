@@ -12,7 +12,7 @@ from llm2emb import Embedder
 from llm2emb.cli import main
 from llm2emb.errors import UserError
 from llm2emb.evaluate.search import search_codes as search
-from llm2emb.precision import bytes_per_vector, calibration_ranges, dequantize, quantize
+from llm2emb.retrieval.precision import bytes_per_vector, calibration_ranges, dequantize, quantize
 
 
 def test_int8_levels_by_hand():

@@ -11,11 +11,11 @@ from transformers import AutoModel, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llm2emb import Embedder, UserError
-from llm2emb.attention import set_causal_sink
 from llm2emb.cli import main
-from llm2emb.convert import convert
-from llm2emb.info import describe
-from llm2emb.rope import long_factors, parse_rope_scaling
+from llm2emb.commands.convert import convert
+from llm2emb.commands.info import describe
+from llm2emb.model.attention import set_causal_sink
+from llm2emb.model.rope import long_factors, parse_rope_scaling
 
 WINDOW = 32
 
@@ -106,7 +106,7 @@ def test_a_converted_folder_carries_the_extension_for_every_tool(short_window_ba
     batch = reloaded.tokenize([text_of(90)])
     assert batch["input_ids"].shape[1] > WINDOW
     plain_transformers = AutoModel.from_pretrained(tmp_path / "emb").eval()
-    set_causal_sink(plain_transformers, True)  # the folder's causal sink (llm2emb.attention); the rest is config.json
+    set_causal_sink(plain_transformers, True)  # the folder's causal sink (llm2emb.model.attention); the rest is config.json
     with torch.no_grad():
         theirs = plain_transformers(input_ids=batch["input_ids"]).last_hidden_state
         ours = reloaded.backbone(input_ids=batch["input_ids"]).last_hidden_state

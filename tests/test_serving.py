@@ -1,5 +1,5 @@
 """An exported sentence-transformers folder holds every key vLLM and TEI read, in the layout they parse
-(docs/SERVING.md; llm2emb/serving.py). Each rule below is what the engine's code does with the file, as of the
+(docs/SERVING.md; llm2emb/model/serving.py). Each rule below is what the engine's code does with the file, as of the
 versions docs/SERVING.md names: a folder that failed one is served with the wrong pooling, causal attention, or not
 at all."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llm2emb import Embedder
-from llm2emb.export import export_sentence_transformers
+from llm2emb.commands.export import export_sentence_transformers
 
 INSTRUCTION = "Given a question, retrieve passages that answer it"
 

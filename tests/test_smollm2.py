@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from llm2emb import Embedder
-from llm2emb.convert import convert
+from llm2emb.commands.convert import convert
 
 SENTENCES = [
     "A man is playing a guitar.",

@@ -9,9 +9,9 @@ import torch
 
 from llm2emb import Embedder
 from llm2emb.cli import main
-from llm2emb.corpus import scan
+from llm2emb.commands.synth import Generator, clean, consistency_filter, synthesize
 from llm2emb.errors import UserError
-from llm2emb.synth import Generator, clean, consistency_filter, synthesize
+from llm2emb.retrieval.corpus import scan
 
 DOCUMENTS = [f"A {animal} number {i} sleeps on the {place} near the old harbour wall."
              for i, (animal, place) in enumerate([("cat", "mat"), ("dog", "rug"), ("owl", "roof"), ("fox", "hill"),

@@ -7,7 +7,7 @@ import torch
 
 from llm2emb import Embedder
 from llm2emb.errors import UserError
-from llm2emb.tokenization import UnembeddableText
+from llm2emb.model.tokenization import UnembeddableText
 
 INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
 TEXT = "A man is playing a guitar on the street. " * 6
@@ -82,7 +82,7 @@ def test_encode_refuses_a_non_finite_vector(tiny_qwen2):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from llm2emb.tokenization import PromptTokenizer  # noqa: E402
+from llm2emb.model.tokenization import PromptTokenizer  # noqa: E402
 
 PIECES = ["a", "man", " ", "  ", "plays", ".", ",", "\n", "é", "日本", "guitar", "-", "----", "x" * 40, "\t"]
 

@@ -32,7 +32,7 @@ class TaskResult:
 
     @property
     def warning(self) -> str | None:
-        """A line for the user about the vectors behind the scores (degenerate ones: llm2emb.spread), if any."""
+        """A line for the user about the vectors behind the scores (degenerate ones: llm2emb.model.spread), if any."""
         return self.extra.get("warning")
 
 

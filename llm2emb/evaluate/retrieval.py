@@ -15,15 +15,15 @@ from llm2emb.evaluate.encoders import as_encoder, normalized
 from llm2emb.evaluate.metrics import DEFAULT_RETRIEVAL_METRICS, evaluated_queries, retrieval_scores
 from llm2emb.evaluate.results import TaskResult
 from llm2emb.evaluate.search import search_codes, top_k
-from llm2emb.precision import (
+from llm2emb.model.spread import degenerate_warning
+from llm2emb.model.tokenization import locate_texts
+from llm2emb.retrieval.precision import (
     bytes_per_vector,
     calibration_ranges,
     check_precision,
     needs_ranges,
     quantize,
 )
-from llm2emb.spread import degenerate_warning
-from llm2emb.tokenization import locate_texts
 
 CORPUS_BLOCK = 8192
 """Documents encoded and cached at a time when a corpus is larger: a stopped evaluation resumes at the first block it
@@ -95,7 +95,7 @@ def evaluate_retrieval(
     """Rank the whole corpus for every query that has a relevant document and score the rankings.
 
     The instruction goes on queries only (documents are encoded as they are); None means the model's default.
-    `precision` ranks compressed vectors instead (llm2emb.precision; int8/uint8 calibrated on this corpus's
+    `precision` ranks compressed vectors instead (llm2emb.retrieval.precision; int8/uint8 calibrated on this corpus's
     embeddings), `rescore` re-ranks binary candidates with the float query.
     """
     check_precision(precision)

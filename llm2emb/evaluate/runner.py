@@ -73,7 +73,7 @@ def load_model(
         if torch_dtype is not None:
             st.to(torch_dtype)
         return st
-    from llm2emb.model import Embedder
+    from llm2emb.model.embedder import Embedder
 
     embedder = Embedder.from_pretrained(model, pooling=pooling, attention=attention, torch_dtype=torch_dtype,
                                         rope_scaling=rope_scaling, device=device)
@@ -85,14 +85,14 @@ def load_model(
 
 
 def check_sentence_transformers_weights(folder: Path) -> None:
-    """The checks of llm2emb.weights for a sentence-transformers folder, which sentence-transformers would load with
+    """The checks of llm2emb.model.weights for a sentence-transformers folder, which sentence-transformers would load with
     random weights wherever its files lack them: no damaged file, and its transformer module's checkpoint whole
     (loaded once more for transformers' loading report; a teacher or an evaluated model pays that once)."""
     import json
 
     from transformers import AutoModel
 
-    from llm2emb.weights import load_checked, refuse_damaged
+    from llm2emb.model.weights import load_checked, refuse_damaged
 
     refuse_damaged(folder)
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llm2emb.precision import dequantize, quantize
+from llm2emb.retrieval.precision import dequantize, quantize
 
 
 def top_k(

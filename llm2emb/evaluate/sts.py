@@ -11,8 +11,8 @@ from llm2emb.evaluate.data import StsData
 from llm2emb.evaluate.encoders import as_encoder, normalized
 from llm2emb.evaluate.metrics import spearman
 from llm2emb.evaluate.results import TaskResult
-from llm2emb.spread import degenerate_warning
-from llm2emb.tokenization import locate_texts
+from llm2emb.model.spread import degenerate_warning
+from llm2emb.model.tokenization import locate_texts
 
 
 def evaluate_sts(model: Any, data: StsData, instruction: str | None = None, batch_size: int | None = None) -> TaskResult:

@@ -40,7 +40,7 @@ class MtebEncoder(AbsEncoder):
         **load_kwargs: Any,
     ):
         if isinstance(model, (str, Path)):
-            from llm2emb.model import Embedder
+            from llm2emb.model.embedder import Embedder
 
             name = name or f"llm2emb/{Path(model).name}"
             model = Embedder.from_pretrained(model, **load_kwargs)

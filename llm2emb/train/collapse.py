@@ -18,7 +18,7 @@ loss fell from 6.58 only to 4.06, above chance (ln 32 = 3.47), at a cosine of 0.
 untrained. So at the end of a stage, a mean loss over its last `patience` steps at or above the chance loss stops
 it too, before its model is saved; a stage with fewer than `patience` steps after warmup is too short to judge.
 
-And a stage can make the model worse without either: with the causal sink (llm2emb.attention) a tiny model at
+And a stage can make the model worse without either: with the causal sink (llm2emb.model.attention) a tiny model at
 learning rate 10 went from loss 0.52 to about 2.3 (chance ln 16 = 2.77) at a cosine of 0.85-0.97, never long enough at
 both edges to count as collapsed. So a stage whose last `patience` steps averaged at least `regression` x the loss of
 its first step (the model as it came in, before any update), and at least half the chance loss (a flat run at a low

@@ -51,7 +51,7 @@ def matryoshka_plan(
 
 def load_guide(stage: StageSpec, embedder, index: int):
     """The frozen guide Embedder of `guide_model`; it must tokenize exactly as the trained model does."""
-    from llm2emb.model import Embedder
+    from llm2emb.model.embedder import Embedder
 
     dtype = next(embedder.backbone.parameters()).dtype
     guide = Embedder.from_pretrained(stage.guide_model, torch_dtype=dtype)

@@ -30,10 +30,10 @@ import datasets
 import numpy as np
 import torch
 
+from llm2emb.commands.mine import Pair
 from llm2emb.errors import UserError
-from llm2emb.mine import Pair
+from llm2emb.model.tokenization import locate_texts
 from llm2emb.readers import BadRow, delimited_records, jsonl_records, qrel_pairs
-from llm2emb.tokenization import locate_texts
 from llm2emb.train.recipe import DatasetSpec, StageSpec
 from llm2emb.train.recipe_file import format_key_path
 

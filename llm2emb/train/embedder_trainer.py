@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from llm2emb.config import is_model_folder
 from llm2emb.errors import UserError
 from llm2emb.files import disk_full
+from llm2emb.model.config import is_model_folder
 
 STAGING_NAME = ".checkpoint-staging"
 """Checkpoints are assembled here and renamed to checkpoint-N only when every file is written."""

@@ -1,7 +1,7 @@
 """Do a stage's prompts leave room for their texts under `max_length`? Checked before the first step, reported by
 `llm2emb train --check`.
 
-The truncation rule (llm2emb.tokenization) cuts texts, never prompts, so the one way a row can lose its text is an
+The truncation rule (llm2emb.model.tokenization) cuts texts, never prompts, so the one way a row can lose its text is an
 instruction (plus template and special tokens) of `max_length` tokens or more. That is refused here, naming the first
 row that has such an instruction, before any training step: otherwise the pool mask would be empty and the run would
 train on zero vectors at a constant loss.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llm2emb.errors import UserError
-from llm2emb.tokenization import PromptTokenizer, locate_texts, no_room_detail
+from llm2emb.model.tokenization import PromptTokenizer, locate_texts, no_room_detail
 from llm2emb.train.data import StageData
 from llm2emb.train.recipe import StageSpec
 from llm2emb.train.recipe_file import format_key_path

@@ -1,6 +1,6 @@
 """The late-interaction term of a contrastive stage (`late_interaction:` in a recipe; ColBERT's objective).
 
-The stage trains the pooled vector with InfoNCE as usual and, next to it, the token head (llm2emb.late_interaction)
+The stage trains the pooled vector with InfoNCE as usual and, next to it, the token head (llm2emb.model.late_interaction)
 with InfoNCE over normalised Chamfer scores of the same queries and candidates (positive, hard and in-batch
 negatives, the same masks): `weight` x that term is added to the loss.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llm2emb.late_interaction import chamfer_scores
+from llm2emb.model.late_interaction import chamfer_scores
 
 
 def pack(pooled: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:

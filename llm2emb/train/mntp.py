@@ -50,7 +50,7 @@ def lm_head(embedder) -> nn.Module:
     """The base model's output projection, frozen: tied to the input embeddings, or loaded from the base."""
     from transformers import AutoModelForCausalLM
 
-    from llm2emb.backbone import load_pretrained, resolve_base
+    from llm2emb.model.backbone import load_pretrained, resolve_base
     config = embedder.base_config
     embeddings = embedder.backbone.get_input_embeddings()
     head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=embeddings.weight.device,

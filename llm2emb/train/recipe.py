@@ -65,7 +65,7 @@ class ModelSpec(_Strict):
     """Hub id, HF folder, .gguf file, llm2emb folder, or an alias from llm2emb.assets (e.g. smollm2-135m)."""
     attention: Literal["bidirectional", "causal"] = "bidirectional"
     causal_sink: bool | None = None
-    """Keep each text's first token causal in bidirectional attention (llm2emb.attention); None: an llm2emb folder's
+    """Keep each text's first token causal in bidirectional attention (llm2emb.model.attention); None: an llm2emb folder's
     own choice, and on for a bidirectional base."""
     pooling: str | dict[str, Any] | None = None
     """A pooler name or {type: ..., args}; None: the folder's pooling for an llm2emb folder, else mean."""
@@ -159,7 +159,7 @@ class DatasetSpec(_Strict):
 
 
 class MineSpec(_Strict):
-    """Hard negatives mined with the stage's starting weights before it trains (see llm2emb.mine); the rows become
+    """Hard negatives mined with the stage's starting weights before it trains (see llm2emb.commands.mine); the rows become
     one more dataset of the stage, and a resumed stage reuses the file it mined."""
 
     corpus: str
@@ -237,7 +237,7 @@ class LateInteractionSpec(_Strict):
     """ColBERT-style late interaction beside the pooled vector: a linear head projects every token's state to `dim`
     dimensions, and `weight` x InfoNCE over the normalised Chamfer (MaxSim) scores of the stage's queries and
     candidates joins the loss (llm2emb.train.late_loss). The saved model keeps the head (token_head.safetensors):
-    `Embedder.encode_tokens` and multi-vector retrieval (llm2emb.muvera) then use `dim`-wide token vectors instead
+    `Embedder.encode_tokens` and multi-vector retrieval (llm2emb.retrieval.muvera) then use `dim`-wide token vectors instead
     of the hidden states."""
 
     dim: Annotated[int, Field(gt=0)] = 128

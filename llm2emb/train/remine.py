@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from llm2emb.mine import mine
+from llm2emb.commands.mine import mine
 from llm2emb.train.data import StageData, load_rows, read_pairs
 from llm2emb.train.recipe import DatasetSpec, StageSpec
 from llm2emb.train.recipe_file import format_key_path

@@ -11,9 +11,9 @@ from typing import Any
 import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from llm2emb.config import CONFIG_NAME
 from llm2emb.errors import UserError
 from llm2emb.files import damaged_file
+from llm2emb.model.config import CONFIG_NAME
 from llm2emb.train.recipe import RESOLVED_NAME, Recipe
 from llm2emb.train.recipe_file import format_key_path, save_resolved
 from llm2emb.train.reporting import METRICS_NAME

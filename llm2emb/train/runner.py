@@ -28,7 +28,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set
 
 from llm2emb.errors import UserError
 from llm2emb.files import folder_lock, write_text_atomic
-from llm2emb.model_card import TrainingRecord, write_card
+from llm2emb.model.card import TrainingRecord, write_card
 from llm2emb.train.callbacks import (
     EvalCallback,
     Evaluator,
@@ -71,7 +71,7 @@ def train(
 def check_recipe(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
     """Validate the recipe and load every dataset and the tokenizer, without the model's weights: a dry run for
     `--check`, which also says how each dataset's prompts fit `max_length` (see llm2emb.train.fit)."""
-    from llm2emb.model_folder import load_prompt_tokenizer
+    from llm2emb.model.folder import load_prompt_tokenizer
 
     recipe = load_recipe(recipe_path, overrides)
     lines = [f"{recipe_path}: valid; output_dir {recipe.output_dir}"]

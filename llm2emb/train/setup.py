@@ -43,7 +43,7 @@ def _cpu_supports_bf16() -> bool:
 
 def load_embedder(recipe: Recipe):
     """The Embedder of `model:`, with LoRA (and a 4/8-bit base for QLoRA) applied as the recipe says."""
-    from llm2emb.model import Embedder
+    from llm2emb.model.embedder import Embedder
 
     spec = recipe.model
     dtype = spec.dtype

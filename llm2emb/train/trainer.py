@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from llm2emb.errors import UserError
-from llm2emb.spread import mean_cosine
+from llm2emb.model.spread import mean_cosine
 from llm2emb.train.collapse import BatchSpread, CollapseError, CollapseGuard
 from llm2emb.train.embedder_trainer import EmbedderTrainer
 from llm2emb.train.errors import NonFiniteLossError

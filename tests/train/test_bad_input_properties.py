@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm2emb.cli import main
-from llm2emb.convert import convert
+from llm2emb.commands.convert import convert
 
 RECIPE = """\
     model: {base: emb, max_length: 32}

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from llm2emb.cli import main
-from llm2emb.convert import convert
-from llm2emb.spread import degenerate_warning, mean_cosine
+from llm2emb.commands.convert import convert
+from llm2emb.model.spread import degenerate_warning, mean_cosine
 from llm2emb.train.collapse import BatchSpread, CollapseError, CollapseGuard, replay
 from llm2emb.train.runner import train
 

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
 
 from llm2emb.errors import UserError
-from llm2emb.model import Embedder
+from llm2emb.model.embedder import Embedder
 from llm2emb.train.contrastive import matryoshka_plan, trainer_options
 from llm2emb.train.data import ContrastiveCollator, StageData, load_rows
 from llm2emb.train.losses import candidate_mask, guide_mask
@@ -141,7 +141,7 @@ def test_late_interaction_trains_the_head_and_gradcache_keeps_full_batch_gradien
 
 
 def test_the_late_interaction_term_adds_chamfer_infonce_to_the_pooled_loss():
-    from llm2emb.late_interaction import chamfer_scores
+    from llm2emb.model.late_interaction import chamfer_scores
     from llm2emb.train.late_loss import LateInteractionTerm, pack
     from llm2emb.train.losses import InfoNCELoss
 

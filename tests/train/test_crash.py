@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm2emb.convert import convert
+from llm2emb.commands.convert import convert
 
 CRASH_CLI = '''
 import os, signal, sys

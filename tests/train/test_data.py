@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llm2emb.errors import UserError
-from llm2emb.model import Embedder
+from llm2emb.model.embedder import Embedder
 from llm2emb.train.data import (
     ContrastiveCollator,
     MixedBatchSampler,

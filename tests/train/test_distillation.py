@@ -13,7 +13,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import TrainingArguments
 
 from llm2emb.errors import UserError
-from llm2emb.model import Embedder
+from llm2emb.model.embedder import Embedder
 from llm2emb.train.contrastive import trainer_options
 from llm2emb.train.data import ContrastiveCollator, StageData, load_rows
 from llm2emb.train.distillation import Distillation, kl_divergence, margin_mse

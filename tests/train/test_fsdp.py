@@ -25,8 +25,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from llm2emb.convert import convert
-from llm2emb.model import Embedder
+from llm2emb.commands.convert import convert
+from llm2emb.model.embedder import Embedder
 from llm2emb.train.gradcache import gradcache_backward
 from llm2emb.train.losses import InfoNCELoss
 

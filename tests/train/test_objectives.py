@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainingArguments
 
 from llm2emb.errors import UserError
-from llm2emb.model import Embedder
+from llm2emb.model.embedder import Embedder
 from llm2emb.train.mntp import MASK_TOKEN, MNTPCollator, MNTPTrainer, lm_head, mntp_loss
 from llm2emb.train.objectives import build_objective_data
 from llm2emb.train.recipe import StageSpec

@@ -14,11 +14,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel, TrainerCallback
 
-from llm2emb import model_folder
-from llm2emb.attention import set_causal_sink
-from llm2emb.convert import convert
+from llm2emb.commands.convert import convert
 from llm2emb.errors import UserError
-from llm2emb.model import Embedder
+from llm2emb.model import folder as model_folder
+from llm2emb.model.attention import set_causal_sink
+from llm2emb.model.embedder import Embedder
 from llm2emb.train.callbacks import Evaluator
 from llm2emb.train.errors import NonFiniteLossError
 from llm2emb.train.recipe import RESOLVED_NAME
@@ -149,7 +149,7 @@ def test_stages_chain_and_model_loads_with_embedder_and_plain_peft(finished, con
     assert embedder.pooler.trainable and embedder.config.max_length == 32
     batch = embedder.tokenize(["A cat is on the mat.", "enzyme on the street?"])
     plain = PeftModel.from_pretrained(AutoModel.from_pretrained(converted), model_dir).eval()
-    set_causal_sink(plain, True)  # the converted base's causal sink (llm2emb.attention)
+    set_causal_sink(plain, True)  # the converted base's causal sink (llm2emb.model.attention)
     with torch.no_grad():
         ours = embedder.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         theirs = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from llm2emb.errors import UserError
-from llm2emb.model import Embedder
+from llm2emb.model.embedder import Embedder
 from llm2emb.train.data import ContrastiveCollator, StageData, load_rows
 from llm2emb.train.embedder_trainer import EXTRA_STATE_NAME, STAGING_NAME
 from llm2emb.train.errors import NonFiniteLossError

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm2emb.chunking import sentence_spans
-from llm2emb.corpus import Corpus, scan, sidecar
 from llm2emb.errors import UserError
 from llm2emb.files import write_text_atomic
+from llm2emb.retrieval.chunking import sentence_spans
+from llm2emb.retrieval.corpus import Corpus, scan, sidecar
 
 TASKS = {
     "question": ("Write one question that the following passage answers. Reply with the question only.",
@@ -155,7 +155,7 @@ class Generator:
     def __init__(self, reference: str, max_new_tokens: int = 48, temperature: float = 0.7, device: str | None = None):
         from transformers import AutoModelForCausalLM
 
-        from llm2emb.backbone import load_pretrained, load_tokenizer, resolve_base
+        from llm2emb.model.backbone import load_pretrained, load_tokenizer, resolve_base
 
         base = resolve_base(reference)
         self.tokenizer = load_tokenizer(base, padding_side="left")
@@ -320,7 +320,7 @@ def synth_from_files(
     corpus = scan(Path(corpus_path), text_field=text_field, id_field=id_field, chunk_size=chunk_size)
     embedder = None
     if embedder_reference is not None:
-        from llm2emb.model import Embedder
+        from llm2emb.model.embedder import Embedder
 
         embedder = Embedder.from_pretrained(embedder_reference, device=device)
     generator_model = Generator(generator, max_new_tokens=max_new_tokens, temperature=temperature, device=device)

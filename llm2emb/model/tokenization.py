@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llm2emb.errors import UserError
-from llm2emb.prompts import Prompt, Prompts
+from llm2emb.model.prompts import Prompt, Prompts
 
 TOKENIZE_CHUNK = 1024
 """Prompts handed to the (Rust, multi-threaded) tokenizer at once: fast, and memory stays bounded for corpora."""

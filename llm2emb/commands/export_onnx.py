@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llm2emb.commands.export import merged
 from llm2emb.errors import UserError
-from llm2emb.export import merged
 from llm2emb.files import atomic_folder, refuse_non_empty
-from llm2emb.model import Embedder
-from llm2emb.model_card import write_card
-from llm2emb.prompts import Prompts
-from llm2emb.tokenization import PromptTokenizer, pad_rows
+from llm2emb.model.card import write_card
+from llm2emb.model.embedder import Embedder
+from llm2emb.model.prompts import Prompts
+from llm2emb.model.tokenization import PromptTokenizer, pad_rows
 
 GRAPH_NAME = "model.onnx"
 INT8_NAME = "model_int8.onnx"

@@ -6,7 +6,7 @@ embedder with exit 0 (issue 30). Every base, model, teacher, guide and generator
 `load_checked`, which reads transformers' own loading report (`output_loading_info`) and refuses missing weights,
 and which turns a damaged file (truncated safetensors, corrupt or code-carrying pickle), or any other failure to
 build the model from its files, into one line naming it. The cheap structural check of a whole folder
-(`refuse_damaged`) runs once, where a user's reference becomes a folder (llm2emb.backbone.resolve_base, a model
+(`refuse_damaged`) runs once, where a user's reference becomes a folder (llm2emb.model.backbone.resolve_base, a model
 folder's load, a sentence-transformers folder's), not again for each file loaded from it.
 Pickles load with torch's `weights_only` (transformers' default), so a checkpoint carrying code is never run.
 """

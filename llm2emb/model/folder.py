@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm2emb.backbone import BaseRef, is_peft, load_backbone, load_tokenizer, resolve_base
-from llm2emb.config import CONFIG_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
+from llm2emb.model.backbone import BaseRef, is_peft, load_backbone, load_tokenizer, resolve_base
+from llm2emb.model.config import CONFIG_NAME, EmbedderConfig, is_model_folder
+from llm2emb.model.prompts import Prompts
+from llm2emb.model.tokenization import PromptTokenizer
+from llm2emb.model.weights import refuse_damaged
 from llm2emb.pooling import as_pooling_spec, pooler_spec
-from llm2emb.prompts import Prompts
-from llm2emb.tokenization import PromptTokenizer
-from llm2emb.weights import refuse_damaged
 
 Embedder = torch.nn.Module
-"""What these functions take: an `llm2emb.model.Embedder` (named here without importing it, which would be a cycle)."""
+"""What these functions take: an `llm2emb.model.embedder.Embedder` (named here without importing it, which would be a cycle)."""
 
 
 def load_folder(assemble: Callable[..., Embedder], folder: Path, pooling, attention, torch_dtype, device,

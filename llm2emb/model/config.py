@@ -38,7 +38,7 @@ class EmbedderConfig:
     attention: str = "bidirectional"
     causal_sink: bool = False
     """Bidirectional models only: every text's first token attends to itself alone, as in the causal base
-    (llm2emb.attention, "The causal sink"). New conversions turn it on; folders written before it (2026-12-06) lack
+    (llm2emb.model.attention, "The causal sink"). New conversions turn it on; folders written before it (2026-12-06) lack
     the key and attend plainly bidirectionally."""
     pooling: dict[str, Any] = field(default_factory=lambda: {"type": "mean"})
     normalize: bool = True
@@ -50,9 +50,9 @@ class EmbedderConfig:
     default_document_instruction: str | None = None
     matryoshka_dims: list[int] | None = None
     rope_scaling: dict[str, Any] | None = None
-    """{"method": pi | ntk | yarn, "factor": s}: RoPE stretched for texts beyond the trained window (llm2emb.rope)."""
+    """{"method": pi | ntk | yarn, "factor": s}: RoPE stretched for texts beyond the trained window (llm2emb.model.rope)."""
     token_dim: int | None = None
-    """Width of the trained late-interaction head (token_head.safetensors, llm2emb.late_interaction); None: none,
+    """Width of the trained late-interaction head (token_head.safetensors, llm2emb.model.late_interaction); None: none,
     token vectors are the hidden states as they are."""
     format_version: int = FORMAT_VERSION
     file_digests: dict[str, str] | None = None

@@ -25,7 +25,7 @@ import numpy as np
 
 from llm2emb.errors import UserError
 from llm2emb.files import atomic_path
-from llm2emb.tokenization import locate_texts
+from llm2emb.model.tokenization import locate_texts
 
 
 @dataclass
@@ -123,7 +123,7 @@ def mine(
     is written into the rows. Give `queries` and `qrels` (BEIR files) or `pairs` (`Pair`s already read).
     """
     from llm2emb.evaluate.search import top_k as search
-    from llm2emb.model import Embedder
+    from llm2emb.model.embedder import Embedder
     from llm2emb.readers import document_text, read_jsonl
 
     if (qrels is None) == (pairs is None):

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from llm2emb.config import EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
-from llm2emb.model import Embedder
-from llm2emb.model_folder import adapter_base_reference
+from llm2emb.model.config import EmbedderConfig, is_model_folder
+from llm2emb.model.embedder import Embedder
+from llm2emb.model.folder import adapter_base_reference
 
 COMPARED = ("attention", "pooling", "query_template", "document_template", "padding_side", "token_dim")
 """llm2emb.json keys that must agree between merged models (besides the base)."""

@@ -1,8 +1,8 @@
 """`Embedder`: a backbone, a pooler and prompts; the one object users encode with, train and save.
 
 The class is the facade: construction, attention control, `forward` and the public encode and save methods. The
-model-folder format is llm2emb.model_folder, batching and encoding llm2emb.encoding, the padded and packed
-forward paths llm2emb.hidden_states.
+model-folder format is llm2emb.model.folder, batching and encoding llm2emb.model.encoding, the padded and packed
+forward paths llm2emb.model.hidden_states.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from llm2emb import encoding, model_folder
-from llm2emb.attention import resolve_backend, set_causal_sink, use_varlen_attention
-from llm2emb.backbone import (
+from llm2emb.errors import UserError
+from llm2emb.files import atomic_folder, refuse_non_empty
+from llm2emb.model import encoding
+from llm2emb.model import folder as model_folder
+from llm2emb.model.attention import resolve_backend, set_causal_sink, use_varlen_attention
+from llm2emb.model.backbone import (
     base_model,
     decoder_of,
     load_backbone,
@@ -25,16 +28,14 @@ from llm2emb.backbone import (
     resolve_base,
     verify_attention,
 )
-from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
-from llm2emb.encoding import DocumentChunks
-from llm2emb.errors import UserError
-from llm2emb.files import atomic_folder, refuse_non_empty
-from llm2emb.hidden_states import backbone_states, first_layers
-from llm2emb.late_interaction import TOKEN_HEAD_WEIGHTS_NAME, TokenHead
+from llm2emb.model.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
+from llm2emb.model.encoding import DocumentChunks
+from llm2emb.model.hidden_states import backbone_states, first_layers
+from llm2emb.model.late_interaction import TOKEN_HEAD_WEIGHTS_NAME, TokenHead
+from llm2emb.model.prompts import Prompts
+from llm2emb.model.rope import extend_rope, parse_rope_scaling, rebuild_rotary, rope_window
+from llm2emb.model.tokenization import PromptTokenizer, UnembeddableText, pad_rows
 from llm2emb.pooling import Pooler, as_pooling_spec, build_pooler, pooler_spec
-from llm2emb.prompts import Prompts
-from llm2emb.rope import extend_rope, parse_rope_scaling, rebuild_rotary, rope_window
-from llm2emb.tokenization import PromptTokenizer, UnembeddableText, pad_rows
 
 
 class Embedder(nn.Module):
@@ -49,7 +50,7 @@ class Embedder(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.attention_backend = "auto"
-        """auto | padded | packed | flash_attn | varlen_attn (llm2emb.attention); a runtime choice, not saved."""
+        """auto | padded | packed | flash_attn | varlen_attn (llm2emb.model.attention); a runtime choice, not saved."""
         self._resolved: tuple[tuple, str] | None = None
         self.future_attention = 1.0
         """How much a token attends to later tokens, 0 (causal) to 1 (bidirectional); below 1 only during a
@@ -77,8 +78,8 @@ class Embedder(nn.Module):
         or packed batches (see `set_attention_backend`); a choice that cannot run here fails at load.
         `quantization` (4bit | 8bit, CUDA and bitsandbytes) loads the base quantized, for QLoRA training.
         `rope_scaling` ("yarn:4", or {"method": pi | ntk | yarn, "factor": 4}) stretches RoPE for texts beyond the
-        trained window (llm2emb.rope); a folder saved with it keeps it.
-        `causal_sink` (llm2emb.attention): None keeps a folder's choice and turns it on for a bidirectional base.
+        trained window (llm2emb.model.rope); a folder saved with it keeps it.
+        `causal_sink` (llm2emb.model.attention): None keeps a folder's choice and turns it on for a bidirectional base.
         """
         rope_scaling = parse_rope_scaling(rope_scaling)
         if pooling_kwargs:
@@ -120,7 +121,7 @@ class Embedder(nn.Module):
 
     @property
     def rope_window(self) -> int | None:
-        """The trained window when RoPE is extended: longer texts get the stretched frequencies (llm2emb.rope)."""
+        """The trained window when RoPE is extended: longer texts get the stretched frequencies (llm2emb.model.rope)."""
         return rope_window(base_model(self.backbone).config)
 
     @classmethod
@@ -142,7 +143,7 @@ class Embedder(nn.Module):
         return embedder.eval()
 
     def add_token_head(self, dim: int) -> TokenHead:
-        """The late-interaction head of width `dim` (llm2emb.late_interaction), created freshly initialised when the
+        """The late-interaction head of width `dim` (llm2emb.model.late_interaction), created freshly initialised when the
         model has none; a model whose head has another width refuses (its token vectors would change meaning)."""
         if self.token_head is not None:
             if self.token_head.dim != dim:
@@ -253,21 +254,21 @@ class Embedder(nn.Module):
         """Token ids, attention mask and pool mask (1 on the text's own tokens, plus EOS if appended).
 
         `kind` picks the template the instruction goes through: "query" or "document". A prompt over `max_length`
-        loses tokens of its text only; a text left no token raises `UnembeddableText` (llm2emb.tokenization).
+        loses tokens of its text only; a text left no token raises `UnembeddableText` (llm2emb.model.tokenization).
         `spans[i]` (characters of text i, or None) makes row i a situated chunk: the text is its context (a window
-        of `max_length` tokens around the span, llm2emb.chunking) and only the span's tokens are pooled.
+        of `max_length` tokens around the span, llm2emb.retrieval.chunking) and only the span's tokens are pooled.
         """
         if spans is None:
             return self.pad_batch([(row.ids, row.pool) for row in
                                    self.prompt_tokenizer.rows(texts, instructions, max_length, kind)])
-        from llm2emb.chunking import situated_rows
+        from llm2emb.retrieval.chunking import situated_rows
 
         return self.pad_batch(situated_rows(self.prompt_tokenizer, texts, instructions, max_length or self.config.max_length,
                                             kind, spans))
 
     @property
     def prompt_tokenizer(self) -> PromptTokenizer:
-        """Templates, tokenizer and `max_length` under llm2emb.tokenization's rule: the text is cut, never the prompt."""
+        """Templates, tokenizer and `max_length` under llm2emb.model.tokenization's rule: the text is cut, never the prompt."""
         return PromptTokenizer(self.tokenizer, self.prompts, self.pooler.needs_eos, self.config.max_length)
 
     def pad_batch(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, torch.Tensor]:
@@ -284,11 +285,11 @@ class Embedder(nn.Module):
         (B, T, token_dim), mask (B, T)), from the same forward (a late-interaction stage trains both); it needs the
         token head (`add_token_head`).
 
-        `layers=k` runs only the first k transformer layers (Matryoshka layers, llm2emb.hidden_states.first_layers). With a
+        `layers=k` runs only the first k transformer layers (Matryoshka layers, llm2emb.model.hidden_states.first_layers). With a
         packed attention backend the batch's padding is dropped before the backbone and restored after it, so
         the pooler sees the same (B, T, d) states either way. With `pool_rows` (C,) in the batch, `pool_mask` has C
         rows and row c pools the states of input row `pool_rows[c]`: several vectors from one forward (situated
-        chunks, llm2emb.chunking).
+        chunks, llm2emb.retrieval.chunking).
         """
         attention_mask = batch["attention_mask"].to(self.device)
         input_ids = batch["input_ids"].to(self.device)
@@ -327,21 +328,21 @@ class Embedder(nn.Module):
         return backbone_states(self.backbone, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                                self._kernel(), self.config.padding_side == "left", self.future_attention)[0]
 
-    # ------------------------------------------------------------------ inference (llm2emb.encoding)
+    # ------------------------------------------------------------------ inference (llm2emb.model.encoding)
     def encode(self, texts: Sequence[str], instruction: str | None = None, **options: Any) -> np.ndarray:
         """Embeddings (n, d) as float32 numpy, L2-normalised, in the order of `texts`, in length-sorted batches.
         Options (`batch_size`, `normalize`, `dim`, `kind`, `max_tokens`, `layers`, `precision`, ...):
-        `llm2emb.encoding.encode_texts`."""
+        `llm2emb.model.encoding.encode_texts`."""
         return encoding.encode_texts(self, texts, instruction, **options)
 
     def encode_chunks(self, documents: Sequence[str], spans=None, **options: Any) -> list[DocumentChunks]:
         """Situated chunks: each chunk (given `spans`, or made by `chunker`) embedded in its document's context;
-        one `DocumentChunks(spans, vectors)` per document (`llm2emb.encoding.encode_chunks`)."""
+        one `DocumentChunks(spans, vectors)` per document (`llm2emb.model.encoding.encode_chunks`)."""
         return encoding.encode_chunks(self, documents, spans, **options)
 
     def encode_tokens(self, texts: Sequence[str], instruction: str | None = None, **options: Any) -> list[np.ndarray]:
         """Token-level vectors for late interaction, one (tokens, width) array per text
-        (`llm2emb.encoding.encode_tokens`)."""
+        (`llm2emb.model.encoding.encode_tokens`)."""
         return encoding.encode_tokens(self, texts, instruction, **options)
 
     def encode_queries(self, texts: Sequence[str], instruction: str | None = None, **kwargs) -> np.ndarray:

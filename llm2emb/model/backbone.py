@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm2emb.errors import UserError, VerificationError
-from llm2emb.weights import load_checked, refuse_damaged
+from llm2emb.model.weights import load_checked, refuse_damaged
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def load_backbone(
 
 def load_pretrained(model_class, base: BaseRef, **kwargs) -> PreTrainedModel:
     """`model_class.from_pretrained` of `base` (GGUF weights dequantized), refusing damaged files and missing weights
-    (llm2emb.weights); `kwargs` win over the base's own (a quantization config replaces GGUF's)."""
+    (llm2emb.model.weights); `kwargs` win over the base's own (a quantization config replaces GGUF's)."""
     options = {**base.model_kwargs, **kwargs}
     options.pop("gguf_file", None)
     return load_checked(model_class, base.path, base.gguf_file, **options)
@@ -227,7 +227,7 @@ def verify_attention(model: torch.nn.Module, attention: str, vocab_size: int | N
         )
     if causal_sink and moved_at(0) > 1e-3:
         raise VerificationError(f"model_type {name!r}: the first token sees later ones although the causal sink is on "
-                                "(an attention path that bypasses llm2emb.attention)")
+                                "(an attention path that bypasses llm2emb.model.attention)")
     if attention == "causal" and moved > 1e-3:
         raise VerificationError(f"model_type {name!r} leaks future tokens although attention is causal")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llm2emb.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
 from llm2emb.errors import UserError
-from llm2emb.weights import refuse_damaged
+from llm2emb.model.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_folder
+from llm2emb.model.weights import refuse_damaged
 
 
 def describe(folder: str | Path) -> dict:

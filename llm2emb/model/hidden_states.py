@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from llm2emb.backbone import decoder_of
 from llm2emb.errors import UserError
-from llm2emb.packing import pack, unpack
+from llm2emb.model.backbone import decoder_of
+from llm2emb.model.packing import pack, unpack
 
 
 @contextlib.contextmanager
@@ -50,7 +50,7 @@ def first_layers(backbone: nn.Module, layers: int | None, pooler) -> Iterator[No
 def backbone_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, kernel: str,
                     left_padded: bool, future_attention: float = 1.0, every_layer: bool = False):
     """Last hidden states (B, T, d) and, with `every_layer`, each layer's (else None). `kernel` is `padded` or a
-    packed one (llm2emb.attention); `future_attention` below 1 is the causal-to-bidirectional curriculum's bias,
+    packed one (llm2emb.model.attention); `future_attention` below 1 is the causal-to-bidirectional curriculum's bias,
     which only the padded layout carries."""
     if kernel == "padded":
         return padded_states(backbone, input_ids, attention_mask, left_padded, future_attention, every_layer)
@@ -71,7 +71,7 @@ def padded_states(backbone, input_ids, attention_mask, left_padded: bool, future
 
 
 def packed_states(backbone, input_ids, attention_mask, kernel: str, every_layer: bool):
-    """One row of real tokens through the backbone; `cu_seq_lens_*` reach llm2emb.attention's varlen kernel."""
+    """One row of real tokens through the backbone; `cu_seq_lens_*` reach llm2emb.model.attention's varlen kernel."""
     packed = pack(input_ids, attention_mask)
     out = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, output_hidden_states=every_layer,
                    llm2emb_kernel=kernel, **packed.attention_kwargs())

@@ -1,6 +1,6 @@
 """Attention backends: padded batches, or packed rows attended per text by a varlen kernel.
 
-Packed rows (llm2emb.packing) need attention that stays inside each text: transformers' bidirectional
+Packed rows (llm2emb.model.packing) need attention that stays inside each text: transformers' bidirectional
 mask ignores packing, so `position_ids` alone leak attention across texts (docs/ARCHITECTURE.md, "Verified
 facts"). We register one attention function, `llm2emb_varlen`, through transformers' AttentionInterface (with sdpa's mask
 function in the AttentionMaskInterface). When the model call carries `cu_seq_lens_q` it runs a varlen
@@ -35,7 +35,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from llm2emb.errors import UserError
-from llm2emb.packing import segment_ids
+from llm2emb.model.packing import segment_ids
 
 IMPLEMENTATION = "llm2emb_varlen"
 """The attention implementation name a backbone is switched to for packed batches."""

@@ -1,7 +1,7 @@
 """Packing: a padded batch becomes one row of real tokens with cumulative sequence lengths, and back.
 
 Padding costs compute in every linear layer and in attention; a packed row holds only real tokens, and a
-varlen attention kernel (llm2emb.attention) keeps each text's attention inside its own span. Packing starts
+varlen attention kernel (llm2emb.model.attention) keeps each text's attention inside its own span. Packing starts
 from the padded batch of docs/CONTRACTS.md and unpacking restores its (B, T, d) layout, so the poolers and
 the trainer see exactly what the padded path gives them.
 """
@@ -87,7 +87,7 @@ def token_budget_batches(
 
     A padded batch costs rows x its longest text; a packed one the sum of its lengths. A text longer than
     the budget gets a batch of its own. `max_rows` caps the rows of a batch whatever the budget. No batch holds
-    texts longer than `boundary` together with texts that are not (an extended RoPE window, llm2emb.rope).
+    texts longer than `boundary` together with texts that are not (an extended RoPE window, llm2emb.model.rope).
     """
     batch: list[int] = []
     longest = total = 0

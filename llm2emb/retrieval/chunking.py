@@ -8,7 +8,7 @@ through attention but is not averaged into it.
 A chunk is a character span of its document's text, from a chunker (`sentences`, `words:N`) or given by the caller.
 When the document's prompt fits `window` tokens, one forward serves all its chunks. A longer document is covered by
 windows of its text's tokens that overlap by half, every window keeping the prompt's template, instruction and
-special tokens whole (the truncation rule of llm2emb.tokenization); each chunk is pooled from the window in which
+special tokens whole (the truncation rule of llm2emb.model.tokenization); each chunk is pooled from the window in which
 it has the most context on its shorter side, or from a window centred on it when no window holds it whole, and a
 chunk longer than a window keeps the window's worth of its first tokens.
 """
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llm2emb.errors import UserError
-from llm2emb.tokenization import PromptTokenizer, UnembeddableText, no_room_detail
+from llm2emb.model.tokenization import PromptTokenizer, UnembeddableText, no_room_detail
 
 Span = tuple[int, int]
 Chunker = Callable[[str], list[Span]]

@@ -10,8 +10,8 @@ import torch
 
 from llm2emb.errors import UserError
 from llm2emb.files import refuse_non_empty
-from llm2emb.model import Embedder
-from llm2emb.model_card import write_card
+from llm2emb.model.card import write_card
+from llm2emb.model.embedder import Embedder
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,9 +32,9 @@ def convert(
     """Load `base`, make it bidirectional (verified), attach the pooler and write the folder.
 
     The folder's config.json carries `is_causal: false`, so plain `AutoModel.from_pretrained` reloads it
-    bidirectional too, and PEFT adapters trained on top load onto it unchanged. `rope_scaling` (llm2emb.rope) is
+    bidirectional too, and PEFT adapters trained on top load onto it unchanged. `rope_scaling` (llm2emb.model.rope) is
     written into config.json too, so other tools load the extended window the same way. `causal_sink` (on by default
-    for bidirectional attention, llm2emb.attention) is llm2emb's own: plain transformers attends to every token from
+    for bidirectional attention, llm2emb.model.attention) is llm2emb's own: plain transformers attends to every token from
     the first one too, so such a folder's vectors come from llm2emb (or its exports) only.
     """
     if dtype not in DTYPES:

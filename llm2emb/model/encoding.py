@@ -3,7 +3,7 @@ output options they share (Matryoshka `dim`, normalisation, compressed precision
 
 `Embedder.encode`, `encode_chunks` and `encode_tokens` are these functions; they use only the Embedder's public
 parts (its prompt tokenizer, `pad_batch`, `forward`, `hidden_states`), so batching lives here and the model in
-llm2emb.model.
+llm2emb.model.embedder.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from llm2emb.errors import UserError
-from llm2emb.packing import token_budget_batches
-from llm2emb.precision import check_precision, needs_ranges, quantize
-from llm2emb.tokenization import UnembeddableText
+from llm2emb.model.packing import token_budget_batches
+from llm2emb.model.tokenization import UnembeddableText
+from llm2emb.retrieval.precision import check_precision, needs_ranges, quantize
 
 Embedder = torch.nn.Module
-"""What these functions take: an `llm2emb.model.Embedder` (named here without importing it, which would be a cycle)."""
+"""What these functions take: an `llm2emb.model.embedder.Embedder` (named here without importing it, which would be a cycle)."""
 
 PROGRESS_BAR_MIN_TEXTS = 1000
 """`encode` shows a progress bar from this many texts on, unless told otherwise."""
@@ -55,7 +55,7 @@ def check_output_options(embedder: Embedder, batch_size: int, dim: int | None, p
         raise UserError(f"dim must be between 1 and {embedder.dim}, got {dim}")
     check_precision(precision)
     if needs_ranges(precision) and ranges is None:
-        raise UserError(f"precision {precision} needs calibration ranges (llm2emb.precision.calibration_ranges)")
+        raise UserError(f"precision {precision} needs calibration ranges (llm2emb.retrieval.precision.calibration_ranges)")
 
 
 def finish_vectors(vectors: torch.Tensor, dim: int | None, normalize: bool, texts: Sequence[int]) -> np.ndarray:
@@ -98,7 +98,7 @@ def encode_texts(
     `dim` keeps the first `dim` components (Matryoshka truncation) before normalising; `layers` runs only the
     first `layers` transformer layers. `on_batch(texts, tokens)` is called after each batch (progress reports).
     `precision` (float16, int8/uint8 with calibration `ranges`, binary/ubinary) returns compressed codes
-    (llm2emb.precision).
+    (llm2emb.retrieval.precision).
     """
     check_output_options(embedder, batch_size, dim, precision, ranges)
     if max_tokens is not None and max_tokens < 1:
@@ -145,7 +145,7 @@ def encode_chunks(
     precision: str = "float32",
     ranges: np.ndarray | None = None,
 ) -> list[DocumentChunks]:
-    """Situated chunks (llm2emb.chunking): each chunk of each document embedded in its document's context.
+    """Situated chunks (llm2emb.retrieval.chunking): each chunk of each document embedded in its document's context.
 
     `spans[i]` are character spans of `documents[i]`; without them `chunker` ("sentences", "words:N" or a
     callable text -> spans) makes them. Forwards are at most `window` tokens (default max_length). Returns one
@@ -153,7 +153,7 @@ def encode_chunks(
     folder's default document instruction unless `instruction` is given. `on_batch(chunks, tokens)` is called
     after each batch of forwards.
     """
-    from llm2emb.chunking import check_spans, chunk_windows, chunker_from_spec
+    from llm2emb.retrieval.chunking import check_spans, chunk_windows, chunker_from_spec
 
     check_output_options(embedder, batch_size, dim, precision, ranges)
     if isinstance(documents, str):
@@ -199,7 +199,7 @@ def encode_chunks(
 @torch.inference_mode()
 def encode_tokens(embedder: Embedder, texts: Sequence[str], instruction: str | None = None, kind: str = "query",
                   batch_size: int = 32, normalize: bool = True) -> list[np.ndarray]:
-    """Token-level vectors for late interaction (Chamfer / MaxSim, MUVERA in llm2emb.muvera): one array
+    """Token-level vectors for late interaction (Chamfer / MaxSim, MUVERA in llm2emb.retrieval.muvera): one array
     (tokens, width) per text, one row per token its vector pools (instructions left out). The width is the
     trained head's `token_dim` when the model has one (always normalised), else the hidden size: the last hidden
     states as they are."""

@@ -12,9 +12,9 @@ from pathlib import Path
 import yaml
 
 from llm2emb.assets import ASSETS
-from llm2emb.config import CONFIG_NAME, EmbedderConfig
 from llm2emb.files import write_text_atomic
-from llm2emb.serving import PORTABLE_POOLING
+from llm2emb.model.config import CONFIG_NAME, EmbedderConfig
+from llm2emb.model.serving import PORTABLE_POOLING
 
 CARD_NAME = "README.md"
 MAX_BASE_HOPS = 8
@@ -192,7 +192,7 @@ def usage_section(name: str, config: EmbedderConfig) -> list[str]:
                   "docs/SERVING.md):", "", "```bash", f"vllm serve {name}-st --runner pooling", "```", ""]
     lines += ["With ONNX Runtime (every pooler, the causal sink included):", "", "```bash",
               f"llm2emb export {name} --format onnx --out {name}-onnx", "```", "", "```python",
-              "from llm2emb.export_onnx import OnnxEncoder", "", f'encoder = OnnxEncoder("{name}-onnx")',
+              "from llm2emb.commands.export_onnx import OnnxEncoder", "", f'encoder = OnnxEncoder("{name}-onnx")',
               'vectors = encoder.encode_documents(["A guitar is a string instrument."])', "```", ""]
     adapter = config.backbone == "adapter"
     lines += ["With plain transformers" + (" and PEFT" if adapter else "") + " (hidden states; pool them as the "
@@ -200,7 +200,7 @@ def usage_section(name: str, config: EmbedderConfig) -> list[str]:
     if adapter:
         lines.append("from peft import PeftModel")
     if config.causal_sink:
-        lines.append("from llm2emb.attention import set_causal_sink")
+        lines.append("from llm2emb.model.attention import set_causal_sink")
     lines.append("")
     if adapter:
         lines.append(f'model = PeftModel.from_pretrained(AutoModel.from_pretrained("{config.base}"), "{name}")')

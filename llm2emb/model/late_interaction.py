@@ -5,7 +5,7 @@ multi-vector retrieval keeps them, they cost a document hundreds of kilobytes. C
 128 dimensions with a linear head trained by a late-interaction loss; `TokenHead` is that head, saved in a model
 folder as `token_head.safetensors` beside `token_dim` in llm2emb.json (a folder without one gives the token states
 as they are). `chamfer_scores` is the differentiable score the loss trains (llm2emb.train.losses); retrieval with it,
-exact or through MUVERA's fixed-dimensional encodings, is in llm2emb.muvera.
+exact or through MUVERA's fixed-dimensional encodings, is in llm2emb.retrieval.muvera.
 
 Written here rather than taken from a library: PyLate and RAGatouille carry ColBERT's head and loss inside their own
 model classes (a BERT-style encoder with its own tokenizer handling), which cannot wrap an llm2emb backbone, its

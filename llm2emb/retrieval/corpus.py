@@ -31,9 +31,9 @@ import numpy as np
 
 from llm2emb.errors import UserError
 from llm2emb.files import atomic_path, exclusive_lock, save_npy_atomic, write_text_atomic
-from llm2emb.precision import quantize
+from llm2emb.model.tokenization import locate_texts
 from llm2emb.readers import BadRow, document_text, json_object, require_line_end
-from llm2emb.tokenization import locate_texts
+from llm2emb.retrieval.precision import quantize
 
 PLAN_FORMAT = 1
 
@@ -53,7 +53,7 @@ class Corpus:
     line_numbers: list[int] = field(default_factory=list)
     """Line number (1-based) of the first row of every chunk, for error locations."""
     chunker: str | None = None
-    """Situated chunks (llm2emb.chunking): `sentences` or `words:N` split each row into several output rows."""
+    """Situated chunks (llm2emb.retrieval.chunking): `sentences` or `words:N` split each row into several output rows."""
     vector_counts: list[int] = field(default_factory=list)
     """Output rows of every chunk: its rows, or with `chunker` its rows' text chunks."""
 
@@ -63,7 +63,7 @@ class Corpus:
 
     def spans(self, text: str, where: str) -> list[tuple[int, int]]:
         """The text chunks of one row (with `chunker`), refused with the row's location when there are none."""
-        from llm2emb.chunking import check_spans, chunker_from_spec
+        from llm2emb.retrieval.chunking import check_spans, chunker_from_spec
 
         return check_spans(text, chunker_from_spec(self.chunker)(text), where)
 
@@ -122,7 +122,7 @@ def scan(path: Path, text_field: str = "text", id_field: str | None = None, chun
     if chunk_size < 1:
         raise UserError(f"chunk size must be at least 1, got {chunk_size}")
     if chunker is not None:
-        from llm2emb.chunking import chunker_from_spec
+        from llm2emb.retrieval.chunking import chunker_from_spec
 
         chunker_from_spec(chunker)  # a bad spec fails before the pass
     if jsonl:
@@ -205,7 +205,7 @@ def encode_corpus(
 ) -> EncodeStats:
     """Encode `corpus` into `output` (.npy) chunk by chunk; see the module doc. `barrier` synchronises processes.
 
-    `precision` writes compressed codes (llm2emb.precision); int8/uint8 need calibration `ranges`, which are saved
+    `precision` writes compressed codes (llm2emb.retrieval.precision); int8/uint8 need calibration `ranges`, which are saved
     beside the output (`<output>.ranges.npy`) so that queries can be quantized alike. A corpus scanned with a
     `chunker` gets one row per text chunk, each embedded in its row's context (`Embedder.encode_chunks`, forwards of
     at most `window` tokens), and `<output>.chunks.jsonl` says which row and character span each output row is."""
@@ -262,7 +262,7 @@ def _encode_locked(embedder, corpus: Corpus, output: Path, instruction, document
     first_vector = np.cumsum([0] + corpus.vector_counts)
     stats = EncodeStats(corpus.vectors, width, 0.0, resumed_rows=resumed_rows, precision=precision,
                         device=str(embedder.device))
-    from llm2emb.encoding import PROGRESS_BAR_MIN_TEXTS
+    from llm2emb.model.encoding import PROGRESS_BAR_MIN_TEXTS
 
     shown = progress and rank == 0 and corpus.rows >= PROGRESS_BAR_MIN_TEXTS
     bar = tqdm(total=sum(corpus.vector_counts[c] for c in mine), disable=not shown, desc=f"encode on {embedder.device}",

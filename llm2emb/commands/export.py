@@ -21,15 +21,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llm2emb.backbone import is_peft
 from llm2emb.errors import UserError
 from llm2emb.files import atomic_folder, refuse_non_empty
-from llm2emb.model import Embedder
-from llm2emb.model_card import write_card
-from llm2emb.serving import PORTABLE_POOLING, write_engine_layout
+from llm2emb.model.backbone import is_peft
+from llm2emb.model.card import write_card
+from llm2emb.model.embedder import Embedder
+from llm2emb.model.serving import PORTABLE_POOLING, write_engine_layout
 
 FORMATS = ("sentence-transformers", "llm2emb")
-CUSTOM_MODULE = Path(__file__).parent / "integrations" / "st_pooling.py"
+CUSTOM_MODULE = Path(__file__).parents[1] / "integrations" / "st_pooling.py"
 
 
 def merged(embedder: Embedder) -> Embedder:

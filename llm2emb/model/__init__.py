@@ -1,0 +1,1 @@
+"""What makes an Embedder: the class, its parts and its folder format."""

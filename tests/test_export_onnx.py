@@ -107,11 +107,26 @@ def test_the_int8_copy_and_the_cli(tiny_qwen2, tmp_path, capsys):
     fp32, int8 = OnnxEncoder(tmp_path / "onnx"), OnnxEncoder(tmp_path / "onnx", graph=INT8_NAME)
     weights = onnx.load(str(tmp_path / "onnx" / INT8_NAME)).graph.initializer
     assert any(w.data_type == onnx.TensorProto.INT8 for w in weights)  # the linear weights are int8 now
+    config = json.loads((folder / "config.json").read_text())
+    down = (config["intermediate_size"], config["hidden_size"])
+    kept = [w for w in weights if tuple(w.dims) == down]  # the MLP's down projections stay fp32, one per layer
+    assert len(kept) == config["num_hidden_layers"] and {w.data_type for w in kept} == {onnx.TensorProto.FLOAT}
     a, b = fp32.encode(DOCUMENTS), int8.encode(DOCUMENTS)
     assert np.isfinite(b).all() and 0 < np.abs(a - b).max() and (a * b).sum(axis=1).min() > 0.9
+    settings = json.loads((tmp_path / "onnx" / SETTINGS_NAME).read_text())
+    assert 0.98 <= settings["int8_min_cosine"] < 1
 
     assert main(["export", str(folder), "--merged", "--int8", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["llm2emb export: error: --int8 is for --format onnx"] and not (tmp_path / "x").exists()
     assert main(["export", str(folder), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_an_int8_copy_far_from_fp32_is_refused(tiny_qwen2, tmp_path, capsys, monkeypatch):
+    folder = make_model(tiny_qwen2, tmp_path / "model", "mean")
+    monkeypatch.setattr("llm2emb.commands.export_onnx.INT8_MIN_COSINE", 1.01)  # no int8 copy reaches it
+    assert main(["export", str(folder), "--format", "onnx", "--int8", "--out", str(tmp_path / "onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int8 ONNX graph's vectors differ from fp32" in err[0] and "without --int8" in err[0]
+    assert not (tmp_path / "onnx").exists()

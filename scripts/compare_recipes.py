@@ -88,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--collect", metavar="ROWS_JSONL",
                    help="write the result rows found under --out for these systems and runs to ROWS_JSONL (the file "
                         "to commit: run folders do not outlive the machine), then report them; train nothing")
+    p.add_argument("--baselines", nargs="+", metavar="NAME",
+                   help="the sentence-transformers systems the gap table compares against (default: every one)")
     p.add_argument("--table", help="write the markdown table here")
     p.add_argument("--results-block", metavar="NAME",
                    help="also put the table in benchmarks/RESULTS.md's block NAME (scripts/results_block.py)")
@@ -391,7 +393,7 @@ def spread_cell(values: list[float]) -> str:
     return f"{min(values):.2f} / {np.median(values):.2f} / {max(values):.2f} ({max(values) - min(values):.2f})"
 
 
-def table(results: list[dict], systems: list[str]) -> str:
+def table(results: list[dict], systems: list[str], baselines: list[str] | None = None) -> str:
     """Per system: runs, the runs the collapse guard stops, and worst / median / best (spread) of each score over its
     runs (stopped ones too, scored from their last weights); then, for each llm2emb system, its worst run minus the
     median run of each sentence-transformers system, where a run the guard stops counts as failed ("collapsed")."""
@@ -408,7 +410,7 @@ def table(results: list[dict], systems: list[str]) -> str:
         seconds = [r["train_seconds"] for r in mine if r.get("train_seconds")]
         time_cell = f"{np.mean(seconds):.0f}" if seconds else "-"
         lines.append(f"| `{spec}` | {len(mine)} | {collapsed} | " + " | ".join(cells) + f" | {time_cell} |")
-    baselines = [name for name in by_system if is_st(name) and by_system[name]]
+    baselines = [name for name in by_system if is_st(name) and by_system[name] and name in (baselines or by_system)]
     contenders = [name for name in by_system if not is_st(name) and by_system[name]]
     if baselines and contenders:
         lines += ["", "| llm2emb worst run minus the baseline's median run | " + " | ".join(TASKS[k] for k in keys)
@@ -464,7 +466,7 @@ def main(argv=None) -> None:
         Path(args.collect).write_text("".join(json.dumps(row) + "\n" for row in results))
     else:
         results = run_all(args, argv)
-    text = table(results, args.systems)
+    text = table(results, args.systems, args.baselines)
     print(text)
     if args.table:
         Path(args.table).write_text(text + "\n")

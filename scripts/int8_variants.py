@@ -2,7 +2,7 @@
 cosine of its vectors to the fp32 graph's on SciFact abstracts (onnxruntime's dynamic quantization: the default
 per-tensor weights, per-channel weights, with and without the down projections).
 
-    python -m scripts.int8_variants --export runs/q/smol-sink-onnx --texts 48 --json benchmarks/int8_variants.json
+    python -m scripts.int8_variants --model runs/q/smol-sink --export runs/q/smol-sink-onnx --texts 48 --json benchmarks/int8_variants.json
     python -m scripts.int8_variants --report benchmarks/int8_variants.json --results-block int8-variants
 """
 
@@ -32,7 +32,7 @@ def measure(args) -> dict:
     export = Path(args.export)
     texts = [row["text"] for row in read_jsonl(DATA / "scifact" / "corpus.jsonl", ("text",))[:args.texts]]
     exact = OnnxEncoder(export, threads=args.threads, max_length=args.max_length).encode(texts)
-    intermediate = json.loads((export / "config.json").read_text())["intermediate_size"]
+    intermediate = json.loads((Path(args.model) / "config.json").read_text())["intermediate_size"]
     down = down_projections(export / GRAPH_NAME, intermediate)
     rows = []
     for name, options in VARIANTS.items():
@@ -65,7 +65,8 @@ def table(report: dict) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--export", help="an `llm2emb export --format onnx` folder")
+    p.add_argument("--model", help="the llm2emb folder that was exported (its config.json gives the MLP's width)")
+    p.add_argument("--export", help="its `llm2emb export --format onnx` folder")
     p.add_argument("--texts", type=int, default=48)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
@@ -75,12 +76,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.report:
         report = json.loads(Path(args.report).read_text())
-    elif args.export:
+    elif args.export and args.model:
         report = measure(args)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     else:
-        p.error("--export or --report is required")
+        p.error("--model and --export, or --report, are required")
     from scripts.results_block import publish
 
     publish(table(report), args.results_block)

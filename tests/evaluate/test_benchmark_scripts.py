@@ -42,6 +42,12 @@ def test_compare_recipes_report_builds_the_table_from_rows_and_needs_the_bases_o
     assert "| `lr9` | 2 | 1 | 12.00 / 46.00 / 80.00 (68.00) | 3.00 / 22.00 / 41.00 (38.00) | - |" in table
     assert "| `default` vs `st` | +1.00 | +16.00 |" in table  # worst llm2emb run minus the median baseline run
     assert "| `lr9` vs `st` | collapsed | collapsed |" in table
+    tuned = [{"system": "st-lr2", "seed": s, "stsb": 74.5, "scifact": 25.0} for s in (1, 2)]
+    report.write_text("".join(json.dumps(r) + "\n" for r in rows + tuned))
+    compare_recipes.main(["--report", str(report), "--systems", "st", "st-lr2", "default", "--baselines", "st-lr2",
+                          "--table", str(tmp_path / "t.md")])
+    table = (tmp_path / "t.md").read_text()  # the gap table against the named baseline only
+    assert "| `default` vs `st-lr2` | -1.50 | +13.00 |" in table and "`default` vs `st` |" not in table
     with pytest.raises(SystemExit):
         compare_recipes.parse_args(["--steps", "10"])
     assert "--base, --causal-base and --out are required unless --report or --collect is given" in capsys.readouterr().err

@@ -69,8 +69,8 @@ def parse_args(argv=None):
                         "of the whole --data file, the first ROWS of it); default: the file's first rows for every seed")
     p.add_argument("--systems", nargs="+", default=["st", "default"],
                    help="st | st-NAME:key=value,... (sentence-transformers training-argument overrides, e.g. "
-                        "learning_rate=1e-4,warmup_ratio=0.1) | default | NAME:key.path=value,... (recipe overrides "
-                        "on top of default)")
+                        "learning_rate=1e-4,warmup_ratio=0.1; lora_r=16,lora_alpha=32 for a LoRA adapter) | "
+                        "default | NAME:key.path=value,... (recipe overrides on top of default)")
     p.add_argument("--jobs", type=int, default=2, help="jobs side by side, --threads threads each")
     p.add_argument("--threads", type=int, default=1,
                    help="threads per job: 1 so that --jobs 2 fills two cores; 2 with --jobs 1 finishes one job sooner")
@@ -195,9 +195,18 @@ def number_or_yaml(text: str):
     return value
 
 
+LORA_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha"}
+"""st-NAME overrides that give the script a LoRA adapter (peft's LoraConfig keys) on every linear layer and without
+dropout, as llm2emb's `lora:` is. sentence-transformers' own `add_adapter` goes through transformers' PEFT
+integration, which asks for peft >= 0.22 (not on the registry), so the adapter wraps the transformer with peft
+directly: the same LoRA layers."""
+
+
 def train_st(args, spec: str, seed: int, rows_file: Path, folder: Path) -> Path:
     """sentence-transformers' MNRL script on the causal base, fed llm2emb's batches in order; `spec`'s overrides
-    (learning rate, warmup, schedule) go to its training arguments, everything else stays at the script's defaults."""
+    (learning rate, warmup, schedule) go to its training arguments, `lora_r`/`lora_alpha` to an adapter; everything
+    else stays at the script's defaults. An adapter is merged into the saved model, so both systems' models are
+    scored alike."""
     import torch
     from datasets import Dataset
     from sentence_transformers import (
@@ -218,20 +227,35 @@ def train_st(args, spec: str, seed: int, rows_file: Path, folder: Path) -> Path:
     transformer = models.Transformer(args.causal_base, max_seq_length=args.max_length)
     pooling = models.Pooling(transformer.get_embedding_dimension(), "mean")
     model = SentenceTransformer(modules=[transformer, pooling], device="cpu")
+    overrides = st_overrides(spec)
+    lora = {LORA_KEYS[key]: overrides.pop(key) for key in list(overrides) if key in LORA_KEYS}
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model[0].model = get_peft_model(model[0].model,
+                                        LoraConfig(**lora, lora_dropout=0.0, target_modules="all-linear"))
 
     training = SentenceTransformerTrainingArguments(
         output_dir=str(folder / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         seed=seed, batch_sampler=sequential_batches, save_strategy="steps", save_steps=10, save_total_limit=1,
-        logging_steps=5, report_to=[], use_cpu=True, dataloader_drop_last=True, **st_overrides(spec),
+        logging_steps=5, report_to=[], use_cpu=True, dataloader_drop_last=True, **overrides,
     )
     trainer = SentenceTransformerTrainer(model=model, args=training, train_dataset=dataset,
                                          loss=MultipleNegativesRankingLoss(model))
     started = time.perf_counter()
     checkpoints = list((folder / "trainer").glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=bool(checkpoints) or None)  # an interrupted job continues
+    if lora:
+        merge_adapter(model)
     model.save(str(model_dir))
     record_train_seconds(folder, time.perf_counter() - started, resumed=bool(checkpoints))
     return model_dir
+
+
+def merge_adapter(model) -> None:
+    """Fold the trained adapter into the transformer's weights, so the saved folder is a plain sentence-transformers
+    model."""
+    model[0].model = model[0].model.merge_and_unload()
 
 
 def train_llm2emb(args, spec: str, seed: int, rows_file: Path, folder: Path) -> Path:

@@ -1,11 +1,14 @@
 """The benchmark scripts' own input checks: what they refuse, and the rows they build."""
 
+import argparse
 import json
 
 import pytest
+import torch
 
 from scripts import compare_recipes
 from scripts.bench_train import beir_triplets
+from tests.conftest import save_tiny_model
 
 
 def test_bench_train_beir_triplets_keep_every_text_unique_in_a_batch(tmp_path, write_beir):
@@ -79,3 +82,22 @@ def test_compare_recipes_st_overrides_read_numbers_as_numbers():
     assert compare_recipes.st_overrides("st-x:learning_rate=1e-4,warmup_ratio=0.1,lr_scheduler_type=cosine,seed=3") == {
         "learning_rate": 1e-4, "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "seed": 3}
     assert compare_recipes.is_st("st-x") and compare_recipes.is_st("st") and not compare_recipes.is_st("stable")
+
+
+def test_compare_recipes_st_lora_trains_an_adapter_and_saves_it_merged(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    base = save_tiny_model(tmp_path / "base")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"query": f"q {i} text", "positive": f"p {i} words", "negative": f"n {i}"})
+                            + "\n" for i in range(16)))
+    args = argparse.Namespace(causal_base=str(base), max_length=16, steps=3, batch_size=4, rows=None)
+    model_dir = compare_recipes.train_st(args, "st-lora:lora_r=4,lora_alpha=8,learning_rate=1e-2", 1, rows,
+                                         tmp_path / "run")
+    assert not list(model_dir.glob("adapter_*"))  # a plain sentence-transformers folder, every weight in it
+    before = AutoModel.from_pretrained(str(base)).state_dict()
+    after = SentenceTransformer(str(model_dir), device="cpu")[0].auto_model.state_dict()
+    assert list(before) == list(after)
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert changed and all("proj" in name for name in changed)  # the adapted linears moved, nothing else did

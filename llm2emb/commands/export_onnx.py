@@ -9,9 +9,9 @@ dim), L2-normalised when the model normalises. The causal sink and every pooler 
 attention is the padded path (packing is a torch-side speed-up). `OnnxEncoder` runs the export the way an Embedder
 encodes: llm2emb's prompt templates and truncation rule, then the session. An int8 copy (`--int8`) comes from
 onnxruntime's dynamic quantization (weights int8 per output channel, activations quantized per batch), with the MLP's
-down projections left in fp32: their input carries the massive activations of a decoder's sink token, and one
-activation scale per tensor then flattens every other token (min cosine to fp32 0.966 with them quantized, 0.998
-without, on 48 SciFact abstracts; benchmarks/RESULTS.md, "ONNX Runtime on the CPU").
+down projections left in fp32: quantized, they took the vectors far from fp32 (most likely because their input
+carries the massive activations of a decoder's sink token, and one activation scale per tensor then flattens every
+other token; benchmarks/RESULTS.md, "The int8 copy").
 """
 
 from __future__ import annotations

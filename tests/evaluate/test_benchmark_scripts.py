@@ -101,3 +101,19 @@ def test_compare_recipes_st_lora_trains_an_adapter_and_saves_it_merged(tmp_path)
     assert list(before) == list(after)
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert changed and all("proj" in name for name in changed)  # the adapted linears moved, nothing else did
+
+
+def test_budget_plot_spreads_count_each_run_once_per_budget(tmp_path):
+    from scripts.budget_plot import plot, spreads
+
+    run = {"system": "sink", "steps": 20, "batch_size": 16}
+    rows = [{**run, "seed": 1, "row_seed": 101, "stsb-dev": 70.0}, {**run, "seed": 2, "row_seed": 102, "stsb-dev": 74.0},
+            {**run, "seed": 3, "row_seed": 103, "stsb-dev": 80.0},
+            {**run, "seed": 3, "row_seed": 103, "stsb-dev": 80.0},  # the same run in a second file
+            {**run, "steps": 51, "batch_size": 32, "seed": 1, "row_seed": 201, "stsb": 73.0},
+            {"system": "st", "steps": 20, "batch_size": 16, "seed": 1, "row_seed": 101, "stsb-dev": 65.0}]
+    found = spreads(rows, ["st", "sink"])
+    assert found["stsb-dev"]["sink"] == {"20 x 16": (70.0, 74.0, 80.0)}
+    assert found["stsb-dev"]["st"] == {"20 x 16": (65.0, 65.0, 65.0)} and found["stsb"]["sink"] == {"51 x 32": (73.0,) * 3}
+    plot(found, str(tmp_path / "budgets.png"))
+    assert (tmp_path / "budgets.png").stat().st_size > 0

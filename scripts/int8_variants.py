@@ -22,11 +22,10 @@ VARIANTS = {"per-tensor (onnxruntime's default)": {}, "per-channel": {"per_chann
 
 
 def measure(args) -> dict:
-    import numpy as np
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from llm2emb.commands.export_onnx import GRAPH_NAME, INT8_NAME, OnnxEncoder, down_projections
+    from llm2emb.commands.export_onnx import GRAPH_NAME, INT8_NAME, OnnxEncoder, down_projections, row_cosines
     from llm2emb.readers import read_jsonl
 
     export = Path(args.export)
@@ -45,7 +44,7 @@ def measure(args) -> dict:
                              per_channel=options.get("per_channel", False),
                              nodes_to_exclude=down if options.get("down") else None)
             vectors = OnnxEncoder(copy, graph=INT8_NAME, threads=args.threads, max_length=args.max_length).encode(texts)
-        cosine = (vectors * exact).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(exact, axis=1)
+        cosine = row_cosines(exact, vectors)
         rows.append({"variant": name, "min_cosine": round(float(cosine.min()), 4),
                      "mean_cosine": round(float(cosine.mean()), 4), "fp32_matmuls": len(down) if options.get("down") else 0})
         print(json.dumps(rows[-1]), flush=True)

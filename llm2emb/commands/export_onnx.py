@@ -134,12 +134,16 @@ def quantize_int8(graph: Path, target: Path, intermediate_size: int) -> None:
                      nodes_to_exclude=down_projections(graph, intermediate_size))
 
 
+def row_cosines(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The cosine between each row of `first` and the same row of `second`: how far a copy's vectors moved."""
+    return (first * second).sum(1) / np.linalg.norm(first, axis=1) / np.linalg.norm(second, axis=1)
+
+
 def check_int8(folder: Path, texts: Sequence[str]) -> float:
     """The lowest cosine between the int8 and the fp32 graph's vectors on the check texts; refused below
     INT8_MIN_COSINE."""
     exact, quantized = OnnxEncoder(folder).encode(texts), OnnxEncoder(folder, graph=INT8_NAME).encode(texts)
-    cosine = (exact * quantized).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(quantized, axis=1)
-    lowest = round(float(cosine.min()), 4)
+    lowest = round(float(row_cosines(exact, quantized).min()), 4)
     if lowest < INT8_MIN_COSINE:
         raise UserError(f"the int8 ONNX graph's vectors differ from fp32 (lowest cosine {lowest} < "
                         f"{INT8_MIN_COSINE}): export without --int8")

@@ -9,19 +9,10 @@ result rows of compare_recipes (one JSON object per run; its `steps` and `batch_
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 
-from scripts.compare_recipes import TASKS, is_st
-
-
-def read_rows(paths: list[str]) -> list[dict]:
-    rows = []
-    for path in paths:
-        rows += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return rows
+from scripts.compare_recipes import TASKS, is_st, read_rows
 
 
 def spreads(rows: list[dict], systems: list[str]) -> dict[str, dict[str, dict[str, tuple[float, float, float]]]]:

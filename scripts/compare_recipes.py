@@ -84,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-models", action="store_true",
                    help="keep each scored run's model (default: only its result, curve and recipe; another evaluation "
                         "setting then retrains it)")
-    p.add_argument("--report", metavar="ROWS_JSONL", help="table and plot from these result rows; train nothing")
+    p.add_argument("--report", metavar="ROWS_JSONL", nargs="+",
+                   help="table and plot from the result rows of these files; train nothing")
     p.add_argument("--collect", metavar="ROWS_JSONL",
                    help="write the result rows found under --out for these systems and runs to ROWS_JSONL (the file "
                         "to commit: run folders do not outlive the machine), then report them; train nothing")
@@ -406,6 +407,14 @@ def collected(args) -> list[dict]:
     return rows
 
 
+def read_rows(paths: list[str]) -> list[dict]:
+    """The result rows of committed JSONL files, in order."""
+    rows = []
+    for path in paths:
+        rows += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return rows
+
+
 def score_keys(results: list[dict]) -> list[str]:
     return [task for task in TASKS if any(task in r for r in results)]
 
@@ -443,9 +452,11 @@ def table(results: list[dict], systems: list[str], baselines: list[str] | None =
             for baseline in baselines:
                 cells = []
                 for key in keys:
-                    ours = [r.get(key, -np.inf) if not r.get("collapsed") else -np.inf for r in by_system[name]]
+                    # a stopped run counts as failed; a run not scored on this task (other --tasks) does not count
+                    ours = [-np.inf if r.get("collapsed") else r[key] for r in by_system[name]
+                            if key in r or r.get("collapsed")]
                     theirs = [r[key] for r in by_system[baseline] if key in r]
-                    gap = min(ours) - np.median(theirs) if theirs else None
+                    gap = min(ours) - np.median(theirs) if theirs and ours else None
                     cells.append("-" if gap is None else ("collapsed" if not np.isfinite(gap) else f"{gap:+.2f}"))
                 lines.append(f"| `{name}` vs `{baseline}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -483,8 +494,7 @@ def main(argv=None) -> None:
         run_job(args)
         return
     if args.report:
-        lines = Path(args.report).read_text().splitlines()
-        results = [json.loads(line) for line in lines if line.strip()]
+        results = read_rows(args.report)
     elif args.collect:
         results = collected(args)
         Path(args.collect).write_text("".join(json.dumps(row) + "\n" for row in results))

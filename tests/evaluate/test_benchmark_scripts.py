@@ -51,6 +51,15 @@ def test_compare_recipes_report_builds_the_table_from_rows_and_needs_the_bases_o
                           "--table", str(tmp_path / "t.md")])
     table = (tmp_path / "t.md").read_text()  # the gap table against the named baseline only
     assert "| `default` vs `st-lr2` | -1.50 | +13.00 |" in table and "`default` vs `st` |" not in table
+    # rows from several files; runs scored on other tasks (no stsb-dev) count neither as failed nor at all there
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({**r, "seed": r["seed"] + 10, "stsb-dev": 80.0 + r["seed"]}) + "\n"
+                           for r in rows if r["system"] in ("st", "default")))
+    compare_recipes.main(["--report", str(report), str(dev), "--systems", "st", "default", "--table",
+                          str(tmp_path / "t.md")])
+    table = (tmp_path / "t.md").read_text()
+    assert "| `default` | 4 | 0 |" in table
+    assert "| `default` vs `st` | +1.00 | -1.00 | +16.00 |" in table
     with pytest.raises(SystemExit):
         compare_recipes.parse_args(["--steps", "10"])
     assert "--base, --causal-base and --out are required unless --report or --collect is given" in capsys.readouterr().err

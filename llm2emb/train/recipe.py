@@ -273,10 +273,12 @@ class StageSpec(_Strict):
     """The contrastive batch across all processes: each query sees batch_size - 1 in-batch negatives."""
     gradcache_chunk: Annotated[int, Field(gt=0)] | None = None
     """Rows per forward pass (memory of the chunk, gradients of the batch); default: the whole batch."""
-    learning_rate: Annotated[float, Field(gt=0)] = 4e-4
-    """Chosen from the matched-budget runs (benchmarks/RESULTS.md, "Matched budget"): a bidirectional model moves far
-    from its causal pretraining, and 5e-5 (sentence-transformers' default) adapts it too slowly; on SmolLM2-135M
-    at 51 x 32, STS-B rose from 45 (5e-5) through 57 (1e-4) and 62-65 (2e-4) to 70 (4e-4)."""
+    learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    """auto: 4e-4 for full fine-tuning and 2e-3 for a LoRA adapter, scaled by 576 / hidden size for bases wider than
+    SmolLM2-135M's 576 (llm2emb.train.learning_rate); the run prints the rate and summary.json records it. 4e-4: a
+    bidirectional model moves far from its causal pretraining, and 5e-5 (sentence-transformers' default) adapts it too
+    slowly; on SmolLM2-135M at 51 x 32, STS-B rose from 45 (5e-5) through 57 (1e-4) and 62-65 (2e-4) to 70 (4e-4)
+    (benchmarks/RESULTS.md, "Matched budget")."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     layer_lr_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
     """Layer-wise rate decay: decoder layer i trains at learning_rate x decay^(L - i), the token embeddings at
@@ -468,8 +470,9 @@ LoraChoice = Annotated[
 class Recipe(_Strict):
     model: ModelSpec
     lora: LoraChoice | None = "auto"
-    """auto: full fine-tuning for a base under 1B parameters (LoRA trained far worse at small budgets:
-    benchmarks/RESULTS.md, "Matched budget"), a LoRA adapter with LoraSpec's defaults from 1B parameters on or with
+    """auto: full fine-tuning for a base under 1B parameters (LoRA at full fine-tuning's rate trained far worse at
+    small budgets: benchmarks/RESULTS.md, "Matched budget"; at its own rate it did not, at 20 x 16: "LoRA at 20 x 16",
+    so this threshold is under review), a LoRA adapter with LoraSpec's defaults from 1B parameters on or with
     quantization; null: every backbone weight; a mapping: that LoRA adapter."""
     quantization: Literal["none", "4bit", "8bit"] = "none"
     output_dir: str

@@ -48,7 +48,13 @@ from llm2emb.train.recipe_file import load_recipe
 from llm2emb.train.remine import with_mined_negatives
 from llm2emb.train.reporting import METRICS_NAME, SUMMARY_NAME, TrainSummary, peak_memory_mb, plot_loss
 from llm2emb.train.run_folder import TRAINER_STATE, check_output, last_checkpoint, start_output
-from llm2emb.train.setup import available_reporters, check_hardware, load_embedder, training_arguments
+from llm2emb.train.setup import (
+    available_reporters,
+    check_hardware,
+    load_embedder,
+    stage_learning_rate,
+    training_arguments,
+)
 
 logger = logging.getLogger(__name__)
 # Raised inside transformers/peft for every step's checkpointing query: noise for users of this runner.
@@ -194,7 +200,8 @@ def run_stage(
     world_size = launched_processes()
     if checkpoint is not None and recipe.sharding == "fsdp":
         embedder.load_weights(checkpoint)  # a checkpoint is a model folder; loaded before the Trainer shards it
-    args = training_arguments(recipe, stage, stage_dir, world_size, embedder.decoder_layer_class)
+    learning_rate = stage_learning_rate(stage, index, embedder)
+    args = training_arguments(recipe, stage, stage_dir, world_size, learning_rate, embedder.decoder_layer_class)
     # contrastive (with the stage's loss options), simcse or mntp: see llm2emb.train.objectives
     trainer = build_trainer(stage, index, embedder, args, data, stage.max_length or recipe.model.max_length)
     if trainer.is_deepspeed_enabled:
@@ -241,6 +248,7 @@ def run_stage(
         "samples": steps * stage.batch_size,
         "tokens": trainer.state.num_input_tokens_seen - start_tokens,
         "seconds": time.perf_counter() - started,
+        "learning_rate": learning_rate,
         "final_loss": _last_loss(trainer.state.log_history),
         **(trainer.collapse_guard.report() if getattr(trainer, "collapse_guard", None) else {}),
         "sharding": "fsdp" if trainer.is_fsdp_enabled else ("ddp" if world_size > 1 else "none"),

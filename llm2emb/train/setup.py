@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 
 from llm2emb.errors import UserError
 from llm2emb.train.distributed import is_main_process
+from llm2emb.train.learning_rate import default_learning_rate
 from llm2emb.train.recipe import LORA_AUTO_MAX_PARAMETERS, LoraSpec, Recipe, StageSpec
 from llm2emb.train.recipe_file import format_key_path
 
@@ -102,12 +103,29 @@ def apply_lora(embedder, recipe: Recipe, lora: LoraSpec) -> None:
         raise UserError(f"lora.target_modules: {exc}") from None
 
 
+def stage_learning_rate(stage: StageSpec, index: int, embedder) -> float:
+    """The stage's rate; `auto` resolves by whether the backbone trains an adapter and by its width, and says so."""
+    if stage.learning_rate != "auto":
+        return stage.learning_rate
+    from peft import PeftModel
+
+    adapter = isinstance(embedder.backbone, PeftModel)
+    hidden_size = embedder.base_config.hidden_size
+    rate = default_learning_rate(adapter, hidden_size)
+    if is_main_process():
+        print(f"stages[{index}].learning_rate: auto -> {rate:.3g} ({'a LoRA adapter' if adapter else 'full fine-tuning'},"
+              f" hidden size {hidden_size})", file=sys.stderr)
+    return rate
+
+
 def training_arguments(
-    recipe: Recipe, stage: StageSpec, stage_dir: Path, world_size: int, layer_class: str | None = None
+    recipe: Recipe, stage: StageSpec, stage_dir: Path, world_size: int, learning_rate: float,
+    layer_class: str | None = None,
 ) -> TrainingArguments:
     """The HF TrainingArguments of one stage (checked against transformers 5.23's signature).
 
-    `layer_class`: the decoder layer's class name, FSDP's wrapping unit under `sharding: fsdp`."""
+    `learning_rate`: the stage's, resolved (stage_learning_rate). `layer_class`: the decoder layer's class name,
+    FSDP's wrapping unit under `sharding: fsdp`."""
     sharding = {}
     if recipe.sharding == "fsdp":
         # FSDP2 (fully_shard; frozen LoRA bases and trained adapters share a unit): each decoder layer a unit,
@@ -120,7 +138,7 @@ def training_arguments(
         output_dir=str(stage_dir),
         max_steps=stage.max_steps,
         per_device_train_batch_size=stage.batch_size // world_size,
-        learning_rate=stage.learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler_type=stage.lr_scheduler,
         warmup_steps=stage.warmup_step_count,
         weight_decay=stage.weight_decay,

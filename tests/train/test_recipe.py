@@ -183,7 +183,7 @@ def test_warmup_is_a_step_count_or_a_share_of_max_steps(recipe_dir, tmp_path):
     recipe = load_recipe(path, ["stages.0.max_steps=51"])
     stage = recipe.stages[0]
     assert stage.warmup_steps == 0.1 and stage.warmup_step_count == 5  # the default: a tenth, rounded down
-    assert training_arguments(recipe, stage, tmp_path, world_size=1).warmup_steps == 5
+    assert training_arguments(recipe, stage, tmp_path, world_size=1, learning_rate=4e-4).warmup_steps == 5
     assert load_recipe(path, ["stages.0.max_steps=9"]).stages[0].warmup_step_count == 0  # tiny runs: none
     assert load_recipe(path, ["stages.0.warmup_steps=7"]).stages[0].warmup_step_count == 7
     assert load_recipe(path, ["stages.0.warmup_steps=0.5"]).stages[1].warmup_step_count == 500  # inherited share
@@ -197,12 +197,12 @@ def test_fsdp_sharding_reaches_the_trainer_and_is_refused_without_gpus(recipe_di
     from llm2emb.train import setup
 
     recipe = load_recipe(write(recipe_dir, GOOD.replace("OUT", "out")), ["sharding=fsdp"])
-    arguments = setup.training_arguments(recipe, recipe.stages[0], tmp_path, world_size=1, layer_class="Qwen2DecoderLayer")
+    arguments = setup.training_arguments(recipe, recipe.stages[0], tmp_path, world_size=1, learning_rate=4e-4, layer_class="Qwen2DecoderLayer")
     assert arguments.fsdp and arguments.fsdp_config["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]
     assert arguments.fsdp_config["version"] == 2  # transformers' FSDP1 settings would be ignored: FSDP2's only
     assert arguments.fsdp_config["state_dict_type"] == "FULL_STATE_DICT"  # what the runner saves the model from
     plain = load_recipe(write(recipe_dir, GOOD.replace("OUT", "out")))
-    assert not setup.training_arguments(plain, plain.stages[0], tmp_path, world_size=1).fsdp
+    assert not setup.training_arguments(plain, plain.stages[0], tmp_path, world_size=1, learning_rate=4e-4).fsdp
     monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="sharding: fsdp needs CUDA GPUs"):
         setup.check_hardware(recipe.quantization, recipe.bf16, recipe.sharding)

@@ -30,7 +30,8 @@ def spreads(rows: list[dict], systems: list[str]) -> dict[str, dict[str, dict[st
                    for system, budgets in by_system.items()} for task, by_system in found.items()}
 
 
-def plot(found: dict, target: str) -> None:
+def plot(found: dict, systems: list[str], target: str) -> None:
+    """One colour per system in every panel, so a system reads alike across scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +46,7 @@ def plot(found: dict, target: str) -> None:
             xs = [budgets.index(b) + (index - (len(by_system) - 1) / 2) * width for b in values]
             worst, median, best = (np.array([values[b][i] for b in values]) for i in range(3))
             axis.errorbar(xs, median, yerr=[median - worst, best - median], fmt="s" if is_st(system) else "o",
-                          capsize=3, label=system)
+                          capsize=3, label=system, color=f"C{systems.index(system) % 10}")
         axis.set_xticks(range(len(budgets)), [f"{b} (steps x batch)" for b in budgets])
         axis.set_ylabel(f"{TASKS[task]} x100 (worst, median, best)")
         axis.legend(fontsize=7)
@@ -63,7 +64,7 @@ def main(argv=None) -> None:
     for task, by_system in found.items():
         for system, budgets in by_system.items():
             print(task, system, {b: tuple(round(x, 2) for x in v) for b, v in budgets.items()})
-    plot(found, args.out)
+    plot(found, args.systems, args.out)
 
 
 if __name__ == "__main__":

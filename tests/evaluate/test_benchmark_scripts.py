@@ -124,5 +124,5 @@ def test_budget_plot_spreads_count_each_run_once_per_budget(tmp_path):
     found = spreads(rows, ["st", "sink"])
     assert found["stsb-dev"]["sink"] == {"20 x 16": (70.0, 74.0, 80.0)}
     assert found["stsb-dev"]["st"] == {"20 x 16": (65.0, 65.0, 65.0)} and found["stsb"]["sink"] == {"51 x 32": (73.0,) * 3}
-    plot(found, str(tmp_path / "budgets.png"))
+    plot(found, ["st", "sink"], str(tmp_path / "budgets.png"))
     assert (tmp_path / "budgets.png").stat().st_size > 0

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainingArguments
 
 from llm2emb.errors import UserError
+from llm2emb.model.backbone import is_peft
 from llm2emb.train.distributed import is_main_process
 from llm2emb.train.learning_rate import default_learning_rate
 from llm2emb.train.recipe import LORA_AUTO_MAX_PARAMETERS, LoraSpec, Recipe, StageSpec
@@ -107,9 +108,7 @@ def stage_learning_rate(stage: StageSpec, index: int, embedder) -> float:
     """The stage's rate; `auto` resolves by whether the backbone trains an adapter and by its width, and says so."""
     if stage.learning_rate != "auto":
         return stage.learning_rate
-    from peft import PeftModel
-
-    adapter = isinstance(embedder.backbone, PeftModel)
+    adapter = is_peft(embedder.backbone)
     hidden_size = embedder.base_config.hidden_size
     rate = default_learning_rate(adapter, hidden_size)
     if is_main_process():

@@ -142,17 +142,11 @@ def result_name(args) -> str:
 
 def rows_in_llm2emb_order(args, seed: int, rows_file: Path) -> list[dict]:
     """The rows as llm2emb's sampler batches them for this seed (epoch after epoch), flattened."""
-    from llm2emb.train.data import MixedBatchSampler
+    from llm2emb.train.data import MixedBatchSampler, training_order
 
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     sampler = MixedBatchSampler([len(rows)], [1.0], args.batch_size, seed)
-    order: list[int] = []
-    epoch = 0
-    while len(order) < args.steps * args.batch_size:
-        sampler.set_epoch(epoch)
-        order.extend(index for batch in sampler for index in batch)
-        epoch += 1
-    return [rows[i] for i in order[: args.steps * args.batch_size]]
+    return [rows[i] for i in training_order(sampler, args.steps * args.batch_size)]
 
 
 def write_rows(args, out: Path, row_seed: int | None = None) -> Path:

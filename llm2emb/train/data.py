@@ -276,6 +276,19 @@ class MixedBatchSampler(torch.utils.data.Sampler):
             yield batches[position].tolist()
 
 
+def training_order(sampler: MixedBatchSampler, count: int) -> list[int]:
+    """The first `count` row indices in the order training meets them, epoch after epoch (the trainer sets the
+    epoch from 0): what another trainer is given, in a sequential sampler, to see exactly llm2emb's batches."""
+    order: list[int] = []
+    epoch = 0
+    while len(order) < count:
+        sampler.set_epoch(epoch)
+        order.extend(index for batch in sampler for index in batch)
+        epoch += 1
+    sampler.set_epoch(0)
+    return order[:count]
+
+
 class StageData(torch.utils.data.Dataset):
     """The datasets of one stage behind global indices; items carry k hard negatives for this epoch."""
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from scripts import compare_recipes
 from scripts.bench_train import beir_triplets
@@ -126,3 +127,66 @@ def test_budget_plot_spreads_count_each_run_once_per_budget(tmp_path):
     assert found["stsb-dev"]["st"] == {"20 x 16": (65.0, 65.0, 65.0)} and found["stsb"]["sink"] == {"51 x 32": (73.0,) * 3}
     plot(found, ["st", "sink"], str(tmp_path / "budgets.png"))
     assert (tmp_path / "budgets.png").stat().st_size > 0
+
+
+def test_st_recipe_trains_every_stage_on_llm2emb_batches_with_the_library_losses(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from llm2emb.train.recipe_file import load_recipe
+    from scripts import st_recipe
+
+    base = save_tiny_model(tmp_path / "base")
+    (tmp_path / "triplets.jsonl").write_text("".join(
+        json.dumps({"query": f"premise {i}", "positive": f"entailed {i}", "negative": f"contradiction {i}"}) + "\n"
+        for i in range(12)))
+    (tmp_path / "pairs.tsv").write_text("score\tsentence1\tsentence2\n" + "".join(
+        f"{i % 6}.0\tfirst {i}\tsecond {i}\n" for i in range(16)))
+    (tmp_path / "claims.jsonl").write_text("".join(
+        json.dumps({"query": f"claim {i}", "positive": f"abstract {i}"}) + "\n" for i in range(8)))
+    recipe = {
+        "model": {"base": str(base), "max_length": 16}, "output_dir": str(tmp_path / "unused"), "seed": 3,
+        "stages": [
+            {"name": "general", "max_steps": 3, "batch_size": 4, "hard_negatives": 1,
+             "datasets": [{"path": "triplets.jsonl"}, {"path": "pairs.tsv", "format": "scored_pairs"}]},
+            {"name": "similarity", "max_steps": 2, "hard_negatives": 0, "loss": "cosent",
+             "datasets": [{"path": "pairs.tsv", "format": "scored_pairs"}]},
+            {"name": "retrieval", "max_steps": 2, "loss": "infonce",
+             "datasets": [{"path": "claims.jsonl", "instruction": "Find the abstract"}]},
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    loaded = load_recipe(path)
+
+    general, prefix = st_recipe.stage_rows(loaded.stages[0], 0, loaded)
+    assert prefix is None and len(general["anchor"]) == len(general["negative_1"]) == 12
+    for start in range(0, 12, 4):  # llm2emb's batches: each from one dataset, pairs with random negatives
+        batch = general["anchor"][start:start + 4]
+        assert len({text.split()[0] for text in batch}) == 1
+        if batch[0].startswith("first"):
+            assert all(n.startswith("second") and n != p for n, p in
+                       zip(general["negative_1"][start:start + 4], general["positive"][start:start + 4]))
+    graded, _ = st_recipe.stage_rows(loaded.stages[1], 1, loaded)
+    assert set(graded) == {"anchor", "positive", "score"} and {float(i % 6) for i in range(16)} >= set(graded["score"])
+    retrieval, prefix = st_recipe.stage_rows(loaded.stages[2], 2, loaded)
+    assert prefix == "Instruct: Find the abstract\nQuery: "
+    assert all(text.startswith(prefix + "claim ") for text in retrieval["anchor"]) and set(retrieval) == {"anchor", "positive"}
+
+    out = tmp_path / "st"
+    st_recipe.main([str(path), "--base", str(base), "--out", str(out), "--learning-rates", "1e-2", "1e-2", "1e-2",
+                    "--set", "warmup_ratio=0.1"])
+    model = SentenceTransformer(str(out / "model"), device="cpu")
+    assert model.prompts.get("query") == prefix  # llm2emb eval's encode_query prompts queries as training did
+    stages = [json.loads((out / "stages" / name / "stage.json").read_text())
+              for name in ("0-general", "1-similarity", "2-retrieval")]
+    assert [s["loss"] for s in stages] == ["infonce", "cosent", "infonce"]
+    assert stages[0]["settings"] == {"learning_rate": 1e-2, "warmup_ratio": 0.1}
+    before = AutoModel.from_pretrained(str(base)).state_dict()
+    after = model[0].auto_model.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+    recipe["stages"][2]["matryoshka_dims"] = [8]  # refused, not trained without it
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit, match=r"stages\[2\] \(retrieval\): matryoshka_dims has no sentence-transformers"):
+        st_recipe.main([str(path), "--base", str(base), "--out", str(tmp_path / "refused")])

@@ -19,6 +19,7 @@ from llm2emb.train.data import (
     StageData,
     load_rows,
     text_id,
+    training_order,
 )
 from llm2emb.train.recipe import DatasetSpec
 
@@ -159,6 +160,15 @@ def test_sampler_one_dataset_per_batch_weights_and_determinism():
     sampler.set_epoch(0)
     assert list(sampler) == first
     assert list(MixedBatchSampler([40, 12, 9], [1.0, 2.0, 0.5], 4, seed=4)) != first
+
+
+def test_training_order_runs_epoch_after_epoch_and_leaves_the_sampler_at_the_first():
+    sampler = MixedBatchSampler([40, 12, 9], [1.0, 2.0, 0.5], batch_size=4, seed=3)
+    first = [i for batch in sampler for i in batch]
+    sampler.set_epoch(1)
+    second = [i for batch in sampler for i in batch]
+    assert training_order(sampler, len(first) + 10) == first + second[:10]
+    assert [i for batch in sampler for i in batch] == first
 
 
 def loaded(tmp_path: Path, name: str, rows: list[dict], **kwargs):

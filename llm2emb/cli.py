@@ -46,6 +46,10 @@ def add_convert(sub) -> None:
     p.add_argument("--causal-sink", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each text's first token causal (the attention sink) in bidirectional attention "
                         "(default: on for bidirectional); --no-causal-sink attends as plain transformers does")
+    p.add_argument("--text-template", metavar="TEMPLATE",
+                   help="around every text: chat (the base's chat template around one user message) | turn (that user "
+                        "turn alone, without a default system prompt) | none | a template with {text} (default: "
+                        "none); its tokens are context, never pooled")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--query-instruction", help="default instruction for queries")
@@ -61,6 +65,7 @@ def run_convert(args) -> None:
 
     embedder = convert(
         args.base, args.out, pooling=args.pooling, attention=args.attention, causal_sink=args.causal_sink,
+        text_template=args.text_template,
         dtype=args.dtype, max_length=args.max_length, query_instruction=args.query_instruction,
         overwrite=args.overwrite, rope_scaling=args.rope_scaling,
     )

@@ -28,6 +28,7 @@ def convert(
     overwrite: bool = False,
     rope_scaling: str | dict[str, Any] | None = None,
     causal_sink: bool | None = None,
+    text_template: str | None = None,
 ) -> Embedder:
     """Load `base`, make it bidirectional (verified), attach the pooler and write the folder.
 
@@ -35,14 +36,16 @@ def convert(
     bidirectional too, and PEFT adapters trained on top load onto it unchanged. `rope_scaling` (llm2emb.model.rope) is
     written into config.json too, so other tools load the extended window the same way. `causal_sink` (on by default
     for bidirectional attention, llm2emb.model.attention) is llm2emb's own: plain transformers attends to every token from
-    the first one too, so such a folder's vectors come from llm2emb (or its exports) only.
+    the first one too, so such a folder's vectors come from llm2emb (or its exports) only. `text_template` (chat |
+    turn | none | a template with {text}, llm2emb.model.prompts) wraps every text the folder embeds.
     """
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out = Path(out)
     refuse_non_empty(out, overwrite)
     embedder = Embedder.from_pretrained(base, pooling=pooling, attention=attention, torch_dtype=DTYPES[dtype],
-                                        rope_scaling=rope_scaling, causal_sink=causal_sink)
+                                        rope_scaling=rope_scaling, causal_sink=causal_sink,
+                                        text_template=text_template)
     embedder.config.max_length = max_length
     embedder.config.default_query_instruction = query_instruction
     if query_template is not None:

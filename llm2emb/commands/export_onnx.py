@@ -89,7 +89,7 @@ def export_onnx(model: str | Path, out: str | Path, overwrite: bool = False, int
         settings = {"inputs": list(INPUTS), "output": OUTPUT, "dim": embedder.dim, "graphs": [GRAPH_NAME],
                     "model": {key: getattr(embedder.config, key) for key in (
                         "attention", "causal_sink", "pooling", "normalize", "max_length", "padding_side",
-                        "query_template", "document_template", "default_query_instruction",
+                        "query_template", "document_template", "text_template", "default_query_instruction",
                         "default_document_instruction", "matryoshka_dims")},
                     "append_eos": embedder.pooler.needs_eos}
         if int8:
@@ -203,7 +203,8 @@ class OnnxEncoder:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.model = model
-        self.prompt_tokenizer = PromptTokenizer(tokenizer, Prompts(model["query_template"], model["document_template"]),
+        self.prompt_tokenizer = PromptTokenizer(tokenizer, Prompts(model["query_template"], model["document_template"],
+                                                                     model.get("text_template", "{text}")),
                                                 self.settings["append_eos"], max_length or model["max_length"])
 
     def encode(self, texts: Sequence[str], instruction: str | None = None, kind: str = "query",

@@ -30,6 +30,7 @@ def describe(folder: str | Path) -> dict:
         "pooling": json.dumps(config.pooling),
         "max_length": config.max_length,
         "query_template": json.dumps(config.query_template),
+        "text_template": json.dumps(config.text_template),
         "default_query_instruction": config.default_query_instruction or "-",
         "matryoshka_dims": config.matryoshka_dims or "-",
         "token_dim": config.token_dim or "-",

@@ -26,7 +26,7 @@ from llm2emb.model.config import EmbedderConfig, is_model_folder
 from llm2emb.model.embedder import Embedder
 from llm2emb.model.folder import adapter_base_reference
 
-COMPARED = ("attention", "pooling", "query_template", "document_template", "padding_side", "token_dim")
+COMPARED = ("attention", "pooling", "query_template", "document_template", "text_template", "padding_side", "token_dim")
 """llm2emb.json keys that must agree between merged models (besides the base)."""
 
 

@@ -135,6 +135,7 @@ def render(folder: Path, config: EmbedderConfig, training: TrainingRecord | None
              f"| max length | {config.max_length} tokens |",
              f"| query template | `{json.dumps(config.query_template)}` |",
              f"| document template | `{json.dumps(config.document_template)}` |",
+             f"| text template (every text) | `{json.dumps(config.text_template)}` |",
              f"| default query instruction | {_or_none(config.default_query_instruction)} |",
              f"| default document instruction | {_or_none(config.default_document_instruction)} |",
              f"| Matryoshka dims | {_or_none(config.matryoshka_dims)} |",

@@ -22,6 +22,10 @@ DIGESTED_FILES = ("config.json", "adapter_config.json", "tokenizer.json", "token
 """A model folder's small files whose every value can change the vectors (weights are checked structurally only,
 llm2emb.files.damaged_file: hashing gigabytes on every load would cost more than it guards)."""
 
+ADDED_LATER = {"text_template": "{text}"}
+"""Fields added after the digest, with the value a folder without them means: left out of the digest at that value,
+so folders written before them still verify."""
+
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -46,6 +50,9 @@ class EmbedderConfig:
     padding_side: str = "right"
     query_template: str = DEFAULT_QUERY_TEMPLATE
     document_template: str = "{text}"
+    text_template: str = "{text}"
+    """Around every text, query or document, instruction or not (llm2emb.model.prompts): e.g. the base's chat template
+    for its user turn. Folders written before it (2026-12-07) lack the key: the text alone."""
     default_query_instruction: str | None = None
     default_document_instruction: str | None = None
     matryoshka_dims: list[int] | None = None
@@ -70,7 +77,8 @@ class EmbedderConfig:
         write_text_atomic(directory / CONFIG_NAME, json.dumps(asdict(self), indent=2) + "\n")
 
     def own_digest(self) -> str:
-        fields_but_digest = {k: v for k, v in asdict(self).items() if k != "digest"}
+        fields_but_digest = {k: v for k, v in asdict(self).items()
+                             if k != "digest" and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha256(json.dumps(fields_but_digest, sort_keys=True).encode()).hexdigest()
 
     def verify(self, directory: Path) -> None:

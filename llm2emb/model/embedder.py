@@ -32,7 +32,7 @@ from llm2emb.model.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_
 from llm2emb.model.encoding import DocumentChunks
 from llm2emb.model.hidden_states import backbone_states, first_layers
 from llm2emb.model.late_interaction import TOKEN_HEAD_WEIGHTS_NAME, TokenHead
-from llm2emb.model.prompts import Prompts
+from llm2emb.model.prompts import DEFAULT_TEXT_TEMPLATE, Prompts, text_template_for
 from llm2emb.model.rope import extend_rope, parse_rope_scaling, rebuild_rotary, rope_window
 from llm2emb.model.tokenization import PromptTokenizer, UnembeddableText, pad_rows
 from llm2emb.pooling import Pooler, as_pooling_spec, build_pooler, pooler_spec
@@ -70,6 +70,7 @@ class Embedder(nn.Module):
         quantization: str | None = None,
         rope_scaling: str | dict[str, Any] | None = None,
         causal_sink: bool | None = None,
+        text_template: str | None = None,
         **pooling_kwargs: Any,
     ) -> Embedder:
         """Load an llm2emb folder, or make an Embedder from a base (hub id, HF folder, .gguf, asset alias).
@@ -80,6 +81,8 @@ class Embedder(nn.Module):
         `rope_scaling` ("yarn:4", or {"method": pi | ntk | yarn, "factor": 4}) stretches RoPE for texts beyond the
         trained window (llm2emb.model.rope); a folder saved with it keeps it.
         `causal_sink` (llm2emb.model.attention): None keeps a folder's choice and turns it on for a bidirectional base.
+        `text_template` (llm2emb.model.prompts.text_template_for: chat | turn | none | a template with {text}): None keeps a
+        folder's and gives a base DEFAULT_TEXT_TEMPLATE; a folder is never loaded with another one.
         """
         rope_scaling = parse_rope_scaling(rope_scaling)
         if pooling_kwargs:
@@ -96,7 +99,12 @@ class Embedder(nn.Module):
                 config.pooling = as_pooling_spec(pooling)
             backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device, quantization)
             tokenizer = load_tokenizer(base, config.padding_side)
+            config.text_template = text_template_for(text_template or DEFAULT_TEXT_TEMPLATE, tokenizer)
             embedder = cls.assemble(backbone, tokenizer, config)
+            text_template = None
+        if text_template is not None and text_template_for(text_template, embedder.tokenizer) != embedder.config.text_template:
+            raise UserError(f"{path_or_id}: built with text template {embedder.config.text_template!r}; cannot load it "
+                            f"with {text_template!r} (convert the base again to change it)")
         saved = embedder.config.rope_scaling
         if rope_scaling is not None and saved not in (None, rope_scaling):
             raise UserError(f"{path_or_id}: saved with rope scaling {saved}; cannot load it with {rope_scaling}")
@@ -181,7 +189,7 @@ class Embedder(nn.Module):
 
     @property
     def prompts(self) -> Prompts:
-        return Prompts(self.config.query_template, self.config.document_template)
+        return Prompts(self.config.query_template, self.config.document_template, self.config.text_template)
 
     @property
     def dim(self) -> int:

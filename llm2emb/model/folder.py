@@ -159,5 +159,5 @@ def load_prompt_tokenizer(
         raise UserError(f"pooling: unknown type {kind!r}; choose one of {sorted(POOLERS)}")
     tokenizer = load_tokenizer(BaseRef(str(path_or_id)) if is_model_folder(path_or_id) else resolve_base(path_or_id),
                                config.padding_side)
-    return PromptTokenizer(tokenizer, Prompts(config.query_template, config.document_template),
+    return PromptTokenizer(tokenizer, Prompts(config.query_template, config.document_template, config.text_template),
                            POOLERS[kind].needs_eos, max_length or config.max_length)

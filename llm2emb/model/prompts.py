@@ -1,8 +1,14 @@
-"""Instruction templates, and which tokens of a prompt are pooled.
+"""Instruction templates, the text template around every text, and which tokens of a prompt are pooled.
 
 Instructions steer an embedder (E5, NV-Embed) but must not be part of the vector: the pool mask marks
 only the tokens of the text itself (and an appended EOS), so the instruction tokens shape the text's
 hidden states through attention yet never enter the pooled vector.
+
+The text template wraps every text, query or document, with or without an instruction: for an instruct base, its
+chat template's user turn (`text_template_for("chat", tokenizer)`), which is how sentence-transformers 6 feeds any
+model whose tokenizer has a chat template. Its tokens are context, never pooled, like an instruction's. On
+SmolLM2-135M they move the first text token off the position the base parks its attention on, and the text reads as
+the base's training did (benchmarks/RESULTS.md, "The chat template").
 """
 
 from __future__ import annotations
@@ -33,15 +39,74 @@ def render(template: str, text: str, instruction: str | None) -> Prompt:
     return Prompt(prefix + text + suffix, len(prefix), len(prefix) + len(text))
 
 
+def wrap(text_template: str, prompt: Prompt) -> Prompt:
+    """`prompt` inside the text template (its `{text}` replaced by the whole prompt), text span moved along."""
+    before, after = split_text_template(text_template)
+    return Prompt(before + prompt.string + after, len(before) + prompt.text_start, len(before) + prompt.text_end)
+
+
+def split_text_template(template: str) -> tuple[str, str]:
+    """What a text template puts before and after the text; a UserError unless it holds `{text}` once and no
+    `{instruction}` (instructions have the query template)."""
+    if template.count("{text}") != 1 or "{instruction}" in template:
+        raise UserError(f"text template {template!r} must hold {{text}} exactly once and no {{instruction}}")
+    before, after = template.split("{text}")
+    return before, after
+
+
+DEFAULT_TEXT_TEMPLATE = "none"
+"""What a conversion wraps texts in unless told (`--text-template`)."""
+
+CHAT_SENTINEL = "\x00llm2emb-text\x00"
+
+
+def text_template_for(choice: str, tokenizer) -> str:
+    """The text template a conversion asks for: `chat` (the tokenizer's chat template around one user message, as
+    sentence-transformers renders it), `turn` (that user turn alone, without the system turn some templates add:
+    the same wrap in fewer tokens), `none` (the text alone), or a literal template with `{text}`."""
+    if choice == "none":
+        return "{text}"
+    if choice not in ("chat", "turn"):
+        split_text_template(choice)
+        return choice
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"text template {choice}: the base's tokenizer has no chat template (use none, or give a "
+                        "template)")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SENTINEL}], tokenize=False)
+    if rendered.count(CHAT_SENTINEL) != 1:
+        raise UserError(f"text template {choice}: the base's chat template does not keep the user message whole")
+    before, after = rendered.split(CHAT_SENTINEL)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and before.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        before = before[len(bos):]  # the tokenizer adds its BOS itself: one, not two
+    if choice == "turn":
+        before = user_turn(before, after, tokenizer)
+    template = before + "{text}" + after
+    split_text_template(template)
+    return template
+
+
+def user_turn(before: str, after: str, tokenizer) -> str:
+    """`before` from where the user turn starts: after the last end-of-turn marker (the first special token that
+    closes the user's message) that an earlier turn, a default system prompt, ended with; all of it when none did."""
+    special = sorted(set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                         if t.special}, key=len, reverse=True)
+    closing = next((token for token in special if after.lstrip().startswith(token)), None)
+    if closing is None or closing not in before:
+        return before
+    return before[before.rindex(closing) + len(closing):].lstrip()
+
+
 @dataclass(frozen=True)
 class Prompts:
-    """The query and document templates of one model folder (default instructions are the caller's)."""
+    """The query, document and text templates of one model folder (default instructions are the caller's)."""
 
     query_template: str
     document_template: str = "{text}"
+    text_template: str = "{text}"
 
     def query(self, text: str, instruction: str | None = None) -> Prompt:
-        return render(self.query_template, text, instruction)
+        return wrap(self.text_template, render(self.query_template, text, instruction))
 
     def document(self, text: str, instruction: str | None = None) -> Prompt:
-        return render(self.document_template, text, instruction)
+        return wrap(self.text_template, render(self.document_template, text, instruction))

@@ -54,7 +54,7 @@ def load_embedder(recipe: Recipe):
     quantization = None if recipe.quantization == "none" else recipe.quantization
     embedder = Embedder.from_pretrained(spec.base, pooling=spec.pooling, attention=spec.attention,
                                         torch_dtype=getattr(torch, dtype), quantization=quantization,
-                                        causal_sink=spec.causal_sink)
+                                        causal_sink=spec.causal_sink, text_template=spec.text_template)
     embedder.config.max_length = spec.max_length
     lora = resolve_lora(recipe, embedder)
     if lora is not None:

@@ -6,7 +6,9 @@ embedder than the script I would otherwise run? Every system here trains on the 
 (`MixedBatchSampler` for the seed) and sentence-transformers is given the rows in that order with a sequential
 batch sampler. The baseline is sentence-transformers' plain script: causal base, mean pooling, full fine-tuning,
 MultipleNegativesRankingLoss at its defaults (scale 20, i.e. temperature 0.05; learning rate 5e-5, linear decay,
-no warmup). llm2emb systems are recipes that set only the base, the data, `max_steps`, `batch_size`, `max_length`
+no warmup). sentence-transformers 6 renders every text through the tokenizer's chat template when it has one (SmolLM2:
+its system prompt and a user turn, 26 tokens around the text, inside `--max-length`, all of them pooled), so the
+script trains and scores with that wrap: what its users get, and what llm2emb's `text_template` gives its own models. llm2emb systems are recipes that set only the base, the data, `max_steps`, `batch_size`, `max_length`
 and `hard_negatives` (the `default` system), or those plus `--set`-style overrides (`NAME:key=value,key=value`).
 
 Each (system, seed) is one job, run as a subprocess with `--threads` threads (one by default, so that `--jobs 2`
@@ -24,7 +26,8 @@ instruction on either side since no system trained with one; the full 5,183-docu
 `--report ROWS.jsonl` builds the table and the plot from result rows kept in the repository (one JSON object per
 line, as a job writes them) and trains nothing: runs spread over sessions outlive the machine that holds `--out`.
 `--collect ROWS.jsonl` (with the same `--out`, `--systems`, `--seeds` and `--row-seeds`) writes that file from the
-results under `--out`.
+results under `--out`. `--report` with `--seeds` and `--row-seeds` keeps only those runs, so systems run on more
+orders than others are compared on the orders they share.
 
 Row orders: `--row-seeds` gives run i the rows of a seeded permutation of the whole `--data` file (training seed i);
 without it every seed trains on the file's first rows. llm2emb runs train with the collapse guard off and log every
@@ -489,6 +492,9 @@ def main(argv=None) -> None:
         return
     if args.report:
         results = read_rows(args.report)
+        if args.row_seeds is not None:  # only the runs asked for: systems compared on the same row orders
+            wanted = set(runs(args))
+            results = [r for r in results if (r.get("seed"), r.get("row_seed")) in wanted]
     elif args.collect:
         results = collected(args)
         Path(args.collect).write_text("".join(json.dumps(row) + "\n" for row in results))

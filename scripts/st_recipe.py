@@ -9,7 +9,9 @@ loss at the recipe's temperature (scale = 1 / temperature). The optimisation is 
 (learning rate 5e-5, linear decay, no warmup) unless `--learning-rates` (one per stage) and `--set` (training
 arguments for every stage, e.g. `warmup_ratio=0.1`) say otherwise, so its tuned settings are a command-line choice.
 
-A query's instruction is written into its text with the base folder's query template (`Instruct: ...\nQuery: ...`
+sentence-transformers renders each text through the base's chat template itself (its default for a tokenizer that has
+one, all of it pooled), as in scripts/compare_recipes.py. A query's instruction is written into its text with the base
+folder's query template (`Instruct: ...\nQuery: ...`
 by default), and the saved model carries that prefix as its "query" prompt, so `llm2emb eval` (which calls
 `encode_query`) prompts SciFact's queries as training did. Stages resume from their last checkpoint; a finished
 stage's model is kept and the next stage starts from it.

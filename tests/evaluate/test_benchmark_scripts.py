@@ -190,3 +190,16 @@ def test_st_recipe_trains_every_stage_on_llm2emb_batches_with_the_library_losses
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(SystemExit, match=r"stages\[2\] \(retrieval\): matryoshka_dims has no sentence-transformers"):
         st_recipe.main([str(path), "--base", str(base), "--out", str(tmp_path / "refused")])
+
+
+def test_compare_recipes_report_keeps_only_the_runs_asked_for(tmp_path):
+    rows = [{"system": name, "seed": seed, "row_seed": 100 + seed, "stsb-dev": score}
+            for name, seed, score in [("st", 1, 70.0), ("st", 2, 72.0), ("st", 3, 60.0), ("new", 1, 75.0),
+                                      ("new", 2, 71.0)]]
+    report = tmp_path / "rows.jsonl"
+    report.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    compare_recipes.main(["--report", str(report), "--systems", "st", "new", "--seeds", "1", "2", "--row-seeds",
+                          "101", "102", "--table", str(tmp_path / "t.md")])
+    table = (tmp_path / "t.md").read_text()
+    assert "| `st` | 2 | 0 | 70.00 / 71.00 / 72.00 (2.00) |" in table  # order 103's run left out
+    assert "| `new` vs `st` | +0.00 |" in table

@@ -78,12 +78,10 @@ def stage_rows(stage, index: int, recipe) -> tuple[dict[str, list], str | None]:
 
 def query_template(recipe) -> str:
     """The base's query template, as llm2emb renders instructions (its model folder, or the library default)."""
-    from llm2emb.model.config import DEFAULT_QUERY_TEMPLATE
+    from llm2emb.model.config import DEFAULT_QUERY_TEMPLATE, EmbedderConfig, is_model_folder
 
-    config = Path(recipe.model.base) / "llm2emb.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("query_template", DEFAULT_QUERY_TEMPLATE)
-    return DEFAULT_QUERY_TEMPLATE
+    base = Path(recipe.model.base)
+    return EmbedderConfig.load(base).query_template if is_model_folder(base) else DEFAULT_QUERY_TEMPLATE
 
 
 def stage_loss(model, stage):

@@ -39,9 +39,8 @@ def render(template: str, text: str, instruction: str | None) -> Prompt:
     return Prompt(prefix + text + suffix, len(prefix), len(prefix) + len(text))
 
 
-def wrap(text_template: str, prompt: Prompt) -> Prompt:
-    """`prompt` inside the text template (its `{text}` replaced by the whole prompt), text span moved along."""
-    before, after = split_text_template(text_template)
+def wrap(before: str, after: str, prompt: Prompt) -> Prompt:
+    """`prompt` between a text template's two sides (split_text_template), text span moved along."""
     return Prompt(before + prompt.string + after, len(before) + prompt.text_start, len(before) + prompt.text_end)
 
 
@@ -105,8 +104,11 @@ class Prompts:
     document_template: str = "{text}"
     text_template: str = "{text}"
 
+    def __post_init__(self) -> None:  # checked and split once, not per text
+        object.__setattr__(self, "sides", split_text_template(self.text_template))
+
     def query(self, text: str, instruction: str | None = None) -> Prompt:
-        return wrap(self.text_template, render(self.query_template, text, instruction))
+        return wrap(*self.sides, render(self.query_template, text, instruction))
 
     def document(self, text: str, instruction: str | None = None) -> Prompt:
-        return wrap(self.text_template, render(self.document_template, text, instruction))
+        return wrap(*self.sides, render(self.document_template, text, instruction))

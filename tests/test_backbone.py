@@ -42,7 +42,11 @@ def test_mistral_sliding_window_is_cleared(tiny_models):
 
 def test_verification_refuses_a_model_that_stayed_causal(tiny_qwen2):
     causal = load_backbone(BaseRef(str(tiny_qwen2)), "causal", torch.float32)
-    with pytest.raises(VerificationError, match="stayed causal"):
+    # a verified type honours the flag: a first position blind to later tokens points at the weights first
+    with pytest.raises(VerificationError, match=r"'qwen2': the first position ignored .* weights are likely degenerate"):
+        verify_attention(causal, "bidirectional")
+    causal.config.model_type = "unverified"  # a type never checked: its attention is the suspect
+    with pytest.raises(VerificationError, match=r"'unverified' stayed causal with is_causal=False"):
         verify_attention(causal, "bidirectional")
 
 

@@ -90,6 +90,10 @@ class Embedder(nn.Module):
         if is_model_folder(path_or_id):
             embedder = model_folder.load_folder(cls.assemble, Path(path_or_id), pooling, attention, torch_dtype, device,
                                                 attn_implementation, quantization, causal_sink)
+            built_with = embedder.config.text_template
+            if text_template is not None and text_template_for(text_template, embedder.tokenizer) != built_with:
+                raise UserError(f"{path_or_id}: built with text template {built_with!r}; cannot load it with "
+                                f"{text_template!r} (convert the base again to change it)")
         else:
             base = resolve_base(path_or_id)
             attention = attention or "bidirectional"
@@ -101,10 +105,6 @@ class Embedder(nn.Module):
             tokenizer = load_tokenizer(base, config.padding_side)
             config.text_template = text_template_for(text_template or DEFAULT_TEXT_TEMPLATE, tokenizer)
             embedder = cls.assemble(backbone, tokenizer, config)
-            text_template = None
-        if text_template is not None and text_template_for(text_template, embedder.tokenizer) != embedder.config.text_template:
-            raise UserError(f"{path_or_id}: built with text template {embedder.config.text_template!r}; cannot load it "
-                            f"with {text_template!r} (convert the base again to change it)")
         saved = embedder.config.rope_scaling
         if rope_scaling is not None and saved not in (None, rope_scaling):
             raise UserError(f"{path_or_id}: saved with rope scaling {saved}; cannot load it with {rope_scaling}")

@@ -186,10 +186,18 @@ def test_st_recipe_trains_every_stage_on_llm2emb_batches_with_the_library_losses
     after = model[0].auto_model.state_dict()
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
+    with pytest.raises(SystemExit, match=r"--learning-rates: 2 given for 3 stages"):
+        st_recipe.main([str(path), "--base", str(base), "--out", str(tmp_path / "short"), "--learning-rates", "1", "2"])
+    recipe["stages"][0]["datasets"][0]["in_batch_negatives"] = False  # MNRL cannot drop them: refused
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit, match=r"stages\[0\] \(general\): MultipleNegativesRankingLoss always uses in-batch"):
+        st_recipe.main([str(path), "--base", str(base), "--out", str(tmp_path / "no-in-batch")])
+    recipe["stages"][0]["datasets"][0]["in_batch_negatives"] = True
     recipe["stages"][2]["matryoshka_dims"] = [8]  # refused, not trained without it
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(SystemExit, match=r"stages\[2\] \(retrieval\): matryoshka_dims has no sentence-transformers"):
         st_recipe.main([str(path), "--base", str(base), "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "short").exists() and not (tmp_path / "no-in-batch").exists()
 
 
 def test_compare_recipes_report_keeps_only_the_runs_asked_for(tmp_path):

@@ -206,7 +206,7 @@ def test_a_forced_collapse_stops_in_one_line_keeps_checkpoints_and_writes_no_mod
         if code == 2:
             refused = lines
     assert refused is not None and len(refused) == 1 and refused[0].startswith("llm2emb encode: error: ")
-    assert "the hidden states do not depend on the input tokens" in refused[0] or "stayed causal" in refused[0]
+    assert "degenerate" in refused[0], refused  # the weights, not the model type, are named
     assert warned is not None, "no checkpoint was degenerate and still loadable"
     warning = [line for line in warned if "the vectors are degenerate" in line]
     assert len(warning) == 1 and "the vectors are degenerate: mean cosine 0.9" in warning[0], warned

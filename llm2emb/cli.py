@@ -48,7 +48,8 @@ def add_convert(sub) -> None:
                         "(default: on for bidirectional); --no-causal-sink attends as plain transformers does")
     p.add_argument("--text-template", metavar="TEMPLATE",
                    help="around every text: chat (the base's chat template around one user message) | turn (that user "
-                        "turn alone, without a default system prompt) | none | a template with {text} (default: "
+                        "turn alone, without a default system prompt) | bos (one leading BOS token, where the tokenizer "
+                        "adds none) | none | a template with {text} (default: "
                         "none); its tokens are context, never pooled")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-length", type=int, default=512)

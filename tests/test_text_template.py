@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tokenizers import processors
 from transformers import AutoTokenizer
 
 from llm2emb import Embedder, UserError
@@ -67,6 +68,31 @@ def test_turn_keeps_the_user_turn_and_drops_a_default_system_prompt(tmp_path):
     assert text_template_for("turn", tokenizer) == "<|im_start|>user\n{text}<|im_end|>\n"
     tokenizer.chat_template = INST  # Mistral: no system turn, and the BOS the template writes is not doubled
     assert text_template_for("turn", tokenizer) == text_template_for("chat", tokenizer) == "<|endoftext|>[INST] {text} [/INST]"
+
+
+def test_bos_leads_with_one_special_token_where_the_tokenizer_adds_none(chat_base):
+    from tests.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    assert text_template_for("bos", tokenizer) == "<|endoftext|>{text}"  # SmolLM2: a BOS its tokenizer never adds
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.bos_token = None
+    tokenizer.chat_template = CHATML  # Qwen: no BOS at all; its chat template opens with <|im_start|>
+    assert text_template_for("bos", tokenizer) == "<|im_start|>{text}"
+    tokenizer.chat_template = None
+    with pytest.raises(UserError, match="no BOS token and no chat template"):
+        text_template_for("bos", tokenizer)
+    adds = build_tokenizer()  # Llama, Mistral: the tokenizer writes its BOS itself, and special tokens are not pooled
+    bos_id = adds.convert_tokens_to_ids("<|endoftext|>")
+    adds.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos_id)])
+    assert adds("x")["input_ids"][0] == bos_id and text_template_for("bos", adds) == "{text}"
+    led = Embedder.from_pretrained(chat_base, torch_dtype=torch.float32, text_template="bos")
+    plain = Embedder.from_pretrained(chat_base, torch_dtype=torch.float32)
+    batch = led.tokenize(["The cat sat."], kind="document")
+    ids, pool = batch["input_ids"][0].tolist(), batch["pool_mask"][0].tolist()
+    text_ids = plain.tokenize(["The cat sat."], kind="document")["input_ids"][0].tolist()
+    assert ids[0] == bos_id and not pool[0] and [i for i, p in zip(ids, pool) if p] == text_ids
 
 
 def test_a_wrapped_folder_pools_the_text_alone_keeps_its_template_and_refuses_another(chat_base, tmp_path):

@@ -37,7 +37,7 @@ def convert(
     written into config.json too, so other tools load the extended window the same way. `causal_sink` (on by default
     for bidirectional attention, llm2emb.model.attention) is llm2emb's own: plain transformers attends to every token from
     the first one too, so such a folder's vectors come from llm2emb (or its exports) only. `text_template` (chat |
-    turn | none | a template with {text}, llm2emb.model.prompts) wraps every text the folder embeds.
+    turn | bos | none | a template with {text}, llm2emb.model.prompts) wraps every text the folder embeds.
     """
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

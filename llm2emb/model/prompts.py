@@ -62,9 +62,12 @@ CHAT_SENTINEL = "\x00llm2emb-text\x00"
 def text_template_for(choice: str, tokenizer) -> str:
     """The text template a conversion asks for: `chat` (the tokenizer's chat template around one user message, as
     sentence-transformers renders it), `turn` (that user turn alone, without the system turn some templates add:
-    the same wrap in fewer tokens), `none` (the text alone), or a literal template with `{text}`."""
+    the same wrap in fewer tokens), `bos` (one leading token, lead_token), `none` (the text alone), or a literal
+    template with `{text}`."""
     if choice == "none":
         return "{text}"
+    if choice == "bos":
+        return lead_token(tokenizer) + "{text}"
     if choice not in ("chat", "turn"):
         split_text_template(choice)
         return choice
@@ -85,12 +88,33 @@ def text_template_for(choice: str, tokenizer) -> str:
     return template
 
 
+def lead_token(tokenizer) -> str:
+    """The one token `bos` puts before every text, so that the causal sink (the first position, which attends only to
+    itself) is a token that is never pooled rather than the text's first word: the tokenizer's BOS; nothing when the
+    tokenizer adds its BOS itself (Llama, Mistral: special tokens are never pooled); for a tokenizer without a BOS
+    (Qwen), the first special token its chat template opens with (`<|im_start|>`)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos:
+        return "" if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else bos
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SENTINEL}], tokenize=False)
+        first = next((token for token in special_tokens(tokenizer) if rendered.startswith(token)), None)
+        if first is not None:
+            return first
+    raise UserError("text template bos: the base's tokenizer has no BOS token and no chat template that opens with a "
+                    "special token (use none, or give a template)")
+
+
+def special_tokens(tokenizer) -> list[str]:
+    """Every special token of `tokenizer`, the longest first (so a prefix match takes the whole token)."""
+    return sorted(set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                       if t.special}, key=len, reverse=True)
+
+
 def user_turn(before: str, after: str, tokenizer) -> str:
     """`before` from where the user turn starts: after the last end-of-turn marker (the first special token that
     closes the user's message) that an earlier turn, a default system prompt, ended with; all of it when none did."""
-    special = sorted(set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
-                                                         if t.special}, key=len, reverse=True)
-    closing = next((token for token in special if after.lstrip().startswith(token)), None)
+    closing = next((token for token in special_tokens(tokenizer) if after.lstrip().startswith(token)), None)
     if closing is None or closing not in before:
         return before
     return before[before.rindex(closing) + len(closing):].lstrip()

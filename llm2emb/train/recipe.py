@@ -70,8 +70,8 @@ class ModelSpec(_Strict):
     pooling: str | dict[str, Any] | None = None
     """A pooler name or {type: ..., args}; None: the folder's pooling for an llm2emb folder, else mean."""
     text_template: str | None = None
-    """Around every text: chat (the base's chat template around one user message) | turn (that user turn alone) | none
-    | a template with {text} (llm2emb.model.prompts.text_template_for); None: an llm2emb folder's own, and
+    """Around every text: chat (the base's chat template around one user message) | turn (that user turn alone) | bos
+    (one leading token) | none | a template with {text} (llm2emb.model.prompts.text_template_for); None: an llm2emb folder's own, and
     DEFAULT_TEXT_TEMPLATE for a base."""
     max_length: Annotated[int, Field(gt=0)] = 512
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

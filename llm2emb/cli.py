@@ -50,7 +50,8 @@ def add_convert(sub) -> None:
                    help="around every text: chat (the base's chat template around one user message) | turn (that user "
                         "turn alone, without a default system prompt) | bos (one leading BOS token, where the tokenizer "
                         "adds none) | none | a template with {text} (default: "
-                        "none); its tokens are context, never pooled")
+                        "bos with the causal sink, where the tokenizer has a token to lead with, else none); its tokens "
+                        "are context, never pooled")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--query-instruction", help="default instruction for queries")
@@ -73,8 +74,10 @@ def run_convert(args) -> None:
     window = embedder.rope_window
     extended = f", RoPE {embedder.config.rope_scaling['method']} beyond {window} tokens" if window else ""
     sink = " (first token causal: the sink)" if embedder.config.causal_sink else ""
+    template = embedder.config.text_template
+    wrapped = f", text template {template!r}" if template != "{text}" else ""
     print(f"wrote {args.out}: {embedder.config.attention}{sink} {embedder.pooler.name} pooling, dim {embedder.dim}"
-          f"{extended}")
+          f"{extended}{wrapped}")
 
 
 # ---------------------------------------------------------------- encode

@@ -29,7 +29,7 @@ def states(embedder: Embedder, texts, backend: str) -> list[torch.Tensor]:
 @pytest.mark.parametrize("backend", ["padded", "packed"])
 def test_the_first_token_computes_what_the_causal_model_computes_and_the_rest_see_the_whole_text(tiny_models, arch,
                                                                                                  backend):
-    sink = Embedder.from_pretrained(tiny_models[arch], torch_dtype=torch.float32)
+    sink = Embedder.from_pretrained(tiny_models[arch], torch_dtype=torch.float32, text_template="none")
     assert sink.config.causal_sink  # the default for a bidirectional base
     causal = Embedder.from_pretrained(tiny_models[arch], attention="causal", torch_dtype=torch.float32)
     plain = Embedder.from_pretrained(tiny_models[arch], torch_dtype=torch.float32, causal_sink=False)
@@ -59,7 +59,7 @@ def test_padded_and_packed_paths_agree_with_the_sink_on_either_padding_side(tiny
 
 
 def test_the_curriculum_at_weight_zero_is_the_causal_model(tiny_qwen2):
-    sink = Embedder.from_pretrained(tiny_qwen2, torch_dtype=torch.float32)
+    sink = Embedder.from_pretrained(tiny_qwen2, torch_dtype=torch.float32, text_template="none")
     causal = Embedder.from_pretrained(tiny_qwen2, attention="causal", torch_dtype=torch.float32)
     sink.set_future_attention(0.0)
     with torch.no_grad():

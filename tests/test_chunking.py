@@ -71,9 +71,10 @@ def test_a_chunk_vector_is_the_mean_of_its_tokens_in_the_whole_document_forward(
     located = embedder.prompt_tokenizer.locate_text(DOCUMENT, kind="document")
     with torch.no_grad():
         states = embedder.backbone(input_ids=torch.tensor([located.ids])).last_hidden_state[0]
+    shift = located.text_start  # offsets count from the prompt's start: the text template goes first
     for row, (start, end) in enumerate(spans):
         tokens = [i for i in range(located.first, located.last + 1)
-                  if located.offsets[i][1] > start and located.offsets[i][0] < end]
+                  if located.offsets[i][1] > start + shift and located.offsets[i][0] < end + shift]
         expected = torch.nn.functional.normalize(states[tokens].mean(dim=0), dim=-1).numpy()
         np.testing.assert_allclose(result.vectors[row], expected, atol=1e-5)
     # the context matters: a sentence alone, or with another document around it, embeds differently

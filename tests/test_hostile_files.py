@@ -131,6 +131,23 @@ def test_a_truncated_base_a_broken_config_and_a_missing_tokenizer(llama, convert
                    f"{base_without}: no tokenizer file (one of tokenizer.json,")
 
 
+def test_a_base_whose_tokenizer_config_names_another_bos_is_refused_not_made_another_recipe(llama, tmp_path, capsys):
+    def with_bos(name: str, bos) -> Path:
+        base = copy(llama, tmp_path / name)
+        config = json.loads((base / "tokenizer_config.json").read_text())
+        (base / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": bos}))
+        return base
+
+    junk = with_bos("junk", "ab")  # transformers adds it as a token the weights cannot embed
+    one_line_error(capsys, ["convert", "--base", junk, "--out", tmp_path / "o1"],
+                   f"{junk}: the tokenizer has 401 tokens and the weights embed 400 (beyond them: 'ab')")
+    gone = with_bos("gone", None)  # no BOS and no chat template: nothing for the default template to lead with
+    one_line_error(capsys, ["convert", "--base", gone, "--out", tmp_path / "o2"],
+                   f"{gone}: text template bos: the base's tokenizer has no BOS token", "--text-template none")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert main(["convert", "--base", str(gone), "--out", str(tmp_path / "o3"), "--text-template", "none"]) == 0
+
+
 def test_a_model_folder_edited_into_other_valid_values_is_refused(converted, tmp_path, capsys):
     """A value changed into another valid one (a tokenizer without its pre-tokenizer, another max_length) would give
     other vectors with no error: the digests llm2emb.json keeps refuse it."""

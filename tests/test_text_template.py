@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from llm2emb import Embedder, UserError
 from llm2emb.commands.export import export_sentence_transformers
 from llm2emb.model.config import CONFIG_NAME
-from llm2emb.model.prompts import Prompts, text_template_for
+from llm2emb.model.prompts import Prompts, default_text_template, text_template_for
 from tests.conftest import save_tiny_model
 
 CHAT = "{% for m in messages %}<|endoftext|>user said: {{ m['content'] }}\nend\n{% endfor %}"
@@ -82,13 +82,17 @@ def test_bos_leads_with_one_special_token_where_the_tokenizer_adds_none(chat_bas
     tokenizer.chat_template = None
     with pytest.raises(UserError, match="no BOS token and no chat template"):
         text_template_for("bos", tokenizer)
+    with pytest.raises(UserError, match="--text-template none"):  # the default is refused, not silently another
+        default_text_template(tokenizer, causal_sink=True)
+    assert default_text_template(tokenizer, causal_sink=False) == "{text}"  # plain mask: servable elsewhere
+    assert default_text_template(build_tokenizer(), causal_sink=False) == "{text}"
     adds = build_tokenizer()  # Llama, Mistral: the tokenizer writes its BOS itself, and special tokens are not pooled
     bos_id = adds.convert_tokens_to_ids("<|endoftext|>")
     adds.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos_id)])
     assert adds("x")["input_ids"][0] == bos_id and text_template_for("bos", adds) == "{text}"
     led = Embedder.from_pretrained(chat_base, torch_dtype=torch.float32, text_template="bos")
-    plain = Embedder.from_pretrained(chat_base, torch_dtype=torch.float32)
+    plain = Embedder.from_pretrained(chat_base, torch_dtype=torch.float32, text_template="none")
     batch = led.tokenize(["The cat sat."], kind="document")
     ids, pool = batch["input_ids"][0].tolist(), batch["pool_mask"][0].tolist()
     text_ids = plain.tokenize(["The cat sat."], kind="document")["input_ids"][0].tolist()
@@ -96,8 +100,8 @@ def test_bos_leads_with_one_special_token_where_the_tokenizer_adds_none(chat_bas
 
 
 def test_a_wrapped_folder_pools_the_text_alone_keeps_its_template_and_refuses_another(chat_base, tmp_path):
-    plain = Embedder.from_pretrained(chat_base, torch_dtype=torch.float32)
-    assert plain.config.text_template == "{text}"  # the default: texts as they are
+    assert Embedder.from_pretrained(chat_base).config.text_template == "<|endoftext|>{text}"  # the default: bos
+    plain = Embedder.from_pretrained(chat_base, torch_dtype=torch.float32, text_template="none")
     chat = Embedder.from_pretrained(chat_base, torch_dtype=torch.float32, text_template="chat")
     batch = chat.tokenize(["The cat sat."], kind="document")
     ids, pool = batch["input_ids"][0].tolist(), batch["pool_mask"][0].tolist()
@@ -121,7 +125,8 @@ def test_a_wrapped_folder_pools_the_text_alone_keeps_its_template_and_refuses_an
 
 
 def test_folders_written_before_the_template_still_load_as_the_text_alone(chat_base, tmp_path):
-    folder = Embedder.from_pretrained(chat_base, torch_dtype=torch.float32).save_pretrained(tmp_path / "old")
+    folder = Embedder.from_pretrained(chat_base, torch_dtype=torch.float32, text_template="none").save_pretrained(
+        tmp_path / "old")
     config = json.loads((folder / CONFIG_NAME).read_text())
     del config["text_template"]
     (folder / CONFIG_NAME).write_text(json.dumps(config))

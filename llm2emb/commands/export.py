@@ -103,7 +103,7 @@ def export_sentence_transformers(model: str | Path, out: str | Path, overwrite: 
     if config.text_template != "{text}":
         raise UserError(f"{model}: wraps every text in the text template {config.text_template!r}, whose tokens llm2emb "
                         "leaves out of the pooled vector and sentence-transformers would pool; export --format llm2emb "
-                        "or onnx")
+                        "or onnx, or train from a base converted with --text-template none")
     portable = pooling in PORTABLE_POOLING
     if portable and pooling == "mean" and _special_prefix(embedder.tokenizer):
         raise UserError(f"{model}: the tokenizer adds a BOS token that llm2emb leaves out of mean pooling but "

@@ -187,6 +187,17 @@ def load_tokenizer(source: BaseRef, padding_side: str = "right") -> PreTrainedTo
     return tokenizer
 
 
+def check_vocabulary(backbone: torch.nn.Module, tokenizer, where: str) -> None:
+    """A UserError when the tokenizer has ids the weights cannot embed: a tokenizer_config value that is no token of
+    the vocabulary (transformers adds it as a new one) or another model's tokenizer files."""
+    rows = backbone.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        extra = [tokenizer.convert_ids_to_tokens(i) for i in range(rows, min(len(tokenizer), rows + 3))]
+        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens and the weights embed {rows} (beyond "
+                        f"them: {', '.join(map(repr, extra))}); its tokenizer files do not belong to these weights "
+                        "(tokenizer_config.json names a token the vocabulary lacks?)")
+
+
 @torch.no_grad()
 def verify_attention(model: torch.nn.Module, attention: str, vocab_size: int | None = None,
                      causal_sink: bool = False) -> None:

@@ -22,6 +22,7 @@ from llm2emb.model import folder as model_folder
 from llm2emb.model.attention import resolve_backend, set_causal_sink, use_varlen_attention
 from llm2emb.model.backbone import (
     base_model,
+    check_vocabulary,
     decoder_of,
     load_backbone,
     load_tokenizer,
@@ -32,7 +33,7 @@ from llm2emb.model.config import POOLING_WEIGHTS_NAME, EmbedderConfig, is_model_
 from llm2emb.model.encoding import DocumentChunks
 from llm2emb.model.hidden_states import backbone_states, first_layers
 from llm2emb.model.late_interaction import TOKEN_HEAD_WEIGHTS_NAME, TokenHead
-from llm2emb.model.prompts import DEFAULT_TEXT_TEMPLATE, Prompts, text_template_for
+from llm2emb.model.prompts import Prompts, default_text_template, text_template_for
 from llm2emb.model.rope import extend_rope, parse_rope_scaling, rebuild_rotary, rope_window
 from llm2emb.model.tokenization import PromptTokenizer, UnembeddableText, pad_rows
 from llm2emb.pooling import Pooler, as_pooling_spec, build_pooler, pooler_spec
@@ -81,8 +82,8 @@ class Embedder(nn.Module):
         `rope_scaling` ("yarn:4", or {"method": pi | ntk | yarn, "factor": 4}) stretches RoPE for texts beyond the
         trained window (llm2emb.model.rope); a folder saved with it keeps it.
         `causal_sink` (llm2emb.model.attention): None keeps a folder's choice and turns it on for a bidirectional base.
-        `text_template` (llm2emb.model.prompts.text_template_for: chat | turn | none | a template with {text}): None keeps a
-        folder's and gives a base DEFAULT_TEXT_TEMPLATE; a folder is never loaded with another one.
+        `text_template` (llm2emb.model.prompts.text_template_for: chat | turn | bos | none | a template with {text}): None
+        keeps a folder's and gives a base default_text_template; a folder is never loaded with another one.
         """
         rope_scaling = parse_rope_scaling(rope_scaling)
         if pooling_kwargs:
@@ -103,7 +104,12 @@ class Embedder(nn.Module):
                 config.pooling = as_pooling_spec(pooling)
             backbone = load_backbone(base, config.attention, torch_dtype, attn_implementation, device, quantization)
             tokenizer = load_tokenizer(base, config.padding_side)
-            config.text_template = text_template_for(text_template or DEFAULT_TEXT_TEMPLATE, tokenizer)
+            check_vocabulary(backbone, tokenizer, str(path_or_id))
+            try:
+                config.text_template = (text_template_for(text_template, tokenizer) if text_template
+                                        else default_text_template(tokenizer, sink))
+            except UserError as exc:
+                raise UserError(f"{path_or_id}: {exc}") from None
             embedder = cls.assemble(backbone, tokenizer, config)
         saved = embedder.config.rope_scaling
         if rope_scaling is not None and saved not in (None, rope_scaling):

@@ -53,8 +53,9 @@ def split_text_template(template: str) -> tuple[str, str]:
     return before, after
 
 
-DEFAULT_TEXT_TEMPLATE = "none"
-"""What a conversion wraps texts in unless told (`--text-template`)."""
+DEFAULT_TEXT_TEMPLATE = "bos"
+"""What a conversion with the causal sink wraps texts in unless told (`--text-template`), where the base's tokenizer
+has a token to lead with (default_text_template); benchmarks/RESULTS.md, "Robust defaults", says why."""
 
 CHAT_SENTINEL = "\x00llm2emb-text\x00"
 
@@ -67,7 +68,11 @@ def text_template_for(choice: str, tokenizer) -> str:
     if choice == "none":
         return "{text}"
     if choice == "bos":
-        return lead_token(tokenizer) + "{text}"
+        lead = lead_token(tokenizer)
+        if lead is None:
+            raise UserError("text template bos: the base's tokenizer has no BOS token and no chat template that opens "
+                            "with a special token (convert with --text-template none, or model.text_template: none)")
+        return lead + "{text}"
     if choice not in ("chat", "turn"):
         split_text_template(choice)
         return choice
@@ -88,11 +93,18 @@ def text_template_for(choice: str, tokenizer) -> str:
     return template
 
 
-def lead_token(tokenizer) -> str:
+def default_text_template(tokenizer, causal_sink: bool) -> str:
+    """DEFAULT_TEXT_TEMPLATE for a base with the causal sink, whose first position the lead token takes (a UserError
+    where the tokenizer has none to give: not silently another recipe); the text alone without the sink, as a
+    plain-mask folder is made to be served by sentence-transformers, vLLM or TEI, which would pool the lead token."""
+    return text_template_for(DEFAULT_TEXT_TEMPLATE, tokenizer) if causal_sink else "{text}"
+
+
+def lead_token(tokenizer) -> str | None:
     """The one token `bos` puts before every text, so that the causal sink (the first position, which attends only to
     itself) is a token that is never pooled rather than the text's first word: the tokenizer's BOS; nothing when the
     tokenizer adds its BOS itself (Llama, Mistral: special tokens are never pooled); for a tokenizer without a BOS
-    (Qwen), the first special token its chat template opens with (`<|im_start|>`)."""
+    (Qwen), the first special token its chat template opens with (`<|im_start|>`); None where there is neither."""
     bos = getattr(tokenizer, "bos_token", None)
     if bos:
         return "" if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else bos
@@ -101,8 +113,7 @@ def lead_token(tokenizer) -> str:
         first = next((token for token in special_tokens(tokenizer) if rendered.startswith(token)), None)
         if first is not None:
             return first
-    raise UserError("text template bos: the base's tokenizer has no BOS token and no chat template that opens with a "
-                    "special token (use none, or give a template)")
+    return None
 
 
 def special_tokens(tokenizer) -> list[str]:

@@ -2,8 +2,8 @@
 SmolLM2-135M, and scaled down for wider bases.
 
 Why two rates: LoRA's update is a low-rank product whose scale starts small, so it wants several times the rate of
-full fine-tuning; one rate for both left every LoRA run (the `lora: auto` choice for every base of 1B parameters or
-more) at a rate never tuned for it (benchmarks/RESULTS.md, "LoRA at 20 x 16": STS-B dev 74.0 / 74.5 at 4e-4 against
+full fine-tuning; one rate for both left every LoRA run (`lora: auto`'s choice, then for bases of 1B parameters or
+more, now for every base) at a rate never tuned for it (benchmarks/RESULTS.md, "LoRA at 20 x 16": STS-B dev 74.0 / 74.5 at 4e-4 against
 78.5 / 79.7 at 2e-3 on the same two row orders).
 
 Why the width: under Adam a weight's update is about `rate` per entry whatever the gradient's size, so a layer's output
@@ -19,7 +19,8 @@ FULL_FINE_TUNING_RATE = 4e-4
 """SmolLM2-135M, every weight (benchmarks/RESULTS.md, "Matched budget" and "Robust defaults")."""
 
 LORA_RATE = 2e-3
-"""SmolLM2-135M, LoRA r 16 / alpha 32 on every linear layer (benchmarks/RESULTS.md, "LoRA at 20 x 16")."""
+"""SmolLM2-135M, LoRA r 16 / alpha 32 on every linear layer (benchmarks/RESULTS.md, "LoRA at 20 x 16", and at
+51 x 32 with the bos text template, "The defaults at 51 x 32")."""
 
 REFERENCE_WIDTH = 576
 """SmolLM2-135M's hidden size, where both rates were measured."""

@@ -14,7 +14,7 @@ from llm2emb.errors import UserError
 from llm2emb.model.backbone import is_peft
 from llm2emb.train.distributed import is_main_process
 from llm2emb.train.learning_rate import default_learning_rate
-from llm2emb.train.recipe import LORA_AUTO_MAX_PARAMETERS, LoraSpec, Recipe, StageSpec
+from llm2emb.train.recipe import LoraSpec, Recipe, StageSpec
 from llm2emb.train.recipe_file import format_key_path
 
 logger = logging.getLogger(__name__)
@@ -75,15 +75,15 @@ def load_embedder(recipe: Recipe):
 
 
 def resolve_lora(recipe: Recipe, embedder) -> LoraSpec | None:
-    """The adapter to train, or None to train every weight; `lora: auto` decides by the base's size (see Recipe)."""
+    """The adapter to train, or None to train every weight; `lora: auto` is LoraSpec's adapter (see Recipe)."""
     if recipe.lora != "auto":
         return recipe.lora
-    parameters = sum(p.numel() for p in embedder.backbone.parameters())
-    full = recipe.quantization == "none" and parameters < LORA_AUTO_MAX_PARAMETERS
+    lora = LoraSpec()
     if is_main_process():
-        print(f"lora: auto -> {'full fine-tuning' if full else 'a LoRA adapter'} "
-              f"({parameters / 1e6:.0f}M parameters)", file=sys.stderr)
-    return None if full else LoraSpec()
+        parameters = sum(p.numel() for p in embedder.backbone.parameters())
+        print(f"lora: auto -> a LoRA adapter (r {lora.r}, alpha {lora.alpha:g}, {lora.target_modules}; "
+              f"{parameters / 1e6:.0f}M base parameters frozen; lora: null trains every weight)", file=sys.stderr)
+    return lora
 
 
 def apply_lora(embedder, recipe: Recipe, lora: LoraSpec) -> None:

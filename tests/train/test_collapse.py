@@ -223,9 +223,11 @@ def test_a_forced_collapse_stops_in_one_line_keeps_checkpoints_and_writes_no_mod
 def test_with_the_causal_sink_a_forced_learning_rate_stops_as_a_stage_that_made_the_model_worse(tiny_qwen2, tmp_path,
                                                                                                 capsys):
     """The sink keeps texts apart even in a wrecked model (loss about 2.3 against ln 16 = 2.77, cosine 0.85-0.97), so
-    lr 10 is no collapse; it is a stage that ended far above its first loss (0.52), and it stops as one."""
+    lr 10 is no collapse; it is a stage that ended far above its first loss (0.52), and it stops as one. The sink on
+    the text's own first word (no lead token): with `bos` the sink is a token every text shares, and lr 10 collapses
+    as in the test above."""
     sink = tmp_path / "sink"
-    convert(str(tiny_qwen2), sink, pooling="mean", dtype="float32")
+    convert(str(tiny_qwen2), sink, pooling="mean", dtype="float32", text_template="none")
     recipe = write_run(tmp_path, sink, sentence_rows(), learning_rate=10.0, lr_scheduler="constant", warmup_steps=0)
     assert main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

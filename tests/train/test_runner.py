@@ -339,18 +339,15 @@ def test_quantization_needs_a_gpu(converted, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_lora_auto_trains_every_weight_of_a_small_base_and_an_adapter_otherwise(converted, tmp_path, monkeypatch):
+def test_lora_auto_is_an_adapter_for_every_base_and_null_trains_every_weight(converted, tmp_path, capsys):
     from llm2emb.train import setup as runner
     from llm2emb.train.recipe import LoraSpec
 
     path = write_workspace(tmp_path, converted)
     embedder = Embedder.from_pretrained(converted)
-    auto = load_recipe(path, ["lora=auto"])
-    assert runner.resolve_lora(auto, embedder) is None  # a tiny base: full fine-tuning
-    assert runner.resolve_lora(load_recipe(path, ["lora=auto", "quantization=4bit"]), embedder) == LoraSpec()
+    assert runner.resolve_lora(load_recipe(path, ["lora=auto"]), embedder) == LoraSpec(r=16, alpha=32)  # tiny too
+    assert "lora: auto -> a LoRA adapter (r 16, alpha 32" in capsys.readouterr().err
     assert runner.resolve_lora(load_recipe(path, ["lora={r: 2}"]), embedder) == LoraSpec(r=2)
-    monkeypatch.setattr(runner, "LORA_AUTO_MAX_PARAMETERS", 1000)
-    assert runner.resolve_lora(auto, embedder) == LoraSpec()  # a base over the limit: an adapter
     assert runner.resolve_lora(load_recipe(path, ["lora=null"]), embedder) is None
 
 

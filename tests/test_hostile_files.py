@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from llm2emb.cli import main
 from llm2emb.errors import UserError
@@ -138,9 +139,17 @@ def test_a_base_whose_tokenizer_config_names_another_bos_is_refused_not_made_ano
         (base / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": bos}))
         return base
 
-    junk = with_bos("junk", "ab")  # transformers adds it as a token the weights cannot embed
-    one_line_error(capsys, ["convert", "--base", junk, "--out", tmp_path / "o1"],
-                   f"{junk}: the tokenizer has 401 tokens and the weights embed 400 (beyond them: 'ab')")
+    for name, bos in [("new", "ab"), ("ordinary", "a")]:  # transformers would add or promote it as special
+        junk = with_bos(name, bos)
+        one_line_error(capsys, ["convert", "--base", junk, "--out", tmp_path / "o1"],
+                       f"{junk / 'tokenizer_config.json'}: names {bos!r} as a special token, which "
+                       f"{junk / 'tokenizer.json'} does not hold as one")
+    grown = copy(llama, tmp_path / "grown")  # consistent files, but with a token the weights have no row for
+    tokenizer = AutoTokenizer.from_pretrained(grown)
+    tokenizer.add_tokens(["<|zz|>"], special_tokens=True)
+    tokenizer.save_pretrained(grown)
+    one_line_error(capsys, ["convert", "--base", grown, "--out", tmp_path / "o1"],
+                   f"{grown}: the tokenizer has 401 tokens and the weights embed 400 (beyond them: '<|zz|>')")
     gone = with_bos("gone", None)  # no BOS and no chat template: nothing for the default template to lead with
     one_line_error(capsys, ["convert", "--base", gone, "--out", tmp_path / "o2"],
                    f"{gone}: text template bos: the base's tokenizer has no BOS token", "--text-template none")

@@ -13,6 +13,7 @@ users of other tools weeks.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,7 @@ def load_tokenizer(source: BaseRef, padding_side: str = "right") -> PreTrainedTo
                   verbose=False)
     except Exception as exc:  # a user's tokenizer files, damaged in any way: one line
         raise UserError(f"{source.path}: cannot load the tokenizer ({_first_line(exc)})") from None
+    refuse_promoted_tokens(tokenizer, folder)
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -185,6 +187,23 @@ def load_tokenizer(source: BaseRef, padding_side: str = "right") -> PreTrainedTo
         raise UserError(f"{source.path}: tokenizer has no EOS token (needed for last-token pooling)")
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def refuse_promoted_tokens(tokenizer, folder: Path) -> None:
+    """A UserError when tokenizer_config.json names a special token (bos_token: "a") that tokenizer.json does not hold
+    as an added token: transformers promotes it, and every text that contains it then tokenizes differently (a special
+    token is split out and never pooled), silently another model."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return
+    try:
+        held = {token["content"] for token in json.loads(path.read_text(encoding="utf-8")).get("added_tokens", [])}
+    except (ValueError, TypeError, KeyError, AttributeError):  # a damaged file: AutoTokenizer refused it already
+        return
+    promoted = sorted({t.content for t in tokenizer.added_tokens_decoder.values()} - held)
+    if promoted:
+        raise UserError(f"{folder / 'tokenizer_config.json'}: names {', '.join(map(repr, promoted))} as a special token, "
+                        f"which {path} does not hold as one; the two files do not belong together")
 
 
 def check_vocabulary(backbone: torch.nn.Module, tokenizer, where: str) -> None:

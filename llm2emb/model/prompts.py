@@ -109,7 +109,10 @@ def lead_token(tokenizer) -> str | None:
     if bos:
         return "" if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else bos
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SENTINEL}], tokenize=False)
+        try:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SENTINEL}], tokenize=False)
+        except Exception:  # a template that cannot render one user turn gives no token to lead with
+            return None
         first = next((token for token in special_tokens(tokenizer) if rendered.startswith(token)), None)
         if first is not None:
             return first

@@ -207,14 +207,14 @@ def refuse_promoted_tokens(tokenizer, folder: Path) -> None:
 
 
 def check_vocabulary(backbone: torch.nn.Module, tokenizer, where: str) -> None:
-    """A UserError when the tokenizer has ids the weights cannot embed: a tokenizer_config value that is no token of
-    the vocabulary (transformers adds it as a new one) or another model's tokenizer files."""
+    """A UserError when the tokenizer has ids the weights cannot embed: another model's tokenizer files, or added
+    tokens the weights never got rows for (a tokenizer_config token tokenizer.json lacks is refused earlier, at load:
+    refuse_promoted_tokens)."""
     rows = backbone.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         extra = [tokenizer.convert_ids_to_tokens(i) for i in range(rows, min(len(tokenizer), rows + 3))]
         raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens and the weights embed {rows} (beyond "
-                        f"them: {', '.join(map(repr, extra))}); its tokenizer files do not belong to these weights "
-                        "(tokenizer_config.json names a token the vocabulary lacks?)")
+                        f"them: {', '.join(map(repr, extra))}); its tokenizer files do not belong to these weights")
 
 
 @torch.no_grad()

@@ -84,7 +84,7 @@ def text_template_for(choice: str, tokenizer) -> str:
         raise UserError(f"text template {choice}: the base's chat template does not keep the user message whole")
     before, after = rendered.split(CHAT_SENTINEL)
     bos = getattr(tokenizer, "bos_token", None)
-    if bos and before.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+    if bos and before.startswith(bos) and writes_bos(tokenizer):
         before = before[len(bos):]  # the tokenizer adds its BOS itself: one, not two
     if choice == "turn":
         before = user_turn(before, after, tokenizer)
@@ -100,6 +100,11 @@ def default_text_template(tokenizer, causal_sink: bool) -> str:
     return text_template_for(DEFAULT_TEXT_TEMPLATE, tokenizer) if causal_sink else "{text}"
 
 
+def writes_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS in front of every text itself (Llama, Mistral; not SmolLM2)."""
+    return tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
 def lead_token(tokenizer) -> str | None:
     """The one token `bos` puts before every text, so that the causal sink (the first position, which attends only to
     itself) is a token that is never pooled rather than the text's first word: the tokenizer's BOS; nothing when the
@@ -107,7 +112,7 @@ def lead_token(tokenizer) -> str | None:
     (Qwen), the first special token its chat template opens with (`<|im_start|>`); None where there is neither."""
     bos = getattr(tokenizer, "bos_token", None)
     if bos:
-        return "" if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else bos
+        return "" if writes_bos(tokenizer) else bos
     if getattr(tokenizer, "chat_template", None):
         try:
             rendered = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SENTINEL}], tokenize=False)

@@ -79,6 +79,9 @@ def test_bos_leads_with_one_special_token_where_the_tokenizer_adds_none(chat_bas
     tokenizer.bos_token = None
     tokenizer.chat_template = CHATML  # Qwen: no BOS at all; its chat template opens with <|im_start|>
     assert text_template_for("bos", tokenizer) == "<|im_start|>{text}"
+    tokenizer.chat_template = "{{ raise_exception('only system turns') }}"  # cannot render a user turn
+    with pytest.raises(UserError, match="no BOS token and no chat template"):
+        text_template_for("bos", tokenizer)
     tokenizer.chat_template = None
     with pytest.raises(UserError, match="no BOS token and no chat template"):
         text_template_for("bos", tokenizer)

@@ -47,7 +47,8 @@ def plot(found: dict, systems: list[str], target: str) -> None:
             worst, median, best = (np.array([values[b][i] for b in values]) for i in range(3))
             axis.errorbar(xs, median, yerr=[median - worst, best - median], fmt="s" if is_st(system) else "o",
                           capsize=3, label=system, color=f"C{systems.index(system) % 10}")
-        axis.set_xticks(range(len(budgets)), [f"{b} (steps x batch)" for b in budgets])
+        axis.set_xticks(range(len(budgets)), budgets)
+        axis.set_xlabel("budget (steps x batch)")
         axis.set_ylabel(f"{TASKS[task]} x100 (worst, median, best)")
         axis.legend(fontsize=7)
     figure.tight_layout()

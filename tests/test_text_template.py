@@ -82,6 +82,9 @@ def test_bos_leads_with_one_special_token_where_the_tokenizer_adds_none(chat_bas
     tokenizer.chat_template = "{{ raise_exception('only system turns') }}"  # cannot render a user turn
     with pytest.raises(UserError, match="no BOS token and no chat template"):
         text_template_for("bos", tokenizer)
+    for choice in ("chat", "turn"):
+        with pytest.raises(UserError, match=f"text template {choice}: the base's chat template cannot render one user"):
+            text_template_for(choice, tokenizer)
     tokenizer.chat_template = None
     with pytest.raises(UserError, match="no BOS token and no chat template"):
         text_template_for("bos", tokenizer)

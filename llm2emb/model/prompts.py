@@ -79,7 +79,9 @@ def text_template_for(choice: str, tokenizer) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"text template {choice}: the base's tokenizer has no chat template (use none, or give a "
                         "template)")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SENTINEL}], tokenize=False)
+    rendered = rendered_user_turn(tokenizer)
+    if rendered is None:
+        raise UserError(f"text template {choice}: the base's chat template cannot render one user message")
     if rendered.count(CHAT_SENTINEL) != 1:
         raise UserError(f"text template {choice}: the base's chat template does not keep the user message whole")
     before, after = rendered.split(CHAT_SENTINEL)
@@ -114,14 +116,18 @@ def lead_token(tokenizer) -> str | None:
     if bos:
         return "" if writes_bos(tokenizer) else bos
     if getattr(tokenizer, "chat_template", None):
-        try:
-            rendered = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SENTINEL}], tokenize=False)
-        except Exception:  # a template that cannot render one user turn gives no token to lead with
-            return None
-        first = next((token for token in special_tokens(tokenizer) if rendered.startswith(token)), None)
-        if first is not None:
-            return first
+        rendered = rendered_user_turn(tokenizer) or ""
+        return next((token for token in special_tokens(tokenizer) if rendered.startswith(token)), None)
     return None
+
+
+def rendered_user_turn(tokenizer) -> str | None:
+    """The chat template around one user message (CHAT_SENTINEL); None where the template cannot render one (a
+    user's Jinja may raise anything), so each caller says what that means for it."""
+    try:
+        return tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SENTINEL}], tokenize=False)
+    except Exception:
+        return None
 
 
 def special_tokens(tokenizer) -> list[str]:
